@@ -1,0 +1,59 @@
+"""`mqt-jax` command line: sub-commands over gin-configured functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import gin
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def find_gin_file(name: str) -> str:
+    """A path as given, else a file of the repository's configs/ folder."""
+    for candidate in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.gin"):
+        if candidate.is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"gin file {name!r} not found (looked in . and {CONFIG_DIR})")
+
+
+def parse_gin(files: list[str], params: list[str]) -> None:
+    """Parse before importing anything heavy so that errors come first; gin's include
+    statements resolve against configs/."""
+    import mqt_jax.train  # noqa: F401  (registers every configurable)
+
+    gin.add_config_file_search_path(str(CONFIG_DIR))
+    gin.parse_config_files_and_bindings([find_gin_file(f) for f in files], params)
+
+
+def cmd_train(args) -> int:
+    parse_gin(args.gin_file or ["tiny.gin"], args.gin_param)
+    from mqt_jax.train import train
+
+    train(args.workdir)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mqt-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train_p = sub.add_parser("train", help="train a model (synthetic batches for now)")
+    train_p.add_argument("--gin_file", action="append", help="gin config (repeatable); "
+                         "default configs/tiny.gin")
+    train_p.add_argument("--gin_param", action="append", default=[],
+                         help="gin binding, e.g. 'TrainConfig.steps = 10' (repeatable)")
+    train_p.add_argument("--workdir", default="workdir/tiny",
+                         help="where config.gin and metrics.jsonl go")
+    train_p.set_defaults(func=cmd_train)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mqt-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

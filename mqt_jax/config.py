@@ -1,0 +1,157 @@
+"""Model configuration: frozen dataclasses that gin binds (see configs/*.gin).
+
+Frozen so that Flax modules can hold them as attributes and jit can hash them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gin
+
+REMAT_POLICIES = (
+    "none",  # no rematerialisation: keep every activation
+    "nothing_saveable",  # recompute everything in the backward pass (least memory)
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "everything_saveable",
+)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """CLIP ViT. Defaults are ViT-L/14 at 336 px."""
+
+    image_size: int = 336
+    patch_size: int = 14
+    width: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    mlp_dim: int = 4096
+    layer_norm_eps: float = 1e-5
+    # Which hidden state feeds the query transformer, counted like Hugging Face's
+    # `hidden_states` tuple: 0 = embeddings after the pre-LayerNorm, i = output of layer i,
+    # -1 = last layer. The layers after the selected one are not built at all.
+    select_layer: int = -2
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_layers_built(self) -> int:
+        """Layers actually run: those up to and including the selected one."""
+        n = self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
+        if not 0 <= n <= self.num_layers:
+            raise ValueError(
+                f"VisionConfig.select_layer={self.select_layer} is outside "
+                f"[-{self.num_layers + 1}, {self.num_layers}] for a {self.num_layers}-layer tower"
+            )
+        return n
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"VisionConfig.image_size={self.image_size} is not a multiple of "
+                f"patch_size={self.patch_size}"
+            )
+        self.num_layers_built  # validates select_layer
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class QueryTransformerConfig:
+    """The Matryoshka query transformer: M latent queries -> M visual tokens.
+
+    variant "official" is the released MQT-LLaVA resampler (one cross-attention whose keys
+    carry position only); "qformer" is a stack of [query self-attention | cross-attention |
+    MLP] layers whose self-attention honours m through `query_mask`.
+    """
+
+    variant: str = "official"
+    num_queries: int = 256  # M
+    width: int = 1024  # attention width; official: the vision width
+    num_heads: int = 16
+    layer_norm_eps: float = 1e-6
+    # qformer only:
+    num_layers: int = 2
+    mlp_dim: int = 4096
+    query_mask: str = "prefix"  # "prefix": query i sees j < m; "causal": query i sees j <= i
+
+    def __post_init__(self):
+        if self.variant not in ("official", "qformer"):
+            raise ValueError(
+                f"QueryTransformerConfig.variant={self.variant!r}: expected 'official' or 'qformer'"
+            )
+        if self.query_mask not in ("prefix", "causal"):
+            raise ValueError(
+                f"QueryTransformerConfig.query_mask={self.query_mask!r}: "
+                "expected 'prefix' or 'causal'"
+            )
+        if self.width % self.num_heads:
+            raise ValueError(
+                f"QueryTransformerConfig.width={self.width} is not divisible by "
+                f"num_heads={self.num_heads}"
+            )
+        if self.variant == "official" and int(self.num_queries**0.5) ** 2 != self.num_queries:
+            raise ValueError(
+                f"QueryTransformerConfig.num_queries={self.num_queries}: the official variant's "
+                "2-D sin-cos positions need a square number of queries"
+            )
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+    """LLaMA decoder. Defaults are LLaMA-2-7B / Vicuna-7B v1.5."""
+
+    vocab_size: int = 32000
+    hidden: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 128
+    mlp_dim: int = 11008
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"LLMConfig.num_heads={self.num_heads} is not a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"LLMConfig.head_dim={self.head_dim} must be even for RoPE")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    query: QueryTransformerConfig = dataclasses.field(default_factory=QueryTransformerConfig)
+    llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
+    dtype: str = "float32"  # compute dtype of activations
+    param_dtype: str = "float32"  # master weights
+    remat_policy: str = "nothing_saveable"
+
+    def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"ModelConfig.remat_policy={self.remat_policy!r}: expected one of {REMAT_POLICIES}"
+            )
+        if self.query.variant == "official" and self.query.width != self.vision.width:
+            raise ValueError(
+                f"the official query transformer attends at the vision width: "
+                f"QueryTransformerConfig.width={self.query.width} != "
+                f"VisionConfig.width={self.vision.width}"
+            )
+
+    @property
+    def num_queries(self) -> int:
+        return self.query.num_queries

@@ -1,0 +1,236 @@
+"""Building blocks shared by the vision tower, the query transformer and the LLM.
+
+Every parameter carries logical axis names (see `mqt_jax.sharding.LOGICAL_AXIS_RULES` for the
+table that maps them onto the mesh); activations are constrained with `constrain`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Array = jax.Array
+
+ACT_BATCH, ACT_LENGTH, ACT_EMBED = "activation_batch", "activation_length", "activation_embed"
+ACT_HEADS, ACT_MLP = "activation_heads", "activation_mlp"
+
+REMAT_POLICY = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def constrain(x: Array, names: Sequence[str | None]) -> Array:
+    """Sharding constraint by logical names (a no-op outside a mesh / rules context)."""
+    return nn.with_logical_constraint(x, tuple(names))
+
+
+def partitioned(init: Callable, names: Sequence[str | None]) -> Callable:
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+class Dense(nn.Module):
+    """y = x . kernel (+ bias), contracting the last `num_in` axes of x.
+
+    The kernel [*x.shape[-num_in:], *features] is created at its true rank and named `axes`
+    (input axes first); flax's DenseGeneral initialises a flattened kernel, which breaks
+    multi-axis logical names under a mesh.
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    num_in: int = 1
+    use_bias: bool = False
+    init_std: float | None = None  # None: LeCun normal over the contracted axes
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n_in, n_out = self.num_in, len(self.features)
+        if self.init_std:
+            init = nn.initializers.normal(self.init_std)
+        else:
+            init = nn.initializers.variance_scaling(
+                1.0, "fan_in", "truncated_normal",
+                in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)),
+            )
+        kernel_shape = tuple(x.shape[-n_in:]) + tuple(self.features)
+        kernel = self.param("kernel", partitioned(init, self.axes), kernel_shape, self.param_dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ()))
+        )
+        if self.use_bias:
+            bias = self.param(
+                "bias", partitioned(nn.initializers.zeros, self.axes[n_in:]), self.features,
+                self.param_dtype,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def dense(
+    features: int | Sequence[int],
+    axes: Sequence[str | None],
+    *,
+    num_in: int = 1,
+    use_bias: bool = False,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    name: str | None = None,
+    init_std: float | None = None,
+) -> Dense:
+    features = (features,) if isinstance(features, int) else tuple(features)
+    return Dense(features, tuple(axes), num_in, use_bias, init_std, dtype, param_dtype, name=name)
+
+
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None):
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=partitioned(nn.initializers.ones, ("embed",)),
+        bias_init=partitioned(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm: normalise in float32, scale in the compute dtype (as Hugging Face does)."""
+
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale", partitioned(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding, Hugging Face LLaMA layout (rotate the two halves of each head).
+
+    x: [B, T, heads, head_dim]; positions: [B, T] integers.
+    """
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, head_dim/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+    """Scaled dot-product attention with grouped kv heads.
+
+    q: [B, T, heads, D]; k, v: [B, S, kv_heads, D]; mask: bool, broadcastable to
+    [B, heads, T, S] (True = may attend). jax computes the softmax in float32.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with optional grouped kv heads, biases and RoPE."""
+
+    num_heads: int
+    head_dim: int
+    out_features: int
+    num_kv_heads: int | None = None
+    use_bias: bool = False
+    rope_theta: float | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_q: Array,
+        inputs_k: Array,
+        inputs_v: Array | None = None,
+        mask: Array | None = None,
+        positions: Array | None = None,
+    ) -> Array:
+        """inputs_v defaults to inputs_k. Inputs of batch size 1 (image-independent queries or
+        keys) are projected once and broadcast to the batch."""
+        inputs_v = inputs_k if inputs_v is None else inputs_v
+        kv_heads = self.num_kv_heads or self.num_heads
+        proj = lambda n, heads, names: dense(  # noqa: E731
+            (heads, self.head_dim), ("embed",) + names, use_bias=self.use_bias,
+            dtype=self.dtype, param_dtype=self.param_dtype, name=n,
+        )
+        q = proj("query", self.num_heads, ("heads", "head_dim"))(inputs_q)
+        k = proj("key", kv_heads, ("kv_heads", "head_dim"))(inputs_k)
+        v = proj("value", kv_heads, ("kv_heads", "head_dim"))(inputs_v)
+        if self.rope_theta is not None:
+            q = rope(q, positions, self.rope_theta)
+            k = rope(k, positions, self.rope_theta)
+        batch = max(q.shape[0], k.shape[0], v.shape[0])
+        q, k, v = (jnp.broadcast_to(t, (batch,) + t.shape[1:]) for t in (q, k, v))
+        q = constrain(q, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
+        out = attend(q, k, v, mask)
+        out = dense(
+            self.out_features, ("heads", "head_dim", "embed"), num_in=2,
+            use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="out",
+        )(out)
+        return constrain(out, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+
+
+def quick_gelu(x: Array) -> Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+class MLP(nn.Module):
+    """Two-layer MLP (CLIP: fc1 -> quick-GELU -> fc2, with biases) or, gated, LLaMA's SwiGLU."""
+
+    hidden: int
+    out_features: int
+    activation: Callable[[Array], Array] = jax.nn.gelu
+    gated: bool = False
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        make = lambda n, f, axes: dense(  # noqa: E731
+            f, axes, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=n
+        )
+        h = make("fc1", self.hidden, ("embed", "mlp"))(x)
+        h = self.activation(h)
+        if self.gated:
+            h = h * make("up", self.hidden, ("embed", "mlp"))(x)
+        h = constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_MLP))
+        return make("fc2", self.out_features, ("mlp", "embed"))(h)
+
+
+def scan_blocks(block: type[nn.Module], length: int, remat_policy: str, num_broadcast: int):
+    """Repeat `block` `length` times with nn.scan (compile time independent of depth).
+
+    The block maps (carry, *broadcast_args) -> (carry, None). Parameters gain a leading
+    "layers" axis. `remat_policy` "none" keeps every activation; the others name a
+    `jax.checkpoint_policies` policy.
+    """
+    if remat_policy != "none":
+        block = nn.remat(block, policy=REMAT_POLICY[remat_policy], prevent_cse=False)
+    return nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast,) * num_broadcast,
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )

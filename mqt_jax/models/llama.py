@@ -1,0 +1,74 @@
+"""LLaMA decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, untied output head.
+
+Takes input embeddings (so visual tokens can be spliced in), explicit position ids and
+segment ids: a position attends to earlier positions of its own segment only, which also
+keeps packed examples apart.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mqt_jax.config import LLMConfig
+from mqt_jax.models import layers
+from mqt_jax.models.layers import ACT_BATCH, ACT_EMBED, ACT_LENGTH
+
+
+def causal_segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, 1, T, T] bool: key j is visible from query i iff j <= i and same segment."""
+    t = segment_ids.shape[-1]
+    causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same)[:, None]
+
+
+class DecoderLayer(nn.Module):
+    config: LLMConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, mask, positions):
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = layers.RMSNorm(cfg.rms_norm_eps, name="attn_norm", **kw)(x)
+        x = x + layers.Attention(
+            num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+            out_features=cfg.hidden, rope_theta=cfg.rope_theta, name="attn", **kw,
+        )(h, h, mask=mask, positions=positions)
+        h = layers.RMSNorm(cfg.rms_norm_eps, name="mlp_norm", **kw)(x)
+        x = x + layers.MLP(
+            cfg.mlp_dim, cfg.hidden, activation=jax.nn.silu, gated=True, use_bias=False,
+            name="mlp", **kw,
+        )(h)
+        return layers.constrain(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED)), None
+
+
+class Llama(nn.Module):
+    config: LLMConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat_policy: str = "nothing_saveable"
+
+    def setup(self):
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embedding = nn.Embed(
+            cfg.vocab_size, cfg.hidden, embedding_init=layers.partitioned(
+                nn.initializers.normal(0.02), ("vocab", "embed")),
+            **kw,
+        )
+        blocks = layers.scan_blocks(DecoderLayer, cfg.num_layers, self.remat_policy, 2)
+        self.layers = blocks(cfg, **kw)
+        self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, **kw)
+        self.lm_head = layers.dense(cfg.vocab_size, ("embed", "vocab"), init_std=0.02, **kw)
+
+    def embed(self, token_ids: jax.Array) -> jax.Array:
+        return self.embedding(token_ids)
+
+    def __call__(self, embeddings, positions, segment_ids):
+        """embeddings [B, T, hidden], positions / segment_ids [B, T] -> logits [B, T, vocab]."""
+        x = layers.constrain(embeddings.astype(self.dtype), (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+        x, _ = self.layers(x, causal_segment_mask(segment_ids), positions)
+        logits = self.lm_head(self.final_norm(x))
+        return layers.constrain(logits, (ACT_BATCH, ACT_LENGTH, "activation_vocab"))

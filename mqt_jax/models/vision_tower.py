@@ -1,0 +1,78 @@
+"""CLIP ViT vision tower: images -> patch features of the selected layer (class token dropped)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mqt_jax.config import VisionConfig
+from mqt_jax.models import layers
+from mqt_jax.models.layers import ACT_BATCH, ACT_EMBED, ACT_LENGTH
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LayerNorm transformer layer: x + attn(ln1(x)); x + mlp(ln2(x))."""
+
+    config: VisionConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = layers.layer_norm(cfg.layer_norm_eps, name="ln1", **kw)(x)
+        x = x + layers.Attention(
+            num_heads=cfg.num_heads, head_dim=cfg.width // cfg.num_heads, out_features=cfg.width,
+            use_bias=True, name="attn", **kw,
+        )(h, h)
+        h = layers.layer_norm(cfg.layer_norm_eps, name="ln2", **kw)(x)
+        x = x + layers.MLP(
+            cfg.mlp_dim, cfg.width, activation=layers.quick_gelu, name="mlp", **kw
+        )(h)
+        return layers.constrain(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED)), None
+
+
+class VisionTower(nn.Module):
+    """images [N, H, W, 3] (CLIP-normalised) -> features [N, num_patches, width]."""
+
+    config: VisionConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat_policy: str = "nothing_saveable"
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        cfg = self.config
+        if images.ndim != 4 or images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
+            raise ValueError(
+                f"images of shape {tuple(images.shape)}: the vision tower expects "
+                f"[N, {cfg.image_size}, {cfg.image_size}, 3]"
+            )
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        patches = nn.Conv(
+            cfg.width, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2, padding="VALID",
+            use_bias=False, name="patch_embed",
+            kernel_init=layers.partitioned(
+                nn.initializers.lecun_normal(), (None, None, None, "embed")
+            ),
+            **kw,
+        )(images.astype(self.dtype))
+        n = patches.shape[0]
+        patches = patches.reshape(n, cfg.num_patches, cfg.width)
+        cls = self.param(
+            "class_embed", layers.partitioned(nn.initializers.normal(0.02), ("embed",)),
+            (cfg.width,), self.param_dtype,
+        )
+        pos = self.param(
+            "pos_embed", layers.partitioned(nn.initializers.normal(0.02), ("positions", "embed")),
+            (cfg.num_patches + 1, cfg.width), self.param_dtype,
+        )
+        cls = jnp.broadcast_to(cls.astype(self.dtype), (n, 1, cfg.width))
+        x = jnp.concatenate([cls, patches], axis=1) + pos.astype(self.dtype)
+        x = layers.layer_norm(cfg.layer_norm_eps, name="pre_ln", **kw)(x)
+        x = layers.constrain(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+        if cfg.num_layers_built:
+            blocks = layers.scan_blocks(EncoderLayer, cfg.num_layers_built, self.remat_policy, 1)
+            x, _ = blocks(cfg, name="layers", **kw)(x, None)
+        return x[:, 1:]  # drop the class token

@@ -1,0 +1,191 @@
+"""Nested-prefix logic, all of it: how m decides which visual tokens the LLM sees.
+
+The query transformer always produces all M tokens per image; m never becomes a shape.
+- On the host, `layout_rows` turns token sequences (with `<image>` placeholders) and m into
+  per-position index arrays: each position of a row is either a text token or the visual
+  token (image i of the row, query q < m_i). Positions restart per example and the text after
+  an image continues right after its m visual tokens, exactly as if only m existed.
+- On the device, `splice` gathers the LLM input from those arrays, and `query_mask` gives
+  the qformer's query self-attention its per-image m.
+A different m changes array values only, so one compiled graph serves every m.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMAGE_TOKEN = -200  # LLaVA's placeholder id for `<image>`; never a real vocabulary entry
+IGNORE = -100  # label of positions without loss (LLaVA's IGNORE_INDEX)
+
+BATCH_KEYS = (
+    "images", "m", "token_ids", "visual_index", "positions", "segment_ids", "targets",
+    "loss_mask",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One tokenised conversation. `tokens` holds IMAGE_TOKEN where an image goes; `labels`
+    (same length) holds the token id where the model is trained to produce it, else IGNORE."""
+
+    tokens: Sequence[int]
+    labels: Sequence[int]
+
+    def __post_init__(self):
+        if len(self.tokens) != len(self.labels):
+            raise ValueError(
+                f"Example has {len(self.tokens)} tokens but {len(self.labels)} labels"
+            )
+
+    @property
+    def num_images(self) -> int:
+        return int(np.sum(np.asarray(self.tokens) == IMAGE_TOKEN))
+
+
+def check_m(m, num_queries: int) -> np.ndarray:
+    """m as an int32 array, or a ValueError naming every value outside [1, M]."""
+    m = np.asarray(m)
+    if not np.issubdtype(m.dtype, np.integer):
+        raise ValueError(f"m must be integers, got dtype {m.dtype}")
+    bad = m[(m < 1) | (m > num_queries)]
+    if bad.size:
+        raise ValueError(
+            f"m={sorted(set(bad.tolist()))} outside [1, {num_queries}] (M = num_queries)"
+        )
+    return m.astype(np.int32)
+
+
+def expand_example(example: Example, m: Sequence[int], num_queries: int):
+    """One example at its m: (token_ids, visual_index, labels), each of true length.
+
+    Image k of the example (its k-th placeholder) uses slot k of `m` and visual indices
+    k * M + q for q < m[k].
+    """
+    tokens = np.asarray(example.tokens, np.int64)
+    labels = np.asarray(example.labels, np.int64)
+    image_at = np.flatnonzero(tokens == IMAGE_TOKEN)
+    if len(image_at) > len(m):
+        raise ValueError(
+            f"a token sequence holds {len(image_at)} <image> placeholders but only "
+            f"{len(m)} image(s) are given for it"
+        )
+    pieces_tok, pieces_vis, pieces_lab = [], [], []
+    start = 0
+    for k, at in enumerate(image_at):
+        mk = int(m[k])
+        pieces_tok += [tokens[start:at], np.zeros(mk, np.int64)]
+        pieces_vis += [np.full(at - start, -1), k * num_queries + np.arange(mk)]
+        pieces_lab += [labels[start:at], np.full(mk, IGNORE)]
+        start = at + 1
+    pieces_tok.append(tokens[start:])
+    pieces_vis.append(np.full(len(tokens) - start, -1))
+    pieces_lab.append(labels[start:])
+    return tuple(np.concatenate(p).astype(np.int32) for p in (pieces_tok, pieces_vis, pieces_lab))
+
+
+def true_length(example: Example, m: Sequence[int]) -> int:
+    """Length of the example in the LLM sequence at its m (what packing must fit)."""
+    return len(example.tokens) - example.num_images + int(np.sum(m[: example.num_images]))
+
+
+def layout_rows(
+    rows: Sequence[Sequence[Example]], m: np.ndarray, num_queries: int, seq_len: int
+) -> dict[str, np.ndarray]:
+    """Per-position arrays for a batch of rows, each row one or more packed examples.
+
+    m: [B, I] per-image token counts; a row's examples consume its I image slots in order.
+    Returns token_ids, visual_index (-1 = text, else image_slot * M + q), positions,
+    segment_ids (0 = padding, k = k-th example of the row), targets (the next token) and
+    loss_mask, each [B, seq_len]. Examples longer than the room left are truncated.
+    """
+    m = check_m(m, num_queries)
+    if m.ndim != 2 or m.shape[0] != len(rows):
+        raise ValueError(f"m has shape {m.shape}; expected [{len(rows)} rows, images per row]")
+    out = {
+        "token_ids": np.zeros((len(rows), seq_len), np.int32),
+        "visual_index": np.full((len(rows), seq_len), -1, np.int32),
+        "positions": np.zeros((len(rows), seq_len), np.int32),
+        "segment_ids": np.zeros((len(rows), seq_len), np.int32),
+        "targets": np.zeros((len(rows), seq_len), np.int32),
+        "loss_mask": np.zeros((len(rows), seq_len), np.float32),
+    }
+    for b, row in enumerate(rows):
+        cursor, slot = 0, 0
+        for seg, example in enumerate(row, start=1):
+            n_img = example.num_images
+            if slot + n_img > m.shape[1]:
+                raise ValueError(
+                    f"row {b}: its examples hold {slot + n_img} <image> placeholders but the "
+                    f"batch has {m.shape[1]} image slot(s) per row"
+                )
+            tok, vis, lab = expand_example(example, m[b, slot : slot + n_img], num_queries)
+            vis = np.where(vis >= 0, vis + slot * num_queries, -1)
+            n = min(len(tok), seq_len - cursor)
+            span = slice(cursor, cursor + n)
+            out["token_ids"][b, span] = tok[:n]
+            out["visual_index"][b, span] = vis[:n]
+            out["positions"][b, span] = np.arange(n)
+            out["segment_ids"][b, span] = seg
+            # Position t predicts the token at t + 1 of the same example.
+            nxt = np.append(lab[1:n], IGNORE)
+            out["targets"][b, span] = np.maximum(nxt, 0)
+            out["loss_mask"][b, span] = nxt != IGNORE
+            cursor, slot = cursor + n, slot + n_img
+            if cursor == seq_len:
+                break
+    return out
+
+
+def validate_batch(batch: dict, num_queries: int, image_size: int) -> None:
+    """Host-side checks of a batch, before anything is compiled or sent to devices."""
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"batch lacks {missing}; a batch holds {list(BATCH_KEYS)}")
+    images, m = batch["images"], np.asarray(batch["m"])
+    if images.ndim != 5 or images.shape[2:] != (image_size, image_size, 3):
+        raise ValueError(
+            f"images of shape {tuple(images.shape)}: expected "
+            f"[batch, images_per_row, {image_size}, {image_size}, 3]"
+        )
+    if m.shape != images.shape[:2]:
+        raise ValueError(f"m has shape {m.shape}; expected one value per image {images.shape[:2]}")
+    check_m(m, num_queries)
+    vis = np.asarray(batch["visual_index"])
+    rows, cols = np.nonzero(vis >= 0)
+    slot, q = np.divmod(vis[rows, cols], num_queries)
+    if np.any(slot >= m.shape[1]) or np.any(q >= m[rows, np.minimum(slot, m.shape[1] - 1)]):
+        raise ValueError("visual_index points past an image's m: the batch was not laid out "
+                         "with its own m (use splice.layout_rows)")
+
+
+def splice(text_embeds: jax.Array, visual_tokens: jax.Array, visual_index: jax.Array):
+    """LLM input: the visual token where visual_index >= 0, else the text embedding.
+
+    text_embeds [B, T, D]; visual_tokens [B, I * M, D] (all M tokens of the row's images);
+    visual_index [B, T]. The gather stays within each row, so it is local to a batch shard.
+    """
+    gathered = jnp.take_along_axis(
+        visual_tokens, jnp.maximum(visual_index, 0)[..., None], axis=1
+    )
+    return jnp.where((visual_index >= 0)[..., None], gathered.astype(text_embeds.dtype), text_embeds)
+
+
+def query_mask(m: jax.Array, num_queries: int, mode: str) -> jax.Array:
+    """Which queries each query may attend to, per image: [N, 1, M, M] bool.
+
+    "prefix": query i sees queries j < m (tokens i < m equal a run with only m queries);
+    "causal": query i sees j <= i (token i is the same for every m).
+    """
+    j = jnp.arange(num_queries)
+    if mode == "prefix":
+        mask = j[None, None, :] < m[:, None, None]
+        return jnp.broadcast_to(mask, (m.shape[0], num_queries, num_queries))[:, None]
+    if mode == "causal":
+        mask = j[None, :] <= j[:, None]
+        return jnp.broadcast_to(mask, (m.shape[0], num_queries, num_queries))[:, None]
+    raise ValueError(f"query mask mode {mode!r}: expected 'prefix' or 'causal'")

@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mqt_jax",
+    version="0.1.0",
+    description="Matryoshka Query Transformer (MQT-LLaVA) in JAX/Flax: every m in one sharded XLA graph",
+    packages=find_packages(include=["mqt_jax", "mqt_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "grain>=0.2.18",
+        "einops>=0.8",
+        "gin-config>=0.5",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["mqt-jax=mqt_jax.cli:main"]},
+)
