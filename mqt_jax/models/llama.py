@@ -68,6 +68,8 @@ class Llama(nn.Module):
 
     def __call__(self, embeddings, positions, segment_ids):
         """embeddings [B, T, hidden], positions / segment_ids [B, T] -> logits [B, T, vocab]."""
+        if self.is_initializing():  # `init` through here must create the embedding table too
+            self.embed(jnp.zeros((1, 1), jnp.int32))
         x = layers.constrain(embeddings.astype(self.dtype), (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
         x, _ = self.layers(x, causal_segment_mask(segment_ids), positions)
         logits = self.lm_head(self.final_norm(x))

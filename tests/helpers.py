@@ -1,0 +1,53 @@
+"""Small configurations and batches shared by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mqt_jax import splice
+from mqt_jax.config import LLMConfig, ModelConfig, QueryTransformerConfig, VisionConfig
+
+
+
+def tiny_config(variant="official", query_mask="prefix", num_queries=16, **model_kw) -> ModelConfig:
+    """A model small enough for float32 value tests in well under a second."""
+    return ModelConfig(
+        vision=VisionConfig(image_size=32, patch_size=8, width=32, num_layers=3, num_heads=4,
+                            mlp_dim=64),
+        query=QueryTransformerConfig(variant=variant, num_queries=num_queries, width=32,
+                                     num_heads=4, num_layers=2, mlp_dim=48,
+                                     query_mask=query_mask),
+        llm=LLMConfig(vocab_size=64, hidden=48, num_layers=2, num_heads=6, num_kv_heads=2,
+                      head_dim=8, mlp_dim=80, rope_theta=500.0),
+        **model_kw,
+    )
+
+
+def conversation(rng, vocab, before=3, after=5, answer=3) -> splice.Example:
+    """[BOS, before..., <image>, after..., answer...] with loss on the answer."""
+    text = rng.integers(2, vocab, size=before + after + answer).tolist()
+    tokens = [1] + text[:before] + [splice.IMAGE_TOKEN] + text[before:]
+    labels = [splice.IGNORE] * (len(tokens) - answer) + text[-answer:]
+    return splice.Example(tokens, labels)
+
+
+def random_batch(cfg: ModelConfig, m, seq_len=48, seed=0, examples=None) -> dict:
+    """One single-image example per row at the given per-row m."""
+    rng = np.random.default_rng(seed)
+    m = np.asarray(m, np.int32).reshape(-1, 1)
+    examples = examples or [conversation(rng, cfg.llm.vocab_size) for _ in range(len(m))]
+    size = cfg.vision.image_size
+    images = rng.normal(size=(len(m), 1, size, size, 3)).astype(np.float32)
+    arrays = splice.layout_rows([[e] for e in examples], m, cfg.num_queries, seq_len)
+    return {"images": images, "m": m, **arrays}
+
+
+def init_params(module, *args, method=None, seed=0) -> dict:
+    """Unboxed parameters, initialised under jit (eager init compiles op by op: slow)."""
+    from functools import partial
+
+    import jax
+    from flax import linen as nn
+
+    init = jax.jit(partial(module.init, method=method))
+    return nn.meta.unbox(init(jax.random.key(seed), *args)["params"])

@@ -1,0 +1,64 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mqt_jax.models import layers
+from numpy_reference import attention_core, rope_hf
+
+
+def test_dense_contracts_several_axes_like_einsum():
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)
+    d = layers.dense(7, ("heads", "head_dim", "embed"), num_in=2, use_bias=True)
+    params = d.init(jax.random.key(0), x)["params"]
+    kernel, bias = (np.asarray(jax.tree.leaves(params["kernel"])[0]),
+                    np.asarray(jax.tree.leaves(params["bias"])[0]))
+    assert kernel.shape == (4, 5, 7)
+    np.testing.assert_allclose(d.apply({"params": params}, x),
+                               np.einsum("abij,ijk->abk", x, kernel) + bias, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_matches_hugging_face_formula_and_is_relative():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(1, 5, 2, 8)).astype(np.float32)
+    pos = np.array([[0, 1, 2, 7, 30]])
+    np.testing.assert_allclose(layers.rope(x, pos, 500.0), rope_hf(x.astype(np.float64), pos, 500.0),
+                               rtol=1e-5, atol=1e-5)
+    # <rope(q, a), rope(k, b)> depends on a - b only.
+    q, k = x[:, :1], x[:, 1:2]
+    dot = lambda a, b: float(jnp.sum(layers.rope(q, np.array([[a]]), 500.0)  # noqa: E731
+                                     * layers.rope(k, np.array([[b]]), 500.0)))
+    assert dot(9, 4) == pytest.approx(dot(25, 20), rel=1e-4)
+    assert dot(9, 4) != pytest.approx(dot(9, 5), rel=1e-3)
+
+
+def test_attend_groups_kv_heads_like_repeat_kv():
+    rng = np.random.default_rng(2)
+    q = rng.normal(size=(2, 4, 6, 8)).astype(np.float32)
+    k = rng.normal(size=(2, 5, 2, 8)).astype(np.float32)
+    v = rng.normal(size=(2, 5, 2, 8)).astype(np.float32)
+    mask = rng.random((2, 1, 4, 5)) > 0.3
+    mask[..., 0] = True  # every query sees at least one key
+    np.testing.assert_allclose(layers.attend(q, k, v, mask),
+                               attention_core(q.astype(np.float64), k, v, mask),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable", "everything_saveable"])
+def test_remat_policies_change_memory_not_values(policy):
+    from mqt_jax.config import VisionConfig
+    from mqt_jax.models.vision_tower import VisionTower
+
+    cfg = VisionConfig(image_size=16, patch_size=8, width=16, num_layers=3, num_heads=2, mlp_dim=32)
+    images = np.random.default_rng(3).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    base = VisionTower(cfg, remat_policy="none")
+    params = base.init(jax.random.key(0), images)
+
+    def loss(p, module):
+        return jnp.sum(module.apply(p, images) ** 2)
+
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    g_ref = grad(params, base)
+    g = grad(params, VisionTower(cfg, remat_policy=policy))
+    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

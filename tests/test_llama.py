@@ -1,0 +1,62 @@
+import jax
+import numpy as np
+import pytest
+
+from helpers import init_params, tiny_config
+from mqt_jax.config import LLMConfig
+from mqt_jax.models.llama import Llama
+from numpy_reference import llama as llama_reference
+
+
+def setup(cfg, batch=2, length=10, seed=0):
+    model = Llama(cfg)
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(batch, length, cfg.hidden)).astype(np.float32)
+    pos = np.tile(np.arange(length), (batch, 1))
+    seg = np.ones((batch, length), np.int32)
+    params = init_params(model, emb, pos, seg, seed=seed)
+    apply = jax.jit(lambda e, p, s: model.apply({"params": params}, e, p, s))
+    run = lambda e, p, s: np.asarray(apply(e, p, s))  # noqa: E731
+    return params, emb, pos, seg, run
+
+
+def test_matches_numpy_reference_with_grouped_query_attention():
+    cfg = tiny_config().llm  # 6 query heads over 2 kv heads
+    params, emb, pos, seg, run = setup(cfg)
+    ref = llama_reference(params, emb, pos, seg, cfg)
+    np.testing.assert_allclose(run(emb, pos, seg), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_packed_segments_equal_separate_sequences():
+    cfg = tiny_config().llm
+    params, emb, _, _, run = setup(cfg, batch=1, length=10)
+    pos = np.array([[0, 1, 2, 3, 0, 1, 2, 3, 4, 0]])
+    seg = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 0]])
+    packed = run(emb, pos, seg)
+    first = run(emb[:, :4], np.arange(4)[None], np.ones((1, 4), np.int32))
+    second = run(emb[:, 4:9], np.arange(5)[None], np.ones((1, 5), np.int32))
+    np.testing.assert_allclose(packed[:, :4], first, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(packed[:, 4:9], second, rtol=1e-5, atol=1e-5)
+
+
+def test_explicit_positions_are_used():
+    cfg = tiny_config().llm
+    _, emb, pos, seg, run = setup(cfg)
+    base = run(emb, pos, seg)
+    # RoPE is relative: shifting every position leaves logits unchanged...
+    np.testing.assert_allclose(run(emb, pos + 11, seg), base, rtol=1e-4, atol=1e-4)
+    # ...but changing the gaps between positions changes them.
+    assert np.abs(run(emb, pos * 2, seg) - base).max() > 1e-3
+
+
+def test_llama_2_7b_parameter_count():
+    cfg = LLMConfig()
+    emb = jax.ShapeDtypeStruct((1, 8, 4096), np.float32)
+    ints = jax.ShapeDtypeStruct((1, 8), np.int32)
+    params = jax.eval_shape(Llama(cfg).init, jax.random.key(0), emb, ints, ints)
+    assert sum(x.size for x in jax.tree.leaves(params)) == 6_738_415_616
+
+
+def test_kv_heads_must_divide_heads():
+    with pytest.raises(ValueError, match="num_heads=6 is not a multiple of num_kv_heads=4"):
+        LLMConfig(num_heads=6, num_kv_heads=4)

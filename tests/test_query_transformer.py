@@ -1,0 +1,106 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from helpers import init_params, tiny_config
+from mqt_jax.config import QueryTransformerConfig
+from mqt_jax.models.query_transformer import (
+    QueryTransformer, resize_grid_torch_bicubic, sincos_2d, torch_bicubic_matrix)
+from numpy_reference import bicubic_resize_torch, official_resampler
+
+
+def make(cfg, batch=3, seed=0):
+    qcfg = cfg.query
+    module = QueryTransformer(qcfg, out_width=cfg.llm.hidden, grid_size=cfg.vision.grid_size)
+    features = np.random.default_rng(seed).normal(
+        size=(batch, cfg.vision.num_patches, cfg.vision.width)).astype(np.float32)
+    m = np.full((batch,), qcfg.num_queries, np.int32)
+    params = init_params(module, features, m, seed=seed)
+    apply = jax.jit(lambda m, n: module.apply({"params": params}, features, m, n), static_argnums=1)
+    run = lambda m, n=None: apply(jnp.asarray(m, jnp.int32), n)  # noqa: E731
+    return module, params, features, run
+
+
+def test_official_parameter_count_is_the_released_one():
+    cfg = QueryTransformerConfig()  # M = 256, width 1024, 16 heads
+    module = QueryTransformer(cfg, out_width=4096, grid_size=24)
+    features = jax.ShapeDtypeStruct((1, 576, 1024), np.float32)
+    params = jax.eval_shape(module.init, jax.random.key(0), features, np.ones(1, np.int32))["params"]
+    sizes = {"/".join(str(k.key) for k in path): x.size
+             for path, x in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(params))}
+    assert sum(sizes.values()) == 8_923_136
+    assert sum(v for k, v in sizes.items() if k != "pos_embed") == 8_660_992
+
+
+def test_sincos_table_hand_computed():
+    # width 8: two frequencies w = (1, 10000^-1/2 = 0.01); first half encodes the column.
+    table = sincos_2d(3, 8)
+    row, col = 1, 2
+    w = np.array([1.0, 0.01])
+    expected = np.concatenate([np.sin(col * w), np.cos(col * w), np.sin(row * w), np.cos(row * w)])
+    np.testing.assert_allclose(table[row * 3 + col], expected, rtol=1e-6)
+
+
+def test_bicubic_matrix_is_pytorch_convention():
+    w = torch_bicubic_matrix(16, 24)
+    np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-6)  # partition of unity
+    grid = np.random.default_rng(0).normal(size=(16, 16, 5))
+    ours = np.asarray(resize_grid_torch_bicubic(jnp.asarray(grid.reshape(256, 5), jnp.float32), 24))
+    direct = bicubic_resize_torch(grid, 24).reshape(576, 5)
+    np.testing.assert_allclose(ours, direct, rtol=1e-5, atol=1e-5)
+    # The trap: jax.image.resize's bicubic (a = -0.5) gives different numbers.
+    jax_resized = jax.image.resize(grid, (24, 24, 5), "bicubic").reshape(576, 5)
+    assert np.abs(jax_resized - direct).max() > 1e-3
+
+
+def test_bicubic_matrix_equals_torch_interpolate():
+    torch = pytest.importorskip("torch")
+    grid = np.random.default_rng(1).normal(size=(16, 16, 4)).astype(np.float32)
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(grid).permute(2, 0, 1)[None], size=(24, 24), mode="bicubic",
+        align_corners=False)[0].permute(1, 2, 0).reshape(576, 4).numpy()
+    ours = np.asarray(resize_grid_torch_bicubic(jnp.asarray(grid.reshape(256, 4)), 24))
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_official_matches_numpy_reference_for_several_m():
+    cfg = tiny_config("official")
+    _, params, features, run = make(cfg)
+    full = np.asarray(run(np.full(3, 16)))
+    ref = official_resampler(params, features, cfg.query, cfg.vision.grid_size)
+    np.testing.assert_allclose(full, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    for n in (1, 2, 7, 16):  # token i never depends on m: truncation == slicing
+        truncated = np.asarray(run(np.full(3, n), n))
+        np.testing.assert_allclose(truncated, full[:, :n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16])
+def test_qformer_prefix_mask_equals_truncation(n):
+    cfg = tiny_config("qformer", "prefix")
+    _, _, _, run = make(cfg)
+    masked = np.asarray(run([n, n, n]))[:, :n]
+    truncated = np.asarray(run([n, n, n], n))
+    assert truncated.shape == (3, n, cfg.llm.hidden)
+    np.testing.assert_allclose(masked, truncated, rtol=1e-5, atol=1e-5 * np.abs(truncated).max())
+
+
+def test_qformer_prefix_mixed_m_in_one_batch():
+    cfg = tiny_config("qformer", "prefix")
+    _, _, _, run = make(cfg)
+    mixed = np.asarray(run([1, 5, 16]))
+    for b, n in enumerate((1, 5, 16)):
+        alone = np.asarray(run([n] * 3, n))[b]
+        np.testing.assert_allclose(mixed[b, :n], alone, rtol=1e-5, atol=1e-5 * np.abs(alone).max())
+    # The mask matters: with prefix masking the first token depends on m.
+    assert np.abs(mixed[0, 0] - np.asarray(run([16] * 3))[0, 0]).max() > 1e-3
+
+
+def test_qformer_causal_tokens_do_not_depend_on_m():
+    cfg = tiny_config("qformer", "causal")
+    _, _, _, run = make(cfg)
+    full = np.asarray(run([16, 16, 16]))
+    np.testing.assert_allclose(np.asarray(run([1, 3, 9])), full, rtol=1e-6, atol=1e-6)
+    for n in (1, 4, 16):
+        np.testing.assert_allclose(np.asarray(run([n] * 3, n)), full[:, :n], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,96 @@
+"""The single graph (all M tokens, m as data) equals really truncating to m."""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import conversation, init_params, random_batch, tiny_config
+from mqt_jax import splice
+from mqt_jax.loss import cross_entropy
+from mqt_jax.models.vlm import VisionLanguageModel
+from mqt_jax.train import CompileCounter
+
+M_SET = (1, 2, 4, 8, 16)  # M = 16
+
+
+def truncated_reference(model, params, image, example, n):
+    """Slice the queries to n and build the shorter sequence by concatenation."""
+    tokens = np.asarray(example.tokens)
+    at = int(np.flatnonzero(tokens == splice.IMAGE_TOKEN)[0])
+    logits = _reference_logits(model, params, image, tokens[:at], tokens[at + 1:], n)
+    labels = np.concatenate([example.labels[:at], [splice.IGNORE] * n, example.labels[at + 1:]])
+    return np.asarray(logits, np.float64), labels
+
+
+@partial(jax.jit, static_argnums=(0, 5))
+def _reference_logits(model, params, image, before, after, n):
+    def run(mdl):
+        visual = mdl.visual_tokens(image[None], None, n)  # only n queries exist
+        x = jnp.concatenate([mdl.llm.embed(before[None]), visual, mdl.llm.embed(after[None])], 1)
+        length = x.shape[1]
+        return mdl.llm(x, jnp.arange(length)[None], jnp.ones((1, length), jnp.int32))[0]
+
+    return model.apply(params, method=run)
+
+
+def reference_loss_terms(logits, labels):
+    """Sum of next-token negative log-likelihoods and their count, in float64."""
+    targets = labels[1:]
+    keep = targets != splice.IGNORE
+    logp = logits[:-1] - np.log(np.exp(logits[:-1] - logits[:-1].max(-1, keepdims=True)).sum(-1,
+           keepdims=True)) - logits[:-1].max(-1, keepdims=True)
+    return -logp[np.flatnonzero(keep), targets[keep]].sum(), keep.sum()
+
+
+@pytest.mark.parametrize("variant,query_mask", [
+    ("official", "prefix"), ("qformer", "prefix"), ("qformer", "causal")])
+def test_single_graph_equals_truncation_for_every_m(variant, query_mask):
+    cfg = tiny_config(variant, query_mask)
+    model = VisionLanguageModel(cfg)
+    base = random_batch(cfg, [16, 16, 16])
+    params = {"params": init_params(model, base, method="logits")}
+
+    @jax.jit
+    def single_graph_logits(p, b):
+        return model.apply(p, b, method="logits")
+
+    @jax.jit
+    def single_graph_loss(p, b):
+        return cross_entropy(single_graph_logits(p, b), b["targets"], b["loss_mask"])[0]
+
+    rng = np.random.default_rng(1)
+    examples = [conversation(rng, cfg.llm.vocab_size) for _ in range(3)]
+    m_rows = [[m] * 3 for m in M_SET] + [[1, 8, 16], [16, 2, 4]]  # uniform, then mixed batches
+    with CompileCounter() as compiles:
+        for m in m_rows:
+            batch = random_batch(cfg, m, examples=examples)
+            logits = np.asarray(single_graph_logits(params, batch))
+            nll, count = 0.0, 0
+            for b, n in enumerate(m):
+                ref, labels = truncated_reference(model, params, batch["images"][b, 0], examples[b], n)
+                scale = np.abs(ref).max()
+                np.testing.assert_allclose(logits[b, : len(ref)], ref, rtol=1e-5, atol=1e-5 * scale,
+                                           err_msg=f"{variant}/{query_mask} m={m} row {b}")
+                row_nll, row_count = reference_loss_terms(ref, labels)
+                nll, count = nll + row_nll, count + row_count
+            loss = float(single_graph_loss(params, batch))
+            assert loss == pytest.approx(nll / count, rel=1e-5), (m, loss, nll / count)
+    # One graph for every m: each function compiled once over all the batches.
+    assert compiles.counts["jit(single_graph_logits)"] == 1, compiles.counts
+    assert compiles.counts["jit(single_graph_loss)"] == 1, compiles.counts
+
+
+def test_visual_tokens_beyond_m_do_not_reach_the_llm():
+    cfg = tiny_config("official")
+    model = VisionLanguageModel(cfg)
+    batch = random_batch(cfg, [3, 3])
+    params = init_params(model, batch, method="logits")
+    logits = jax.jit(lambda p: model.apply({"params": p}, batch, method="logits"))
+    base = np.asarray(logits(params))
+    # Scramble every query after the first 3: logits must not move.
+    query = params["query_transformer"]["query"]
+    params["query_transformer"]["query"] = query.at[3:].set(query[3:] * -5 + 1)
+    np.testing.assert_array_equal(np.asarray(logits(params)), base)
