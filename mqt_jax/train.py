@@ -48,7 +48,7 @@ class TrainConfig:
     # Regexes matched (re.match) against "/"-joined parameter paths such as
     # "query_transformer/attn/query/kernel". `frozen` wins over `trainable`.
     trainable: tuple[str, ...] = ("query_transformer",)
-    frozen: tuple[str, ...] = (r".*pos_embed$",)
+    frozen: tuple[str, ...] = (r"query_transformer/pos_embed$",)  # fixed sin-cos table
     seed: int = 0
     log_every: int = 1
 
@@ -185,7 +185,7 @@ class Trainer:
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": self.schedule(state.step),
             "loss_tokens": num_tokens,
         }

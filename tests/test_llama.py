@@ -60,3 +60,17 @@ def test_llama_2_7b_parameter_count():
 def test_kv_heads_must_divide_heads():
     with pytest.raises(ValueError, match="num_heads=6 is not a multiple of num_kv_heads=4"):
         LLMConfig(num_heads=6, num_kv_heads=4)
+
+
+def test_scanned_layers_keep_the_program_size_independent_of_depth():
+    def program_lines(num_layers):
+        cfg = LLMConfig(vocab_size=64, hidden=32, num_layers=num_layers, num_heads=4,
+                        num_kv_heads=2, head_dim=8, mlp_dim=64)
+        emb = jax.ShapeDtypeStruct((1, 8, 32), np.float32)
+        ints = jax.ShapeDtypeStruct((1, 8), np.int32)
+        model = Llama(cfg)
+        params = jax.eval_shape(model.init, jax.random.key(0), emb, ints, ints)
+        loss = lambda p, e, i: model.apply(p, e, i, i).sum()  # noqa: E731
+        return len(jax.jit(jax.grad(loss)).lower(params, emb, ints).as_text().splitlines())
+
+    assert program_lines(2) == program_lines(12)  # one scanned body, whatever the depth

@@ -53,10 +53,9 @@ class Llama(nn.Module):
 
     def setup(self):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.embedding = nn.Embed(
-            cfg.vocab_size, cfg.hidden, embedding_init=layers.partitioned(
-                nn.initializers.normal(0.02), ("vocab", "embed")),
-            **kw,
+        self.embedding = self.param(
+            "embedding", layers.partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.hidden), self.param_dtype,
         )
         blocks = layers.scan_blocks(DecoderLayer, cfg.num_layers, self.remat_policy, 2)
         self.layers = blocks(cfg, **kw)
@@ -64,7 +63,11 @@ class Llama(nn.Module):
         self.lm_head = layers.dense(cfg.vocab_size, ("embed", "vocab"), init_std=0.02, **kw)
 
     def embed(self, token_ids: jax.Array) -> jax.Array:
-        return self.embedding(token_ids)
+        # Gather the table's fsdp-sharded hidden axis first (as FSDP does for every weight):
+        # looked up from a hidden-sharded table, activations would clash with the batch layout.
+        table = layers.constrain(self.embedding.astype(self.dtype), ("vocab", None))
+        x = jnp.take(table, token_ids, axis=0)
+        return layers.constrain(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
 
     def __call__(self, embeddings, positions, segment_ids):
         """embeddings [B, T, hidden], positions / segment_ids [B, T] -> logits [B, T, vocab]."""

@@ -1,0 +1,44 @@
+"""`mqt-jax train` as a user runs it, in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "PYTHONUNBUFFERED": "1"}
+
+
+def mqt_jax(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "mqt_jax.cli", *args], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_train_writes_operative_config_and_metrics(tmp_path):
+    out = mqt_jax("train", "--gin_param", "TrainConfig.steps = 12",
+                  "--gin_param", "TrainConfig.log_every = 2", "--workdir", "w", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "train step compiled 1x" in out.stdout
+    assert "12/12" in out.stderr  # the progress bar ran to the end
+    config = (tmp_path / "w" / "config.gin").read_text()
+    assert "TrainConfig.steps = 12" in config and "LLMConfig.hidden = 256" in config
+    rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+    for row in rows:
+        assert {"step", "loss", "learning_rate", "grad_norm", "tokens_per_sec"} <= set(row)
+        assert row["tokens_per_sec"] > 0 and row["grad_norm"] > 0
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0  # the synthetic task is being learned
+
+
+@pytest.mark.parametrize("param,message", [
+    ("MeshConfig.data = 3", "does not divide 1 devices"),
+    ("QueryTransformerConfig.variant = 'perceiver'", "variant='perceiver'"),
+    ("MSampler.distribution = 'normal'", "distribution='normal'"),
+])
+def test_bad_settings_fail_fast_with_the_value_named(tmp_path, param, message):
+    out = mqt_jax("train", "--gin_param", param, "--workdir", "w", cwd=tmp_path)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,116 @@
+import jax
+import numpy as np
+import optax
+import pytest
+from flax.traverse_util import flatten_dict
+
+from helpers import random_batch, tiny_config
+from mqt_jax.sharding import MeshConfig, make_mesh
+from mqt_jax.train import CompileCounter, TrainConfig, Trainer, make_optimizer, split_params
+
+
+def trainer_for(mesh_shape=(1, 4, 2), variant="official", **train_kw):
+    kw = dict(batch_size=8, seq_len=40, steps=20, learning_rate=3e-3)
+    return Trainer(tiny_config(variant), TrainConfig(**{**kw, **train_kw}),
+                   make_mesh(MeshConfig(*mesh_shape)))
+
+
+def test_train_step_compiles_once_while_m_changes_every_step():
+    trainer = trainer_for(variant="qformer", trainable=(".*",))
+    state = trainer.init_state()
+    cfg = trainer.model_config
+    m_per_step = [[16] * 8, [1] * 8, [2, 4, 8, 16, 1, 3, 5, 7], [9] * 8, [16, 1] * 4]
+    with CompileCounter() as compiles:
+        for step, m in enumerate(m_per_step):
+            state, metrics = trainer.step(state, random_batch(cfg, m, seq_len=40, seed=step))
+            assert np.isfinite(float(metrics["loss"]))
+    assert compiles.counts["jit(_train_step)"] == 1, compiles.counts
+
+
+def test_frozen_parameters_have_no_optimizer_state_and_do_not_move():
+    trainer = trainer_for(trainable=("query_transformer",))  # the paper's stage 1
+    state = trainer.init_state()
+    trainable, frozen = flatten_dict(state.trainable), flatten_dict(state.frozen)
+    assert all(k[0] == "query_transformer" for k in trainable)
+    assert {k[0] for k in frozen} == {"vision_tower", "llm", "query_transformer"}
+    assert ("query_transformer", "pos_embed") in frozen  # fixed sin-cos, never trained
+    trainable_size = sum(x.size for x in trainable.values())
+    opt_leaves = jax.tree.leaves(state.opt_state)
+    # Adam's mu and nu, shaped like the trainable parameters; the rest are step counters.
+    assert sum(x.size for x in opt_leaves if x.ndim) == 2 * trainable_size
+    assert all(x.size == 1 for x in opt_leaves if not x.ndim)
+    before_frozen = jax.device_get(state.frozen)
+    before_trainable = jax.device_get(state.trainable)
+    for step in range(2):
+        state, _ = trainer.step(state, random_batch(trainer.model_config, [4] * 8, 40, seed=step))
+    for a, b in zip(jax.tree.leaves(before_frozen), jax.tree.leaves(jax.device_get(state.frozen))):
+        np.testing.assert_array_equal(a, b)
+    moved = [not np.array_equal(a, b) for a, b in
+             zip(jax.tree.leaves(before_trainable), jax.tree.leaves(jax.device_get(state.trainable)))]
+    assert all(moved)
+
+
+def test_split_params_by_patterns():
+    params = {"vision_tower": {"w": 1}, "query_transformer": {"query": 2, "pos_embed": 3},
+              "llm": {"w": 4}}
+    stage2 = TrainConfig(trainable=("query_transformer", "llm"))
+    trainable, frozen = split_params(params, stage2)
+    assert trainable == {"query_transformer": {"query": 2}, "llm": {"w": 4}}
+    assert frozen == {"vision_tower": {"w": 1}, "query_transformer": {"pos_embed": 3}}
+
+
+def test_schedule_is_warmup_then_cosine():
+    _, schedule = make_optimizer(TrainConfig(steps=100, warmup_fraction=0.1, learning_rate=2.0))
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(5)) == pytest.approx(1.0)  # halfway through warmup
+    assert float(schedule(10)) == pytest.approx(2.0)
+    assert float(schedule(55)) == pytest.approx(1.0, abs=1e-5)  # cosine midpoint
+    assert float(schedule(100)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gradient_clipping_and_reported_norm():
+    trainer = trainer_for(trainable=(".*",), grad_clip=1e-3)
+    state = trainer.init_state()
+    state, metrics = trainer.step(state, random_batch(trainer.model_config, [8] * 8, 40))
+    assert float(metrics["grad_norm"]) > 0.1  # reported before clipping, far above the clip
+    # After one step Adam's first moment is exactly (1 - b1) * the clipped gradient.
+    mu = state.opt_state[1][0].mu
+    assert float(optax.tree.norm(mu)) == pytest.approx((1 - 0.9) * 1e-3, rel=1e-4)
+
+
+def test_bad_batches_fail_before_compiling():
+    trainer = trainer_for()
+    state = trainer.init_state()
+    cfg = trainer.model_config
+    bad_m = random_batch(cfg, [4] * 8, 40)
+    bad_m["m"] = bad_m["m"] * 0
+    wrong_size = random_batch(cfg, [4] * 8, 40)
+    wrong_size["images"] = np.zeros((8, 1, 24, 24, 3), np.float32)
+    with CompileCounter() as compiles:
+        with pytest.raises(ValueError, match=r"m=\[0\] outside \[1, 16\]"):
+            trainer.step(state, bad_m)
+        with pytest.raises(ValueError, match=r"images of shape \(8, 1, 24, 24, 3\)"):
+            trainer.step(state, wrong_size)
+        with pytest.raises(ValueError, match=r"\[batch_size=8, seq_len=40\]"):
+            trainer.step(state, random_batch(cfg, [4] * 8, 32))
+    assert "jit(_train_step)" not in compiles.counts
+
+
+def test_batch_must_divide_over_data_parallel_devices():
+    with pytest.raises(ValueError, match="batch_size=6 is not divisible .* = 4 devices"):
+        trainer_for(mesh_shape=(2, 2, 2), batch_size=6)
+
+
+def test_bf16_compute_keeps_float32_master_weights():
+    mesh = make_mesh(MeshConfig(1, 8, 1))
+    train = TrainConfig(batch_size=8, seq_len=40, trainable=(".*",))
+    f32 = Trainer(tiny_config(), train, mesh)
+    bf16 = Trainer(tiny_config(dtype="bfloat16"), train, mesh)
+    batch = random_batch(f32.model_config, [8] * 8, 40)
+    s32, s16 = f32.init_state(), bf16.init_state()
+    assert {x.dtype for x in jax.tree.leaves(s16.trainable)} == {np.dtype("float32")}
+    _, m32 = f32.step(s32, batch)
+    s16, m16 = bf16.step(s16, batch)
+    assert float(m16["loss"]) == pytest.approx(float(m32["loss"]), rel=2e-2)
+    assert float(m16["loss"]) != float(m32["loss"])  # bf16 really is used
+    assert {x.dtype for x in jax.tree.leaves(s16.opt_state)} <= {np.dtype("float32"), np.dtype("int32")}
