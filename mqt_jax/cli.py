@@ -36,6 +36,15 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_data_shapes(args) -> int:
+    from mqt_jax.data.shapes import write_shapes
+
+    out = write_shapes(args.out, num_train=args.num_train, num_eval=args.num_eval,
+                       seed=args.seed, image_size=args.image_size)
+    print(f"wrote shapes-VQA to {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mqt-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,10 +56,18 @@ def main(argv=None) -> int:
     train_p.add_argument("--workdir", default="workdir/tiny",
                          help="where config.gin and metrics.jsonl go")
     train_p.set_defaults(func=cmd_train)
+    data_p = sub.add_parser("data", help="datasets").add_subparsers(dest="dataset", required=True)
+    shapes_p = data_p.add_parser("shapes", help="generate the shapes-VQA dataset (LLaVA format)")
+    shapes_p.add_argument("--out", required=True, help="output folder (must not exist)")
+    shapes_p.add_argument("--num_train", type=int, default=2000)
+    shapes_p.add_argument("--num_eval", type=int, default=300)
+    shapes_p.add_argument("--seed", type=int, default=0)
+    shapes_p.add_argument("--image_size", type=int, default=64)
+    shapes_p.set_defaults(func=cmd_data_shapes)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"mqt-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

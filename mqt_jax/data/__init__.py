@@ -1,0 +1,1 @@
+"""Input pipeline: LLaVA-format records -> tokenised, preprocessed, m-sampled batches."""

@@ -1,0 +1,109 @@
+"""LLaVA conversation templates -> token ids and labels (loss on assistant text only).
+
+A conversation renders into pieces: text (with or without loss), the image placeholder, and
+EOS. Consecutive text is tokenised as one string (as LLaVA tokenises the whole prompt), and a
+token carries loss when its character span overlaps assistant text. `<image>` never reaches
+the tokenizer: it becomes splice.IMAGE_TOKEN.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mqt_jax.data.tokenizer import Tokenizer
+from mqt_jax.splice import IGNORE, IMAGE_TOKEN, Example
+
+IMAGE_PLACEHOLDER = "<image>"
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the user's questions."
+)
+TEMPLATES = ("plain", "vicuna_v1")
+ROLES = {"human": "USER", "gpt": "ASSISTANT"}
+
+
+class BadRecord(ValueError):
+    """A record that cannot become a training example; `reason` is a short category."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+IMAGE, EOS = object(), object()  # special pieces
+
+
+def render(conversations: list[dict], template: str, has_image: bool) -> list:
+    """Pieces: (text, has_loss) tuples, IMAGE, or (EOS, has_loss)."""
+    if template not in TEMPLATES:
+        raise ValueError(f"template {template!r}: expected one of {TEMPLATES}")
+    turns = []
+    for turn in conversations:
+        if not isinstance(turn, dict) or turn.get("from") not in ROLES:
+            role = turn.get("from") if isinstance(turn, dict) else turn
+            raise BadRecord("unknown_role", f"turn role {role!r}; expected 'human' or 'gpt'")
+        value = turn.get("value")
+        if not isinstance(value, str) or not value.strip():
+            raise BadRecord("empty_text", f"a {turn['from']} turn has no text")
+        turns.append((turn["from"], value))
+    if not any(role == "gpt" for role, _ in turns):
+        raise BadRecord("no_assistant_turn", "the conversation has no 'gpt' turn")
+    placeholders = sum(v.count(IMAGE_PLACEHOLDER) for _, v in turns)
+    if placeholders > int(has_image):
+        raise BadRecord("too_many_placeholders",
+                        f"{placeholders} <image> placeholders for {int(has_image)} image(s)")
+    if template == "plain":  # stage 1: the image, then the caption and "\n"; loss on the caption
+        caption = next(v for role, v in turns if role == "gpt")
+        return ([IMAGE] if has_image else []) + [(caption + "\n", True)]
+    pieces = [(VICUNA_SYSTEM + " ", False)]
+    first_human = True
+    for role, value in turns:
+        if role == "human":
+            pieces.append(("USER: ", False))
+            if has_image and first_human:  # LLaVA moves the image to the front of the turn
+                pieces += [IMAGE, ("\n" + value.replace(IMAGE_PLACEHOLDER, "").strip(), False)]
+            else:
+                pieces.append((value, False))
+            pieces.append((" ", False))
+            first_human = False
+        else:
+            pieces += [("ASSISTANT: ", False), (value, True), (EOS, True)]
+    return pieces
+
+
+def tokenize(pieces: list, tokenizer: Tokenizer) -> Example:
+    """[BOS] + pieces -> Example(tokens, labels)."""
+    tokens, labels = [tokenizer.bos_id], [IGNORE]
+    text, loss_spans = "", []
+
+    def flush():
+        nonlocal text, loss_spans
+        if text:
+            ids, begins, ends = tokenizer.encode(text)
+            ends = np.maximum(ends, begins + 1)  # byte-fallback pieces may have empty spans
+            loss = np.zeros(len(ids), bool)
+            for s, e in loss_spans:
+                loss |= (begins < e) & (ends > s)
+            tokens.extend(ids.tolist())
+            labels.extend(np.where(loss, ids, IGNORE).tolist())
+        text, loss_spans = "", []
+
+    for piece in pieces:
+        if piece is IMAGE:
+            flush()
+            tokens.append(IMAGE_TOKEN)
+            labels.append(IGNORE)
+        elif piece[0] is EOS:
+            flush()
+            tokens.append(tokenizer.eos_id)
+            labels.append(tokenizer.eos_id if piece[1] else IGNORE)
+        else:
+            if piece[1]:
+                loss_spans.append((len(text), len(text) + len(piece[0])))
+            text += piece[0]
+    flush()
+    return Example(tokens, labels)
+
+
+def encode_conversation(conversations, template: str, tokenizer: Tokenizer, has_image: bool):
+    return tokenize(render(conversations, template, has_image), tokenizer)

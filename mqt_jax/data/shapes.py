@@ -1,0 +1,150 @@
+"""Shapes-VQA: a procedural LLaVA-format dataset, deterministic from a seed (the default data).
+
+Each image is a grid whose cells may hold a shape (circle / square / triangle, small / large,
+one of five colours). Coarse questions are answerable at a glance ("Is there a red shape?",
+"How many shapes are there?"); fine questions need one cell's detail ("What colour is the
+shape in row 2, column 3?", "How many small blue triangles are there?"), so accuracy should
+rise with the number of visual tokens.
+
+Written as: images/{train,eval}/NNNNNN.png; shapes_captions.json (stage 1) and shapes_qa.json
+(stage 2), LLaVA training files; eval/questions.jsonl and eval/answers.jsonl (LLaVA's
+question-file / answer-file form); tokenizer/tokenizer.model (sentencepiece, trained here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from mqt_jax.data.conversation import VICUNA_SYSTEM
+from mqt_jax.data.tokenizer import train_sentencepiece
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220),
+           "yellow": (225, 195, 30), "purple": (140, 60, 170)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "large")
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+CAPTION_PROMPT = "Describe the image."
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    row: int  # 1-based, as the questions say it
+    col: int
+    kind: str
+    colour: str
+    size: str
+
+    def phrase(self) -> str:
+        return f"a {self.size} {self.colour} {self.kind} in row {self.row}, column {self.col}"
+
+
+def random_scene(rng: np.random.Generator, grid: int = 3, fill: float = 0.6) -> list[Shape]:
+    shapes = [
+        Shape(r + 1, c + 1, str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))),
+              str(rng.choice(SIZES)))
+        for r in range(grid) for c in range(grid) if rng.random() < fill
+    ]
+    if not shapes:  # never an empty picture
+        shapes = [Shape(1, 1, SHAPES[0], "red", "large")]
+    return shapes
+
+
+def draw(shapes: list[Shape], image_size: int, grid: int = 3) -> Image.Image:
+    image = Image.new("RGB", (image_size, image_size), (255, 255, 255))
+    pen = ImageDraw.Draw(image)
+    cell = image_size / grid
+    for s in shapes:
+        cx, cy = (s.col - 0.5) * cell, (s.row - 0.5) * cell
+        r = cell * (0.42 if s.size == "large" else 0.22)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        colour = COLOURS[s.colour]
+        if s.kind == "circle":
+            pen.ellipse(box, fill=colour)
+        elif s.kind == "square":
+            pen.rectangle(box, fill=colour)
+        else:
+            pen.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    return image
+
+
+def caption(shapes: list[Shape]) -> str:
+    count = f"{len(shapes)} shape" + ("s" if len(shapes) != 1 else "")
+    return f"{count}: " + "; ".join(s.phrase() for s in shapes) + "."
+
+
+def questions(shapes: list[Shape], rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """(question, answer, category) triples: two coarse and three fine ones."""
+    colour = str(rng.choice(list(COLOURS)))
+    present = any(s.colour == colour for s in shapes)
+    pick = shapes[rng.integers(len(shapes))]
+    size, kind, hue = str(rng.choice(SIZES)), str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
+    count = sum(s.size == size and s.kind == kind and s.colour == hue for s in shapes)
+    return [
+        (f"Is there a {colour} shape?", "yes" if present else "no", "coarse"),
+        ("How many shapes are there?", str(len(shapes)), "coarse"),
+        (f"What colour is the shape in row {pick.row}, column {pick.col}?", pick.colour, "fine"),
+        (f"What shape is in row {pick.row}, column {pick.col}?", pick.kind, "fine"),
+        (f"How many {size} {hue} {kind}s are there?", str(count), "fine"),
+    ]
+
+
+def qa_record(image: str, record_id: str, qas) -> dict:
+    conversations = []
+    for i, (question, answer, _) in enumerate(qas):
+        text = f"{question}\n{SHORT_ANSWER}"
+        conversations += [{"from": "human", "value": ("<image>\n" + text) if i == 0 else text},
+                          {"from": "gpt", "value": answer}]
+    return {"id": record_id, "image": image, "conversations": conversations}
+
+
+def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 300,
+                 seed: int = 0, image_size: int = 64, vocab_size: int = 512) -> Path:
+    """Generate the dataset into `out` (built under a temporary name, then renamed)."""
+    out = Path(out)
+    if num_train < 1 or num_eval < 1:
+        raise ValueError(f"num_train={num_train} and num_eval={num_eval} must be >= 1")
+    if out.exists():
+        raise FileExistsError(f"{out} exists; remove it or choose another --out")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images" / "train").mkdir(parents=True)
+    (tmp / "images" / "eval").mkdir(parents=True)
+    (tmp / "eval").mkdir()
+    # The system prompt opens every stage-2 example: weight it so it tokenises compactly.
+    captions, qa, eval_questions, eval_answers, texts = [], [], [], [], [VICUNA_SYSTEM] * 200
+    total = num_train + num_eval
+    for index in tqdm(range(total), desc="shapes-vqa", unit="image"):
+        rng = np.random.default_rng([seed, index])
+        shapes = random_scene(rng)
+        split = "train" if index < num_train else "eval"
+        number = index if split == "train" else index - num_train
+        image = f"{split}/{number:06d}.png"
+        draw(shapes, image_size).save(tmp / "images" / image)
+        qas = questions(shapes, rng)
+        if split == "train":
+            captions.append({"id": f"cap{number:06d}", "image": image, "conversations": [
+                {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
+                {"from": "gpt", "value": caption(shapes)}]})
+            qa.append(qa_record(image, f"qa{number:06d}", qas))
+            texts += [caption(shapes)] + [f"USER: {q}\n{SHORT_ANSWER} ASSISTANT: {a}" for q, a, _ in qas]
+        else:
+            for k, (question, answer, category) in enumerate(qas):
+                qid = f"{number:06d}_{k}"
+                eval_questions.append({"question_id": qid, "image": image, "category": category,
+                                       "text": f"{question}\n{SHORT_ANSWER}"})
+                eval_answers.append({"question_id": qid, "answer": answer, "category": category})
+    (tmp / "shapes_captions.json").write_text(json.dumps(captions))
+    (tmp / "shapes_qa.json").write_text(json.dumps(qa))
+    for name, rows in (("questions", eval_questions), ("answers", eval_answers)):
+        (tmp / "eval" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_sentencepiece(texts, tmp / "tokenizer", vocab_size)
+    os.replace(tmp, out)
+    return out
