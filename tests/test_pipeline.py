@@ -1,0 +1,176 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_helpers import word_level_tokenizer, write_jsonl
+from mqt_jax import splice
+from mqt_jax.data.pipeline import DataConfig, make_batches, read_records
+from mqt_jax.data.shapes import write_shapes
+from mqt_jax.m_sampler import MSampler
+
+ANSWERS = ["Red", "Blue", "circle", "shape", "colour", "What", "now", "And"]
+
+
+def qa(i, answer, image=True, **extra):
+    rec = {"id": f"good{i}", "conversations": [
+        {"from": "human", "value": ("<image>\n" if image else "") + "What colour ?"},
+        {"from": "gpt", "value": answer}]}
+    if image:
+        rec["image"] = f"img{i}.png"
+    return {**rec, **extra}
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    word_level_tokenizer(tmp_path / "tok")
+    for i in range(len(ANSWERS)):
+        Image.new("RGB", (20, 12), (i * 30, 100, 200)).save(tmp_path / f"img{i}.png")
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "img0.png").read_bytes()[:40])
+    (tmp_path / "garbage.png").write_bytes(b"not an image at all")
+    return tmp_path
+
+
+def config(folder, path, **kw):
+    return DataConfig(data_path=str(path), image_root=str(folder), tokenizer_dir=str(folder / "tok"),
+                      shuffle=False, num_epochs=1, **kw)
+
+
+def batches(cfg, batch_size=2, seq_len=48, **kw):
+    it = make_batches(cfg, num_queries=4, image_size=8, batch_size=batch_size, seq_len=seq_len,
+                      sampler=MSampler("official"), **kw)
+    return it, list(it)
+
+
+def answers_in(batch_list, vocab_inverse):
+    """Decoded loss-bearing words of every example (EOS dropped)."""
+    seen = []
+    for b in batch_list:
+        for row, seg in zip(range(b["targets"].shape[0]), b["segment_ids"]):
+            for s in set(seg[seg > 0].tolist()):
+                sel = (seg == s) & (b["loss_mask"][row] > 0)
+                words = [vocab_inverse[t] for t in b["targets"][row][sel] if vocab_inverse[t] != "</s>"]
+                seen.append(" ".join(words))
+    return seen
+
+
+BAD = [
+    qa(100, "Red") | {"image": "missing.png"},  # missing image file
+    qa(101, "Red") | {"image": "truncated.png"},  # truncated image
+    qa(102, "Red") | {"image": "garbage.png"},  # undecodable image
+    "{this is not json",  # malformed JSON line
+    {"id": "bad_role", "conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}]},
+    {"id": "no_answer", "conversations": [{"from": "human", "value": "hi"}]},
+    {"id": "two_images", "image": "img0.png",
+     "conversations": [{"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "x"}]},
+    {"id": "empty", "conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "x"}]},
+]
+REASONS = {"missing_image": 1, "bad_image": 2, "malformed_json": 1, "unknown_role": 1,
+           "no_assistant_turn": 1, "too_many_placeholders": 1, "empty_text": 1, "non_utf8": 1}
+
+
+def mixed_file(folder):
+    good = [qa(i, a, image=(i != 5)) for i, a in enumerate(ANSWERS)]  # record 5: text only
+    lines = []
+    for i, g in enumerate(good):
+        lines.append(g)
+        if i < len(BAD):
+            lines.append(BAD[i])
+    path = write_jsonl(folder / "data.jsonl", lines)
+    path.write_bytes(path.read_bytes() + b'{"id": "latin1", "x": "\xe9t\xe9"}\n')  # not UTF-8
+    return path
+
+
+def test_every_good_record_arrives_once_and_bad_ones_are_counted(folder):
+    vocab = json.loads((folder / "tok" / "tokenizer.json").read_text())["model"]["vocab"]
+    inverse = {i: w for w, i in vocab.items()}
+    it, out = batches(config(folder, mixed_file(folder)))
+    assert sorted(answers_in(out, inverse)) == sorted(ANSWERS)
+    assert dict(it.skipped) == REASONS
+    for b in out:
+        assert set(b) == set(splice.BATCH_KEYS)
+        assert b["images"].shape == (2, 1, 8, 8, 3) and b["token_ids"].shape == (2, 48)
+
+
+def test_strict_mode_names_the_record_and_the_file(folder):
+    path = write_jsonl(folder / "strict.jsonl", [qa(0, "Red"), BAD[0], qa(1, "Blue")])
+    with pytest.raises(ValueError, match=r"record 'good100' in .*strict.jsonl: missing_image"):
+        batches(config(folder, path, strict=True))
+
+
+def test_json_list_and_json_lines_read_the_same(folder):
+    records = [qa(i, a) for i, a in enumerate(ANSWERS)]
+    (folder / "list.json").write_text(json.dumps(records))
+    write_jsonl(folder / "lines.jsonl", records)
+    assert read_records(str(folder / "list.json")) == read_records(str(folder / "lines.jsonl")) == records
+
+
+def test_example_whose_answer_is_cut_away_is_dropped(folder):
+    long_question = {"id": "long", "image": "img0.png", "conversations": [
+        {"from": "human", "value": "<image>\n" + "What colour ? " * 20}, {"from": "gpt", "value": "Red"}]}
+    path = write_jsonl(folder / "long.jsonl", [long_question, qa(1, "Blue")])
+    it, out = batches(config(folder, path), batch_size=1, seq_len=80)
+    assert len(out) == 1 and dict(it.skipped) == {"truncated_no_loss": 1}
+
+
+def test_m_is_drawn_per_example_and_reproducibly(folder):
+    path = write_jsonl(folder / "m.jsonl", [qa(i % 8, "Red") for i in range(40)])
+    m1 = np.concatenate([b["m"] for b in batches(config(folder, path))[1]])
+    m2 = np.concatenate([b["m"] for b in batches(config(folder, path))[1]])
+    np.testing.assert_array_equal(m1, m2)
+    assert set(m1.ravel().tolist()) == {2, 4}  # official sampler, M = 4
+
+
+def test_packing_keeps_examples_apart(folder):
+    path = write_jsonl(folder / "p.jsonl", [qa(i % 8, "Red") for i in range(12)])
+    plain = dict(template="plain")  # short stage-1 examples: several fit a row
+    it, out = batches(config(folder, path, pack=True, **plain), batch_size=2, seq_len=64,
+                      images_per_row=4)
+    b = out[0]
+    assert b["segment_ids"].max() >= 2  # several examples share a row
+    for row in range(2):
+        segs, vis, m = b["segment_ids"][row], b["visual_index"][row], b["m"][row]
+        for s in range(1, segs.max() + 1):
+            slots = set((vis[(segs == s) & (vis >= 0)] // 4).tolist())
+            assert len(slots) == 1  # each example gathers from its own image slot only
+            slot = slots.pop()
+            assert ((segs == s) & (vis >= 0)).sum() == m[slot]
+    padded = np.mean(np.concatenate([x["segment_ids"] for x in out]) == 0)
+    unpacked = np.mean(np.concatenate([x["segment_ids"] for x in batches(
+        config(folder, path, **plain), batch_size=2, seq_len=64, images_per_row=4)[1]]) == 0)
+    assert padded < unpacked
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_restored_iterator_yields_exactly_the_same_batches(folder, pack):
+    path = write_jsonl(folder / "r.jsonl", [qa(i % 8, ANSWERS[i % 8]) for i in range(30)])
+    cfg = DataConfig(**{**config(folder, path, pack=pack).__dict__, "num_epochs": None,
+                        "shuffle": True})
+    kw = dict(num_queries=4, image_size=8, batch_size=2, seq_len=64, images_per_row=4,
+              sampler=MSampler("official"), seed=5)
+    it = make_batches(cfg, **kw)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(4)]
+    resumed = make_batches(cfg, **kw)
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        for key in splice.BATCH_KEYS:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches(tmp_path):
+    data = write_shapes(tmp_path / "shapes", num_train=24, num_eval=1)
+    cfg = DataConfig(data_path=str(data / "shapes_qa.json"), image_root=str(data / "images"),
+                     tokenizer_dir=str(data / "tokenizer"), num_epochs=1)
+    kw = dict(num_queries=16, image_size=64, batch_size=4, seq_len=256, seed=1)
+    inline = list(make_batches(cfg, **kw))
+    workers = list(make_batches(DataConfig(**{**cfg.__dict__, "num_workers": 2}), **kw))
+    assert len(inline) == len(workers) == 6
+    for a, b in zip(inline, workers):
+        for key in splice.BATCH_KEYS:
+            np.testing.assert_array_equal(a[key], b[key])

@@ -1,0 +1,69 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mqt_jax.data.shapes import COLOURS, write_shapes
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return write_shapes(tmp_path_factory.mktemp("s") / "shapes", num_train=30, num_eval=12, seed=3)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_files_and_formats(shapes):
+    captions = json.loads((shapes / "shapes_captions.json").read_text())
+    qa = json.loads((shapes / "shapes_qa.json").read_text())
+    assert len(captions) == len(qa) == 30
+    assert qa[0]["conversations"][0]["value"].startswith("<image>\n")
+    assert [t["from"] for t in qa[0]["conversations"]] == ["human", "gpt"] * 5
+    questions, answers = read_jsonl(shapes / "eval/questions.jsonl"), read_jsonl(shapes / "eval/answers.jsonl")
+    assert len(questions) == len(answers) == 12 * 5
+    assert [q["question_id"] for q in questions] == [a["question_id"] for a in answers]
+    assert {q["category"] for q in questions} == {"coarse", "fine"}
+    assert "answer" not in questions[0]  # answers are kept separately
+    assert (shapes / "tokenizer" / "tokenizer.model").is_file()
+    assert not shapes.with_name("shapes.partial").exists()
+
+
+def test_fine_answers_match_the_pixels(shapes):
+    questions = read_jsonl(shapes / "eval/questions.jsonl")
+    answers = {a["question_id"]: a["answer"] for a in read_jsonl(shapes / "eval/answers.jsonl")}
+    checked = 0
+    for q in questions:
+        if q["text"].startswith("What colour is the shape in row"):
+            row, col = (int(x) for x in q["text"].split("row ")[1].split("?")[0].split(", column "))
+            image = np.asarray(Image.open(shapes / "images" / q["image"]))
+            cell = image.shape[0] / 3
+            centre = image[int((row - 0.5) * cell), int((col - 0.5) * cell)]
+            assert tuple(centre) == COLOURS[answers[q["question_id"]]], q
+            checked += 1
+        if q["text"].startswith("How many shapes"):
+            image = np.asarray(Image.open(shapes / "images" / q["image"]))
+            cell = image.shape[0] / 3
+            occupied = sum(tuple(image[int((r + 0.5) * cell), int((c + 0.5) * cell)]) != (255, 255, 255)
+                           for r in range(3) for c in range(3))
+            assert str(occupied) == answers[q["question_id"]]
+            checked += 1
+    assert checked == 24
+
+
+def test_deterministic_from_the_seed(shapes, tmp_path):
+    again = write_shapes(tmp_path / "again", num_train=30, num_eval=12, seed=3)
+    other = write_shapes(tmp_path / "other", num_train=30, num_eval=12, seed=4)
+    for name in ("shapes_qa.json", "eval/answers.jsonl", "images/train/000007.png"):
+        assert (again / name).read_bytes() == (shapes / name).read_bytes()
+    assert (other / "shapes_qa.json").read_bytes() != (shapes / "shapes_qa.json").read_bytes()
+
+
+def test_cli_refuses_to_overwrite(shapes):
+    out = subprocess.run([sys.executable, "-m", "mqt_jax.cli", "data", "shapes", "--out", str(shapes)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "exists" in out.stderr
