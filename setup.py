@@ -20,6 +20,8 @@ setup(
         "sentencepiece",
         "tokenizers",
         "etils[epath]",
+        "tensorflow-datasets",  # local ArrayRecord builders only; never TensorFlow itself
+        "importlib_resources",  # imported by tensorflow-datasets without being declared
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["mqt-jax=mqt_jax.cli:main"]},

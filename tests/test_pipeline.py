@@ -163,10 +163,12 @@ def test_restored_iterator_yields_exactly_the_same_batches(folder, pack):
 
 
 @pytest.mark.slow
-def test_worker_processes_give_the_same_batches(tmp_path):
+@pytest.mark.parametrize("route", ["json", "tfds"])
+def test_worker_processes_give_the_same_batches(tmp_path, route):
     data = write_shapes(tmp_path / "shapes", num_train=24, num_eval=1)
-    cfg = DataConfig(data_path=str(data / "shapes_qa.json"), image_root=str(data / "images"),
-                     tokenizer_dir=str(data / "tokenizer"), num_epochs=1)
+    source = (dict(data_path=str(data / "shapes_qa.json"), image_root=str(data / "images"))
+              if route == "json" else dict(tfds_dir=str(data / "tfds"), tfds_split="qa"))
+    cfg = DataConfig(tokenizer_dir=str(data / "tokenizer"), num_epochs=1, **source)
     kw = dict(num_queries=16, image_size=64, batch_size=4, seq_len=256, seed=1)
     inline = list(make_batches(cfg, **kw))
     workers = list(make_batches(DataConfig(**{**cfg.__dict__, "num_workers": 2}), **kw))

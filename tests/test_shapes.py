@@ -67,3 +67,23 @@ def test_cli_refuses_to_overwrite(shapes):
     out = subprocess.run([sys.executable, "-m", "mqt_jax.cli", "data", "shapes", "--out", str(shapes)],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "exists" in out.stderr
+
+
+def test_tfds_route_gives_the_same_examples(shapes):
+    from mqt_jax.data.pipeline import DataConfig, ExampleBuilder
+    from mqt_jax.data.shapes_tfds import TfdsRecords
+    from mqt_jax.m_sampler import MSampler
+
+    records = TfdsRecords(str(shapes / "tfds"), "qa")  # written with the LLaVA files
+    raw = {r["id"]: r for r in json.loads((shapes / "shapes_qa.json").read_text())}
+    assert len(records) == len(raw)
+    common = dict(tokenizer_dir=str(shapes / "tokenizer"), image_root=str(shapes / "images"))
+    from_tfds = ExampleBuilder(DataConfig(**common), 16, 64, MSampler(), seed=0)
+    from_json = ExampleBuilder(DataConfig(**common), 16, 64, MSampler(), seed=0)
+    for index in range(len(records)):
+        record = records[index]
+        original = raw[record["id"]]
+        assert record["conversations"] == original["conversations"]
+        a, b = from_tfds(0, record), from_json(0, original)
+        assert a["example"] == b["example"]
+        np.testing.assert_array_equal(a["image"], b["image"])

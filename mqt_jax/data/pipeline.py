@@ -33,6 +33,8 @@ from mqt_jax.m_sampler import MSampler
 class DataConfig:
     data_path: str = ""  # a LLaVA training file: JSON list or JSON Lines
     image_root: str = ""  # folder the records' "image" paths are relative to
+    tfds_dir: str = ""  # or: a prepared shapes_vqa TFDS dataset (data_dir) ...
+    tfds_split: str = "qa"  # ... and its split ("captions" or "qa")
     tokenizer_dir: str = ""  # holds tokenizer.model (sentencepiece) or tokenizer.json
     template: str = "vicuna_v1"  # "plain" for stage 1
     image_mode: str = "pad"  # "pad" to square with the mean colour (LLaVA-1.5), or "crop"
@@ -110,7 +112,10 @@ class ExampleBuilder:
         example = encode_conversation(record.get("conversations") or [], self.config.template,
                                       self.tokenizer, has_image=image_path is not None)
         image = None
-        if image_path is not None:
+        if isinstance(image_path, np.ndarray):  # decoded pixels (the TFDS route)
+            image = clip_preprocess(Image.fromarray(image_path), self.image_size,
+                                    self.config.image_mode)
+        elif image_path is not None:
             path = epath.Path(self.config.image_root) / image_path
             if not path.exists():
                 raise BadRecord("missing_image", str(path))
@@ -214,13 +219,19 @@ def make_batches(config: DataConfig, *, num_queries: int, image_size: int, batch
                  seq_len: int, images_per_row: int = 1, sampler: MSampler | None = None,
                  seed: int = 0) -> BatchIterator:
     """The training batch iterator for this process (its share of the global batch)."""
-    for name in ("data_path", "tokenizer_dir"):
-        if not getattr(config, name):
-            raise ValueError(f"DataConfig.{name} is not set")
+    if not config.tokenizer_dir:
+        raise ValueError("DataConfig.tokenizer_dir is not set")
     load_tokenizer(config.tokenizer_dir)  # fail here, not in a worker
-    records = read_records(config.data_path)
-    if not records:
-        raise ValueError(f"{config.data_path} holds no records")
+    if config.tfds_dir:
+        from mqt_jax.data.shapes_tfds import TfdsRecords
+
+        records = TfdsRecords(config.tfds_dir, config.tfds_split)
+    elif config.data_path:
+        records = read_records(config.data_path)
+    else:
+        raise ValueError("set DataConfig.data_path (a LLaVA file) or DataConfig.tfds_dir")
+    if not len(records):
+        raise ValueError(f"{config.data_path or config.tfds_dir} holds no records")
     ds = grain.MapDataset.source(records)
     if config.shuffle:
         ds = ds.seed(seed).shuffle()

@@ -8,7 +8,8 @@ rise with the number of visual tokens.
 
 Written as: images/{train,eval}/NNNNNN.png; shapes_captions.json (stage 1) and shapes_qa.json
 (stage 2), LLaVA training files; eval/questions.jsonl and eval/answers.jsonl (LLaVA's
-question-file / answer-file form); tokenizer/tokenizer.model (sentencepiece, trained here).
+question-file / answer-file form); tokenizer/tokenizer.model (sentencepiece, trained here);
+tfds/ (the same records as a TFDS ArrayRecord dataset, see shapes_tfds.py).
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def qa_record(image: str, record_id: str, qas) -> dict:
 
 
 def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 300,
-                 seed: int = 0, image_size: int = 64, vocab_size: int = 512) -> Path:
+                 seed: int = 0, image_size: int = 64, vocab_size: int = 512,
+                 tfds: bool = True) -> Path:
     """Generate the dataset into `out` (built under a temporary name, then renamed)."""
     out = Path(out)
     if num_train < 1 or num_eval < 1:
@@ -146,5 +148,9 @@ def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 
     for name, rows in (("questions", eval_questions), ("answers", eval_answers)):
         (tmp / "eval" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     train_sentencepiece(texts, tmp / "tokenizer", vocab_size)
+    if tfds:
+        from mqt_jax.data.shapes_tfds import prepare
+
+        prepare(tmp, tmp / "tfds")
     os.replace(tmp, out)
     return out
