@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from mqt_jax import sharding, splice
 from mqt_jax.config import ModelConfig
+from mqt_jax.data.pipeline import DataConfig, make_batches
 from mqt_jax.loss import cross_entropy
 from mqt_jax.m_sampler import MSampler
 from mqt_jax.models.vlm import VisionLanguageModel
@@ -195,10 +196,12 @@ class Trainer:
         """Validate on the host (clear errors before any compilation), then place the batch."""
         v = self.model_config.vision
         splice.validate_batch(batch, self.model_config.num_queries, v.image_size)
-        if batch["token_ids"].shape != (self.config.batch_size, self.config.seq_len):
+        local = self.config.batch_size // jax.process_count()  # this host's rows
+        if batch["token_ids"].shape != (local, self.config.seq_len):
             raise ValueError(
                 f"token_ids of shape {batch['token_ids'].shape}; the train step is built for "
                 f"[batch_size={self.config.batch_size}, seq_len={self.config.seq_len}]"
+                + (f" ({local} rows per host)" if jax.process_count() > 1 else "")
             )
         return {
             k: jax.make_array_from_process_local_data(self.batch_shardings[k], np.asarray(batch[k]))
@@ -217,10 +220,25 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def batch_source(model_config: ModelConfig, config: TrainConfig, sampler: MSampler):
+    """(next_batch(step), skip counts): the data pipeline when DataConfig names data, else
+    synthetic batches."""
+    data = DataConfig()
+    if not (data.data_path or data.tfds_dir):
+        return (lambda step: synthetic_batch(
+            model_config, sampler, batch_size=config.batch_size, seq_len=config.seq_len,
+            step=step, seed=config.seed)), {}
+    batches = make_batches(
+        data, num_queries=model_config.num_queries, image_size=model_config.vision.image_size,
+        batch_size=config.batch_size // jax.process_count(), seq_len=config.seq_len,
+        images_per_row=config.images_per_row, sampler=sampler, seed=config.seed)
+    return (lambda step: next(batches)), batches.skipped
+
+
 @gin.configurable
 def train(workdir: str) -> list[dict]:
-    """Train on synthetic batches; write W/config.gin and W/metrics.jsonl. Returns the log.
-    Every setting comes from gin (ModelConfig, TrainConfig, MeshConfig, MSampler)."""
+    """Train; write W/config.gin and W/metrics.jsonl. Returns the log. Every setting comes
+    from gin (ModelConfig, TrainConfig, MeshConfig, MSampler, DataConfig)."""
     model_config, config, sampler = ModelConfig(), TrainConfig(), MSampler()
     mesh = sharding.make_mesh(sharding.MeshConfig())
     workdir_path = Path(workdir)
@@ -228,10 +246,7 @@ def train(workdir: str) -> list[dict]:
     is_chief = jax.process_index() == 0
     trainer = Trainer(model_config, config, mesh)
     state = trainer.init_state()
-    batch_for = lambda step: synthetic_batch(  # noqa: E731
-        model_config, sampler, batch_size=config.batch_size, seq_len=config.seq_len,
-        step=step, seed=config.seed,
-    )
+    batch_for, skipped = batch_source(model_config, config, sampler)
     log, tokens, tick = [], 0, time.perf_counter()
     metrics_file = (workdir_path / "metrics.jsonl").open("w") if is_chief else None
     with CompileCounter() as compiles, tqdm(
@@ -247,7 +262,8 @@ def train(workdir: str) -> list[dict]:
                 row = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
                 row = {"step": step + 1, **row, "tokens_per_sec": tokens / (now - tick),
-                       "m_mean": float(np.mean(batch["m"]))}
+                       "m_mean": float(np.mean(batch["m"])),
+                       **{f"skipped/{reason}": n for reason, n in sorted(skipped.items())}}
                 tokens, tick = 0, now
                 log.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")

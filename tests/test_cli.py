@@ -42,3 +42,21 @@ def test_bad_settings_fail_fast_with_the_value_named(tmp_path, param, message):
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_train_on_shapes_reports_skipped_records(tmp_path):
+    out = mqt_jax("data", "shapes", "--out", "data/shapes", "--num_train", "40", "--num_eval", "2",
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    qa = tmp_path / "data/shapes/shapes_qa.json"
+    records = json.loads(qa.read_text())
+    records.insert(3, {**records[0], "id": "lost", "image": "train/nowhere.png"})
+    qa.write_text(json.dumps(records))
+    out = mqt_jax("train", "--gin_file", "tiny_shapes.gin", "--gin_param", "TrainConfig.steps = 2",
+                  "--workdir", "w", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "w/metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped/missing_image"] == 1
+    assert 'DataConfig.data_path = "data/shapes/shapes_qa.json"' in (tmp_path / "w/config.gin").read_text() \
+        or "DataConfig.data_path = 'data/shapes/shapes_qa.json'" in (tmp_path / "w/config.gin").read_text()

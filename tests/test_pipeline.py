@@ -176,3 +176,18 @@ def test_worker_processes_give_the_same_batches(tmp_path, route):
     for a, b in zip(inline, workers):
         for key in splice.BATCH_KEYS:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_each_host_reads_its_own_disjoint_shard(folder, monkeypatch):
+    import grain
+
+    vocab = json.loads((folder / "tok" / "tokenizer.json").read_text())["model"]["vocab"]
+    inverse = {i: w for w, i in vocab.items()}
+    path = write_jsonl(folder / "hosts.jsonl", [qa(i, a) for i, a in enumerate(ANSWERS)])
+    seen = []
+    for host in range(2):
+        monkeypatch.setattr(grain.sharding, "ShardByJaxProcess",
+                            lambda drop_remainder, h=host: grain.sharding.ShardOptions(h, 2, drop_remainder))
+        seen.append(answers_in(batches(config(folder, path))[1], inverse))
+    assert len(seen[0]) == len(seen[1]) == 4
+    assert sorted(seen[0] + seen[1]) == sorted(ANSWERS)  # disjoint, and together complete
