@@ -160,7 +160,8 @@ class BatchIterator:
 
     def set_state(self, state: dict) -> None:
         self.parent.set_state(state["upstream"])
-        self.skipped = Counter(state["skipped"])
+        self.skipped.clear()  # in place: the training loop holds this Counter
+        self.skipped.update(state["skipped"])
         self._pending = None
 
     def _next_item(self):
