@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from tqdm.auto import tqdm
 
 from mqt_jax import sharding, splice
+from mqt_jax.checkpoint import Checkpointer, abstract_like
 from mqt_jax.config import ModelConfig
 from mqt_jax.data.pipeline import DataConfig, make_batches
 from mqt_jax.loss import cross_entropy
@@ -52,6 +54,10 @@ class TrainConfig:
     frozen: tuple[str, ...] = (r"query_transformer/pos_embed$",)  # fixed sin-cos table
     seed: int = 0
     log_every: int = 1
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end and on SIGTERM
+    max_to_keep: int = 3
+    # Updates with a non-finite loss or gradient are skipped; this many in a row stop the run.
+    max_nonfinite_in_a_row: int = 3
 
 
 @flax.struct.dataclass
@@ -60,6 +66,8 @@ class TrainState:
     trainable: dict
     frozen: dict
     opt_state: Any
+    skipped_updates: jax.Array  # non-finite updates skipped so far
+    nonfinite_in_a_row: jax.Array
 
 
 def is_trainable(path: str, config: TrainConfig) -> bool:
@@ -152,19 +160,21 @@ class Trainer:
 
     def _init_state(self, rng) -> TrainState:
         trainable, frozen = split_params(nn.meta.unbox(self.init_params(rng)), self.config)
-        return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, self.tx.init(trainable))
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(zero, trainable, frozen, self.tx.init(trainable), zero, zero)
 
     def _state_shardings(self) -> TrainState:
         with sharding.activate(self.mesh):
             boxed = jax.eval_shape(self.init_params, jax.random.key(0))
-            abstract = jax.eval_shape(self._init_state, jax.random.key(0))
+            self.abstract_state = jax.eval_shape(self._init_state, jax.random.key(0))
         param_sh = sharding.logical_to_shardings(boxed, self.mesh)
         trainable_sh, frozen_sh = split_params(param_sh, self.config)
+        scalar = sharding.replicated(self.mesh)
         opt_sh = optax.tree_map_params(
-            self.tx, lambda _, s: s, abstract.opt_state, trainable_sh,
-            transform_non_params=lambda _: sharding.replicated(self.mesh),
+            self.tx, lambda _, s: s, self.abstract_state.opt_state, trainable_sh,
+            transform_non_params=lambda _: scalar,
         )
-        return TrainState(sharding.replicated(self.mesh), trainable_sh, frozen_sh, opt_sh)
+        return TrainState(scalar, trainable_sh, frozen_sh, opt_sh, scalar, scalar)
 
     def init_state(self, seed: int | None = None) -> TrainState:
         """Parameters created directly in their shardings, never whole on one device."""
@@ -182,15 +192,26 @@ class Trainer:
             return self.loss(merge_params(trainable, state.frozen), batch)
 
         (loss, num_tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
+        # A non-finite loss or gradient keeps the old parameters and optimizer state.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        in_a_row = jnp.where(finite, 0, state.nonfinite_in_a_row + 1)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": self.schedule(state.step),
             "loss_tokens": num_tokens,
+            "skipped_updates": state.skipped_updates + (~finite),
+            "nonfinite_in_a_row": in_a_row,
         }
-        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+        return state.replace(
+            step=state.step + 1, trainable=keep(trainable, state.trainable),
+            opt_state=keep(opt_state, state.opt_state),
+            skipped_updates=state.skipped_updates + (~finite), nonfinite_in_a_row=in_a_row,
+        ), metrics
 
     def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Validate on the host (clear errors before any compilation), then place the batch."""
@@ -220,61 +241,127 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class SyntheticBatches:
+    """synthetic_batch as a checkpointable iterator (its state is the step)."""
+
+    def __init__(self, model_config: ModelConfig, config: TrainConfig, sampler: MSampler):
+        self.model_config, self.config, self.sampler = model_config, config, sampler
+        self.step, self.skipped = 0, {}
+
+    def __next__(self):
+        batch = synthetic_batch(self.model_config, self.sampler, batch_size=self.config.batch_size,
+                                seq_len=self.config.seq_len, step=self.step, seed=self.config.seed)
+        self.step += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_state(self, state: dict) -> None:
+        self.step = state["step"]
+
+
 def batch_source(model_config: ModelConfig, config: TrainConfig, sampler: MSampler):
-    """(next_batch(step), skip counts): the data pipeline when DataConfig names data, else
-    synthetic batches."""
+    """The data pipeline when DataConfig names data, else synthetic batches. Either way an
+    iterator with get_state / set_state and a `skipped` Counter."""
     data = DataConfig()
     if not (data.data_path or data.tfds_dir):
-        return (lambda step: synthetic_batch(
-            model_config, sampler, batch_size=config.batch_size, seq_len=config.seq_len,
-            step=step, seed=config.seed)), {}
-    batches = make_batches(
+        return SyntheticBatches(model_config, config, sampler)
+    return make_batches(
         data, num_queries=model_config.num_queries, image_size=model_config.vision.image_size,
         batch_size=config.batch_size // jax.process_count(), seq_len=config.seq_len,
         images_per_row=config.images_per_row, sampler=sampler, seed=config.seed)
-    return (lambda step: next(batches)), batches.skipped
+
+
+class Preempted:
+    """SIGTERM (how schedulers and TPU maintenance preempt) sets a flag the loop checks after
+    each step: it then saves and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
 
 
 @gin.configurable
 def train(workdir: str) -> list[dict]:
-    """Train; write W/config.gin and W/metrics.jsonl. Returns the log. Every setting comes
-    from gin (ModelConfig, TrainConfig, MeshConfig, MSampler, DataConfig)."""
+    """Train, resuming from W/checkpoints if a checkpoint is there; write W/config.gin and
+    W/metrics.jsonl. Returns this invocation's log. Every setting comes from gin
+    (ModelConfig, TrainConfig, MeshConfig, MSampler, DataConfig)."""
     model_config, config, sampler = ModelConfig(), TrainConfig(), MSampler()
     mesh = sharding.make_mesh(sharding.MeshConfig())
     workdir_path = Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
     is_chief = jax.process_index() == 0
     trainer = Trainer(model_config, config, mesh)
-    state = trainer.init_state()
-    batch_for, skipped = batch_source(model_config, config, sampler)
+    batches = batch_source(model_config, config, sampler)
+    ckpt = Checkpointer(workdir_path / "checkpoints", config.max_to_keep)
+    start = ckpt.latest_step() or 0
+    if start:
+        abstract = abstract_like(trainer.abstract_state, trainer.state_shardings)
+        state, data_state = ckpt.restore(start, abstract)
+        batches.set_state(data_state)
+        if is_chief:
+            print(f"resumed from step {start} of {ckpt.directory}")
+    else:
+        state = trainer.init_state()
+    config_text = gin.config_str()
     log, tokens, tick = [], 0, time.perf_counter()
-    metrics_file = (workdir_path / "metrics.jsonl").open("w") if is_chief else None
-    with CompileCounter() as compiles, tqdm(
-        total=config.steps, desc="train", disable=not is_chief, unit="step"
-    ) as bar:
-        for step in range(config.steps):
-            batch = batch_for(step)
-            state, metrics = trainer.step(state, batch)
-            tokens += int((batch["segment_ids"] > 0).sum())
-            if step == 0 and is_chief:  # the operative config is complete once traced
-                write_atomic(workdir_path / "config.gin", gin.operative_config_str())
-            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                row = {"step": step + 1, **row, "tokens_per_sec": tokens / (now - tick),
-                       "m_mean": float(np.mean(batch["m"])),
-                       **{f"skipped/{reason}": n for reason, n in sorted(skipped.items())}}
-                tokens, tick = 0, now
-                log.append(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
-                if metrics_file:
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
-            bar.update(1)
-    if metrics_file:
-        metrics_file.close()
+    metrics_file = (workdir_path / "metrics.jsonl").open("a" if start else "w") if is_chief else None
+    preempted = Preempted()
+    step = start
+    try:
+        with CompileCounter() as compiles, tqdm(
+            total=config.steps, initial=start, desc="train", disable=not is_chief, unit="step"
+        ) as bar:
+            for step in range(start, config.steps):
+                batch = next(batches)
+                state, metrics = trainer.step(state, batch)
+                tokens += int((batch["segment_ids"] > 0).sum())
+                if step == start and is_chief:  # the operative config is complete once traced
+                    write_atomic(workdir_path / "config.gin", gin.operative_config_str())
+                    config_text = gin.operative_config_str()
+                done = step + 1
+                if done % config.log_every == 0 or done == config.steps or preempted.requested:
+                    row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
+                    row = {"step": done, **row, "tokens_per_sec": tokens / (now - tick),
+                           "m_mean": float(np.mean(batch["m"])),
+                           **{f"skipped/{r}": n for r, n in sorted(batches.skipped.items())}}
+                    tokens, tick = 0, now
+                    log.append(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
+                    if metrics_file:
+                        metrics_file.write(json.dumps(row) + "\n")
+                        metrics_file.flush()
+                    if row["nonfinite_in_a_row"] >= config.max_nonfinite_in_a_row:
+                        raise RuntimeError(
+                            f"{int(row['nonfinite_in_a_row'])} non-finite updates in a row at step "
+                            f"{done} (TrainConfig.max_nonfinite_in_a_row="
+                            f"{config.max_nonfinite_in_a_row}); the last good checkpoint in "
+                            f"{ckpt.directory} is intact")
+                bar.update(1)
+                if (config.checkpoint_every and done % config.checkpoint_every == 0) \
+                        or done == config.steps or preempted.requested:
+                    ckpt.save(done, state, batches.get_state(), config_text)
+                if preempted.requested:
+                    ckpt.wait()
+                    if is_chief:
+                        print(f"SIGTERM: saved step {done} to {ckpt.directory}; exiting")
+                    return log
+        ckpt.wait()
+    finally:
+        preempted.restore()
+        ckpt.close()
+        if metrics_file:
+            metrics_file.close()
     train_step_compiles = sum(n for f, n in compiles.counts.items() if "_train_step" in f)
-    if is_chief:
+    if is_chief and log:
         print(f"done: {config.steps} steps, final loss {log[-1]['loss']:.4f}, "
               f"train step compiled {train_step_compiles}x; logs in {workdir_path}")
     return log

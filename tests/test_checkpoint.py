@@ -1,0 +1,173 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from helpers import random_batch, tiny_config
+from mqt_jax.checkpoint import Checkpointer, abstract_like
+from mqt_jax.sharding import MeshConfig, make_mesh
+from mqt_jax.train import TrainConfig, Trainer
+
+STEPS, EVERY = 40, 5
+# These runs execute many steps, so default XLA optimisation (not the suite's fast-compile flag).
+ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONUNBUFFERED": "1"}
+ARGS = ["--gin_param", f"TrainConfig.steps = {STEPS}",
+        "--gin_param", f"TrainConfig.checkpoint_every = {EVERY}",
+        "--gin_param", "TrainConfig.seq_len = 64"]
+
+
+def start(workdir):
+    return subprocess.Popen([sys.executable, "-m", "mqt_jax.cli", "train", "--workdir", str(workdir),
+                             *ARGS], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run(workdir):
+    out = subprocess.run([sys.executable, "-m", "mqt_jax.cli", "train", "--workdir", str(workdir),
+                          *ARGS], env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def wait_for_checkpoint(workdir, step, proc, timeout=300):
+    target = workdir / "checkpoints" / str(step)
+    deadline = time.time() + timeout
+    while not target.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+
+
+def final_params(workdir):
+    state = ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(STEPS) / "state")
+    return jax.tree_util.tree_leaves_with_path(state["trainable"])
+
+
+def assert_bit_identical(a, b):
+    a, b = final_params(a), final_params(b)
+    assert [p for p, _ in a] == [p for p, _ in b] and len(a) > 30
+    for (path, x), (_, y) in zip(a, b):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    run(workdir)
+    return workdir
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_is_bit_identical(uninterrupted, tmp_path):
+    proc = start(tmp_path)
+    wait_for_checkpoint(tmp_path, EVERY, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert killed_at < STEPS  # really interrupted mid-run
+    stdout = run(tmp_path)
+    assert f"resumed from step {killed_at}" in stdout
+    assert_bit_identical(uninterrupted, tmp_path)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_zero_and_resumes(uninterrupted, tmp_path):
+    proc = start(tmp_path)
+    wait_for_checkpoint(tmp_path, EVERY, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "SIGTERM: saved step" in stdout
+    saved = int(stdout.split("SIGTERM: saved step ")[1].split()[0])
+    assert EVERY <= saved < STEPS and (tmp_path / "checkpoints" / str(saved)).exists()
+    assert f"resumed from step {saved}" in run(tmp_path)
+    assert_bit_identical(uninterrupted, tmp_path)
+
+
+def trainer_on(devices, mesh=(1, -1, 1)):
+    train = TrainConfig(batch_size=8, seq_len=40, trainable=(".*",), steps=10)
+    return Trainer(tiny_config(), train, make_mesh(MeshConfig(*mesh), devices=devices))
+
+
+def test_restore_onto_other_meshes_reshards(tmp_path):
+    writer = trainer_on(jax.devices(), mesh=(2, 2, 2))
+    state = writer.init_state()
+    state, _ = writer.step(state, random_batch(writer.model_config, [4] * 8, 40))
+    saved = jax.device_get(state)
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(1, state, {"step": 1}, "config")
+    ckpt.wait()
+    for n in (1, 4):
+        reader = trainer_on(jax.devices()[:n])
+        restored, data = Checkpointer(tmp_path).restore(
+            1, abstract_like(reader.abstract_state, reader.state_shardings))
+        assert data == {"step": 1}
+        for got, want, sh in zip(jax.tree.leaves(restored), jax.tree.leaves(saved),
+                                 jax.tree.leaves(reader.state_shardings)):
+            assert got.sharding == sh and len(got.sharding.device_set) == n
+            np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_half_written_checkpoint_is_never_the_latest(tmp_path, capsys):
+    trainer = trainer_on(jax.devices())
+    state = trainer.init_state()
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(5, state, {"step": 5}, "config")
+    ckpt.wait()
+    ckpt.close()
+    partial = tmp_path / "10.orbax-checkpoint-tmp-1234"  # what a save killed midway leaves
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "junk").write_bytes(b"\0" * 100)
+    again = Checkpointer(tmp_path)
+    assert again.latest_step() == 5
+    assert "ignoring half-written ['10.orbax-checkpoint-tmp-1234']" in capsys.readouterr().out
+
+
+def test_non_finite_updates_are_skipped_and_counted():
+    trainer = trainer_on(jax.devices())
+    state = trainer.init_state()
+    good = random_batch(trainer.model_config, [4] * 8, 40)
+    bad = {**good, "images": np.full_like(good["images"], np.nan)}
+    before = jax.device_get(state.trainable)
+    state, metrics = trainer.step(state, bad)
+    assert not np.isfinite(float(metrics["loss"]))
+    assert int(state.skipped_updates) == 1 and int(state.nonfinite_in_a_row) == 1
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.trainable))):
+        np.testing.assert_array_equal(a, b)
+    state, _ = trainer.step(state, bad)
+    assert int(state.nonfinite_in_a_row) == 2
+    state, metrics = trainer.step(state, good)
+    assert int(state.nonfinite_in_a_row) == 0 and int(state.skipped_updates) == 2
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def test_run_stops_after_too_many_non_finite_updates(tmp_path, monkeypatch):
+    import gin
+
+    from mqt_jax import cli, train as train_module
+
+    real = train_module.synthetic_batch
+
+    def poisoned(*args, step, **kw):  # finite for steps 0-2, NaN images after
+        batch = real(*args, step=step, **kw)
+        if step >= 3:
+            batch["images"] = np.full_like(batch["images"], np.nan)
+        return batch
+
+    monkeypatch.setattr(train_module, "synthetic_batch", poisoned)
+    cli.parse_gin(["tiny.gin"], ["TrainConfig.steps = 20", "TrainConfig.checkpoint_every = 2",
+                                 "TrainConfig.max_nonfinite_in_a_row = 2",
+                                 "TrainConfig.seq_len = 64"])
+    with pytest.raises(RuntimeError, match="2 non-finite updates in a row at step 5"):
+        train_module.train(str(tmp_path))
+    gin.clear_config()
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    assert ckpt.latest_step() == 4  # step 4 (NaN at step index 3) was skipped, state still good
+    state = ocp.PyTreeCheckpointer().restore(tmp_path / "checkpoints" / "4" / "state")
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["trainable"]))
