@@ -23,13 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from mqt_jax import sharding, splice
 from mqt_jax.checkpoint import Checkpointer, abstract_like
 from mqt_jax.config import ModelConfig
 from mqt_jax.data.pipeline import DataConfig, make_batches
-from mqt_jax.loss import cross_entropy
+from mqt_jax.loss import cross_entropy, token_nll
 from mqt_jax.m_sampler import MSampler
 from mqt_jax.models.vlm import VisionLanguageModel
 from mqt_jax.synthetic import synthetic_batch
@@ -40,6 +42,7 @@ from mqt_jax.synthetic import synthetic_batch
 class TrainConfig:
     steps: int = 100
     batch_size: int = 8  # global, rows per step
+    grad_accum_steps: int = 1  # micro-batches per step (each batch_size / grad_accum_steps rows)
     seq_len: int = 128
     images_per_row: int = 1
     learning_rate: float = 1e-3
@@ -126,10 +129,11 @@ class Trainer:
     """Model, mesh and shardings; builds the sharded state and runs jitted train steps."""
 
     def __init__(self, model_config: ModelConfig, config: TrainConfig, mesh: jax.sharding.Mesh):
-        if config.batch_size % sharding.batch_divisor(mesh):
+        if config.batch_size % (config.grad_accum_steps * sharding.batch_divisor(mesh)):
             raise ValueError(
-                f"TrainConfig.batch_size={config.batch_size} is not divisible by the mesh's "
-                f"data x fsdp = {sharding.batch_divisor(mesh)} devices"
+                f"TrainConfig.batch_size={config.batch_size} is not divisible by "
+                f"grad_accum_steps={config.grad_accum_steps} x the mesh's data x fsdp = "
+                f"{sharding.batch_divisor(mesh)} devices"
             )
         self.model_config, self.config, self.mesh = model_config, config, mesh
         self.model = VisionLanguageModel(model_config)
@@ -187,11 +191,43 @@ class Trainer:
         logits = self.model.apply({"params": params}, batch, method="logits")
         return cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
-    def _train_step(self, state: TrainState, batch: dict):
-        def loss_fn(trainable):
-            return self.loss(merge_params(trainable, state.frozen), batch)
+    def _loss_and_grads(self, state: TrainState, batch: dict):
+        """Mean token loss, token count, per-row NLL sums and gradients of the whole batch,
+        accumulated over `grad_accum_steps` micro-batches (sums first, one division at the end,
+        so the result equals a single pass)."""
 
-        (loss, num_tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+        def summed(trainable, micro):
+            logits = self.model.apply(
+                {"params": merge_params(trainable, state.frozen)}, micro, method="logits")
+            nll = token_nll(logits, micro["targets"], micro["loss_mask"])
+            return nll.sum(), (micro["loss_mask"].sum(), nll.sum(-1))
+
+        grad_fn = jax.value_and_grad(summed, has_aux=True)
+        steps = self.config.grad_accum_steps
+        if steps == 1:
+            (nll, (count, row_nll)), grads = grad_fn(state.trainable, batch)
+        else:
+            def split(x):  # micro-batch j takes rows j, j + steps, ...: every shard has some
+                x = x.reshape((x.shape[0] // steps, steps) + x.shape[1:]).swapaxes(0, 1)
+                return jax.lax.with_sharding_constraint(
+                    x, NamedSharding(self.mesh, P(None, sharding.BATCH_AXES)))
+
+            def body(carry, micro):
+                (nll, (count, row_nll)), grads = grad_fn(state.trainable, micro)
+                acc_nll, acc_count, acc_grads = carry
+                return (acc_nll + nll, acc_count + count,
+                        jax.tree.map(jnp.add, acc_grads, grads)), row_nll
+
+            zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+            (nll, count, grads), row_nll = jax.lax.scan(
+                body, (0.0, 0.0, zeros), jax.tree.map(split, batch))
+            row_nll = row_nll.swapaxes(0, 1).reshape(-1)  # back to the batch's row order
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        return nll / count, count, row_nll, grads
+
+    def _train_step(self, state: TrainState, batch: dict):
+        loss, num_tokens, row_nll, grads = self._loss_and_grads(state, batch)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
@@ -204,6 +240,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "learning_rate": self.schedule(state.step),
             "loss_tokens": num_tokens,
+            "row_nll": row_nll,  # per-row sums: the host splits the loss by m range
             "skipped_updates": state.skipped_updates + (~finite),
             "nonfinite_in_a_row": in_a_row,
         }
@@ -233,6 +270,28 @@ class Trainer:
         device_batch = self.shard_batch(batch)
         with sharding.activate(self.mesh):
             return self._jit_step(state, device_batch)
+
+
+def m_ranges(num_queries: int) -> list[tuple[int, int]]:
+    """(lo, hi] buckets at powers of 4 up to M: (0, 4], (4, 16], (16, 64], ..."""
+    edges = [0]
+    while edges[-1] < num_queries:
+        edges.append(min(max(4 * edges[-1], 4), num_queries))
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def loss_by_m(row_nll: np.ndarray, batch: dict, num_queries: int) -> dict[str, float]:
+    """The Matryoshka curve during training: mean token loss per m range. A row counts under
+    the m of its first image (exact without packing); rows without images are left out."""
+    tokens = batch["loss_mask"].sum(1)
+    has_image = (batch["visual_index"] >= 0).any(1)
+    m = batch["m"][:, 0]
+    out = {}
+    for lo, hi in m_ranges(num_queries):
+        sel = has_image & (m > lo) & (m <= hi) & (tokens > 0)
+        if sel.any():
+            out[f"loss_m/{lo + 1}-{hi}"] = float(row_nll[sel].sum() / tokens[sel].sum())
+    return out
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -313,6 +372,7 @@ def train(workdir: str) -> list[dict]:
     config_text = gin.config_str()
     log, tokens, tick = [], 0, time.perf_counter()
     metrics_file = (workdir_path / "metrics.jsonl").open("a" if start else "w") if is_chief else None
+    board = SummaryWriter(str(workdir_path / "tensorboard")) if is_chief else None
     preempted = Preempted()
     step = start
     try:
@@ -328,13 +388,23 @@ def train(workdir: str) -> list[dict]:
                     config_text = gin.operative_config_str()
                 done = step + 1
                 if done % config.log_every == 0 or done == config.steps or preempted.requested:
-                    row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    fetched = jax.device_get(metrics)
+                    row_nll = np.asarray(fetched.pop("row_nll"))
                     now = time.perf_counter()
-                    row = {"step": done, **row, "tokens_per_sec": tokens / (now - tick),
+                    row = {"step": done, **{k: float(v) for k, v in fetched.items()},
+                           "tokens_per_sec": tokens / (now - tick),
                            "m_mean": float(np.mean(batch["m"])),
+                           **loss_by_m(row_nll, batch, model_config.num_queries),
                            **{f"skipped/{r}": n for r, n in sorted(batches.skipped.items())}}
                     tokens, tick = 0, now
                     log.append(row)
+                    if board:
+                        for key, value in row.items():
+                            if key != "step":
+                                board.add_scalar(key, value, done)
+                        used = batch["m"][(batch["visual_index"] >= 0).any(1)][:, 0]
+                        if used.size:
+                            board.add_histogram("m", used, done)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
                     if metrics_file:
                         metrics_file.write(json.dumps(row) + "\n")
@@ -360,6 +430,8 @@ def train(workdir: str) -> list[dict]:
         ckpt.close()
         if metrics_file:
             metrics_file.close()
+        if board:
+            board.close()
     train_step_compiles = sum(n for f, n in compiles.counts.items() if "_train_step" in f)
     if is_chief and log:
         print(f"done: {config.steps} steps, final loss {log[-1]['loss']:.4f}, "

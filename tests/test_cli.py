@@ -30,6 +30,9 @@ def test_train_writes_operative_config_and_metrics(tmp_path):
         assert {"step", "loss", "learning_rate", "grad_norm", "tokens_per_sec"} <= set(row)
         assert row["tokens_per_sec"] > 0 and row["grad_norm"] > 0
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0  # the synthetic task is being learned
+    assert any(k.startswith("loss_m/") for k in rows[-1])  # the loss split by m range
+    events = list((tmp_path / "w" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 1000
 
 
 @pytest.mark.parametrize("param,message", [

@@ -5,6 +5,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from helpers import random_batch, tiny_config
+from mqt_jax import sharding
 from mqt_jax.sharding import MeshConfig, make_mesh
 from mqt_jax.train import CompileCounter, TrainConfig, Trainer, make_optimizer, split_params
 
@@ -114,3 +115,44 @@ def test_bf16_compute_keeps_float32_master_weights():
     assert float(m16["loss"]) == pytest.approx(float(m32["loss"]), rel=2e-2)
     assert float(m16["loss"]) != float(m32["loss"])  # bf16 really is used
     assert {x.dtype for x in jax.tree.leaves(s16.opt_state)} <= {np.dtype("float32"), np.dtype("int32")}
+
+
+def test_gradient_accumulation_equals_one_pass():
+    batch = None
+    results = []
+    for steps in (1, 2):  # batch 8 over 4 data-parallel devices: at most 2 micro-batches
+        trainer = trainer_for(mesh_shape=(1, 4, 2), trainable=(".*",), grad_accum_steps=steps)
+        state = trainer.init_state()
+        if batch is None:
+            m = np.random.default_rng(0).integers(1, 17, size=8)
+            batch = random_batch(trainer.model_config, m, 40)
+        device_batch = trainer.shard_batch(batch)
+        with sharding.activate(trainer.mesh):
+            loss, count, row_nll, grads = jax.jit(trainer._loss_and_grads)(state, device_batch)
+        results.append((float(loss), float(count), np.asarray(row_nll), jax.device_get(grads)))
+    (loss1, count1, rows1, grads1) = results[0]
+    assert count1 == batch["loss_mask"].sum()
+    for loss, count, rows, grads in results[1:]:
+        assert loss == pytest.approx(loss1, rel=1e-6) and count == count1
+        np.testing.assert_allclose(rows, rows1, rtol=1e-5)  # row order restored
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads1)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_accumulation_must_divide_the_batch():
+    with pytest.raises(ValueError, match="batch_size=8 is not divisible by grad_accum_steps=3"):
+        trainer_for(grad_accum_steps=3)
+    with pytest.raises(ValueError, match="grad_accum_steps=4 x the mesh's data x fsdp = 4"):
+        trainer_for(grad_accum_steps=4)
+
+
+def test_m_ranges_and_loss_by_m_by_hand():
+    from mqt_jax.train import loss_by_m, m_ranges
+
+    assert m_ranges(64) == [(0, 4), (4, 16), (16, 64)]
+    assert m_ranges(256)[-1] == (64, 256) and m_ranges(2) == [(0, 2)]
+    batch = {"loss_mask": np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1]], np.float32),
+             "visual_index": np.array([[0, -1, -1], [0, -1, -1], [0, -1, -1], [-1, -1, -1]]),
+             "m": np.array([[2], [3], [40], [50]])}
+    row_nll = np.array([2.0, 4.0, 9.0, 100.0])  # the last row has no image: left out
+    assert loss_by_m(row_nll, batch, 64) == {"loss_m/1-4": (2.0 + 4.0) / 3, "loss_m/17-64": 3.0}
