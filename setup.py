@@ -24,6 +24,10 @@ setup(
         "tensorflow-datasets",  # local ArrayRecord builders only; never TensorFlow itself
         "importlib_resources",  # imported by tensorflow-datasets without being declared
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        "test": ["pytest>=8"],
+        # libtpu: TPU runs, and `mqt-jax aot` on any host (TPU topologies without a TPU).
+        "tpu": ["jax[tpu]"],
+    },
     entry_points={"console_scripts": ["mqt-jax=mqt_jax.cli:main"]},
 )

@@ -24,6 +24,7 @@ def parse_gin(files: list[str], params: list[str]) -> None:
     statements resolve against configs/."""
     import mqt_jax.train  # noqa: F401  (registers every configurable)
 
+    gin.clear_config()  # each command starts from its own files and bindings
     gin.add_config_file_search_path(str(CONFIG_DIR))
     gin.parse_config_files_and_bindings([find_gin_file(f) for f in files], params)
 
@@ -33,6 +34,28 @@ def cmd_train(args) -> int:
     from mqt_jax.train import train
 
     train(args.workdir)
+    return 0
+
+
+def cmd_aot(args) -> int:
+    parse_gin(args.gin_file or ["mqt_llava_7b_stage2.gin"], args.gin_param)
+    from mqt_jax.aot import compile_train_step, write_report
+    from mqt_jax.config import ModelConfig
+    from mqt_jax.sharding import MeshConfig
+    from mqt_jax.train import TrainConfig
+
+    report = compile_train_step(args.topology, ModelConfig(), TrainConfig(), MeshConfig())
+    out = args.out or f"aot_{args.topology.replace(':', '_')}.json"
+    write_report(report, out)
+    mem = report["memory_per_chip"]
+    print(f"{args.topology}: {report['chips']} chips, mesh {report['mesh']}; per chip "
+          f"{mem['total_gib']:.2f} GiB of {report['hbm_gib_per_chip']} GiB HBM "
+          f"(arguments {mem['arguments_gib']:.2f}, temporaries {mem['temporaries_gib']:.2f}); "
+          f"step at peak {report['step_time_at_peak_s']:.3f} s; report {out}")
+    if not report["fits"]:
+        print(f"mqt-jax aot: error: the train step needs {mem['total_gib']:.2f} GiB per chip but "
+              f"a {report['chip']} chip has {report['hbm_gib_per_chip']} GiB", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -56,6 +79,12 @@ def main(argv=None) -> int:
     train_p.add_argument("--workdir", default="workdir/tiny",
                          help="where config.gin and metrics.jsonl go")
     train_p.set_defaults(func=cmd_train)
+    aot_p = sub.add_parser("aot", help="compile the train step ahead of time for a TPU slice")
+    aot_p.add_argument("--gin_file", action="append", help="default mqt_llava_7b_stage2.gin")
+    aot_p.add_argument("--gin_param", action="append", default=[])
+    aot_p.add_argument("--topology", required=True, help="e.g. v5p:4x4x4, v5e:16x16")
+    aot_p.add_argument("--out", help="JSON report path (default aot_<topology>.json)")
+    aot_p.set_defaults(func=cmd_aot)
     data_p = sub.add_parser("data", help="datasets").add_subparsers(dest="dataset", required=True)
     shapes_p = data_p.add_parser("shapes", help="generate the shapes-VQA dataset (LLaVA format)")
     shapes_p.add_argument("--out", required=True, help="output folder (must not exist)")

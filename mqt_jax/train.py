@@ -168,9 +168,10 @@ class Trainer:
         return TrainState(zero, trainable, frozen, self.tx.init(trainable), zero, zero)
 
     def _state_shardings(self) -> TrainState:
+        rng = jax.random.key(0)  # made outside the mesh: it may be an abstract (AOT) mesh
         with sharding.activate(self.mesh):
-            boxed = jax.eval_shape(self.init_params, jax.random.key(0))
-            self.abstract_state = jax.eval_shape(self._init_state, jax.random.key(0))
+            boxed = jax.eval_shape(self.init_params, rng)
+            self.abstract_state = jax.eval_shape(self._init_state, rng)
         param_sh = sharding.logical_to_shardings(boxed, self.mesh)
         trainable_sh, frozen_sh = split_params(param_sh, self.config)
         scalar = sharding.replicated(self.mesh)

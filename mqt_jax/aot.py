@@ -1,0 +1,101 @@
+"""Ahead-of-time compilation of the train step for a TPU slice, on a CPU host.
+
+libtpu describes the slice (`jax.experimental.topologies`); the real train step (production
+mesh, dtype, remat, scanned layers) is lowered with abstract inputs and compiled for it, and
+the compiled program reports its per-chip memory and FLOPs. Nothing is allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from mqt_jax import sharding, splice
+from mqt_jax.checkpoint import abstract_like
+from mqt_jax.config import ModelConfig
+from mqt_jax.train import TrainConfig, Trainer
+
+GIB = 2**30
+# Per chip: HBM and peak dense bf16 FLOP/s (public spec sheets).
+CHIPS = {
+    "v4": {"hbm_gib": 32, "peak_tflops": 275},
+    "v5e": {"hbm_gib": 16, "peak_tflops": 197},
+    "v5p": {"hbm_gib": 95, "peak_tflops": 459},
+    "v6e": {"hbm_gib": 32, "peak_tflops": 918},
+}
+
+
+def chip_of(topology_name: str) -> str:
+    kind = topology_name.split(":")[0]
+    if kind not in CHIPS:
+        raise ValueError(f"topology {topology_name!r}: chip {kind!r} unknown; expected one of "
+                         f"{sorted(CHIPS)} (e.g. v5p:4x4x4, v5e:16x16)")
+    return kind
+
+
+def abstract_batch(trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:
+    cfg, v = trainer.config, trainer.model_config.vision
+    b, t, i = cfg.batch_size, cfg.seq_len, cfg.images_per_row
+    shapes = {"images": ((b, i, v.image_size, v.image_size, 3), np.float32),
+              "m": ((b, i), np.int32), "loss_mask": ((b, t), np.float32)}
+    return {k: jax.ShapeDtypeStruct(*shapes.get(k, ((b, t), np.int32)),
+                                    sharding=trainer.batch_shardings[k])
+            for k in splice.BATCH_KEYS}
+
+
+def compile_train_step(topology_name: str, model_config: ModelConfig, config: TrainConfig,
+                       mesh_config: sharding.MeshConfig) -> dict:
+    from jax.experimental import topologies
+
+    chip = chip_of(topology_name)
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology_name).devices
+    mesh = sharding.make_mesh(mesh_config, devices=devices)
+    trainer = Trainer(model_config, config, mesh)
+    state = abstract_like(trainer.abstract_state, trainer.state_shardings)
+    with sharding.activate(mesh):
+        compiled = trainer._jit_step.lower(state, abstract_batch(trainer)).compile()
+    memory = compiled.memory_analysis()
+    per_chip = {
+        "arguments_gib": memory.argument_size_in_bytes / GIB,
+        "outputs_gib": memory.output_size_in_bytes / GIB,
+        "aliased_gib": memory.alias_size_in_bytes / GIB,  # donated state: counted once
+        "temporaries_gib": memory.temp_size_in_bytes / GIB,
+    }
+    per_chip["total_gib"] = (per_chip["arguments_gib"] + per_chip["outputs_gib"]
+                             - per_chip["aliased_gib"] + per_chip["temporaries_gib"])
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    params = sum(math.prod(x.shape) for x in jax.tree.leaves(
+        (trainer.abstract_state.trainable, trainer.abstract_state.frozen)))
+    llm_params = sum(math.prod(x.shape) for x in jax.tree.leaves(
+        {**trainer.abstract_state.trainable.get("llm", {}), **trainer.abstract_state.frozen.get("llm", {})}))
+    tokens = config.batch_size * config.seq_len
+    analytical = 6 * llm_params * tokens
+    spec = CHIPS[chip]
+    chips = len(devices)
+    return {
+        "topology": topology_name, "chips": chips, "chip": chip, "hbm_gib_per_chip": spec["hbm_gib"],
+        "mesh": dict(mesh.shape), "batch_size": config.batch_size, "seq_len": config.seq_len,
+        "dtype": model_config.dtype, "remat_policy": model_config.remat_policy,
+        "parameters": params, "memory_per_chip": per_chip,
+        "fits": per_chip["total_gib"] <= spec["hbm_gib"],
+        # XLA counts a scanned layer's body once, not once per layer: a lower bound.
+        "xla_flops_per_chip_scan_bodies_once": float(cost.get("flops", 0.0)),
+        "analytical_flops_6NT": float(analytical),
+        "analytical_flops_per_chip": float(analytical / chips),
+        "step_time_at_peak_s": analytical / (chips * spec["peak_tflops"] * 1e12),
+        "tokens_per_sec_per_chip_at_peak": tokens / (analytical / (chips * spec["peak_tflops"] * 1e12)) / chips,
+    }
+
+
+def write_report(report: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,36 @@
+"""Ahead-of-time compilation for a TPU slice on this CPU host (needs libtpu)."""
+
+import json
+
+import pytest
+
+pytest.importorskip("libtpu")
+
+from mqt_jax import aot, cli  # noqa: E402
+
+TINY_LLM_PARAMS = 3_164_416  # tests/test_configs.py builds the same config
+
+
+@pytest.mark.slow
+def test_tiny_train_step_compiles_for_a_v5p_slice(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "report.json"
+    assert cli.main(["aot", "--gin_file", "tiny.gin", "--topology", "v5p:2x2x1",
+                     "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["chips"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    mem = report["memory_per_chip"]
+    assert 0 < mem["arguments_gib"] < mem["total_gib"] < 1 and report["fits"]
+    assert report["analytical_flops_6NT"] == 6 * TINY_LLM_PARAMS * 8 * 96
+    assert report["xla_flops_per_chip_scan_bodies_once"] > 0
+    assert "GiB of 95 GiB HBM" in capsys.readouterr().out
+
+    # The same program on a chip with too little memory is reported, not silently accepted.
+    monkeypatch.setitem(aot.CHIPS, "v5p", {"hbm_gib": 0.001, "peak_tflops": 459})
+    assert cli.main(["aot", "--gin_file", "tiny.gin", "--topology", "v5p:2x2x1",
+                     "--out", str(tmp_path / "small.json")]) == 3
+    assert "needs" in capsys.readouterr().err
+
+
+def test_unknown_chip_is_named():
+    with pytest.raises(ValueError, match="chip 'v9z' unknown"):
+        aot.chip_of("v9z:2x2")
