@@ -31,7 +31,7 @@ class Checkpointer:
     def _warn_about_partial_saves(self) -> None:
         if not self.directory.exists():
             return
-        partial = sorted(p.name for p in self.directory.iterdir() if "tmp" in p.name)
+        partial = sorted(p.name for p in self.directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
         if partial:
             log.warning("ignoring half-written checkpoint(s) in %s: %s", self.directory, partial)
             print(f"checkpoint: ignoring half-written {partial} in {self.directory}")
