@@ -18,7 +18,7 @@ import numpy as np
 from mqt_jax import sharding, splice
 from mqt_jax.checkpoint import abstract_like
 from mqt_jax.config import ModelConfig
-from mqt_jax.train import TrainConfig, Trainer
+from mqt_jax.train import TrainConfig, Trainer, write_atomic
 
 GIB = 2**30
 # Per chip: HBM and peak dense bf16 FLOP/s (public spec sheets).
@@ -96,6 +96,4 @@ def compile_train_step(topology_name: str, model_config: ModelConfig, config: Tr
 def write_report(report: dict, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(report, indent=2))
