@@ -50,9 +50,13 @@ def abstract_batch(trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:
 
 def compile_train_step(topology_name: str, model_config: ModelConfig, config: TrainConfig,
                        mesh_config: sharding.MeshConfig) -> dict:
+    import importlib.util
+
     from jax.experimental import topologies
 
     chip = chip_of(topology_name)
+    if importlib.util.find_spec("libtpu") is None:
+        raise ValueError("mqt-jax aot needs libtpu for TPU topologies: pip install -e '.[tpu]'")
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology_name).devices
     mesh = sharding.make_mesh(mesh_config, devices=devices)
     trainer = Trainer(model_config, config, mesh)

@@ -1,18 +1,18 @@
 """Ahead-of-time compilation for a TPU slice on this CPU host (needs libtpu)."""
 
+import importlib.util
 import json
 
 import pytest
 
-pytest.importorskip("libtpu")
-
-from mqt_jax import aot, cli  # noqa: E402
+from mqt_jax import aot, cli
 
 TINY_LLM_PARAMS = 3_164_416  # tests/test_configs.py builds the same config
 
 
 @pytest.mark.slow
 def test_tiny_train_step_compiles_for_a_v5p_slice(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("libtpu")
     out = tmp_path / "report.json"
     assert cli.main(["aot", "--gin_file", "tiny.gin", "--topology", "v5p:2x2x1",
                      "--out", str(out)]) == 0
@@ -34,3 +34,9 @@ def test_tiny_train_step_compiles_for_a_v5p_slice(tmp_path, capsys, monkeypatch)
 def test_unknown_chip_is_named():
     with pytest.raises(ValueError, match="chip 'v9z' unknown"):
         aot.chip_of("v9z:2x2")
+
+
+def test_missing_libtpu_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert cli.main(["aot", "--gin_file", "tiny.gin", "--topology", "v5p:2x2x1"]) == 2
+    assert "needs libtpu" in capsys.readouterr().err
