@@ -1,6 +1,5 @@
 """The shipped gin configs, built abstractly (jax.eval_shape): real sizes, no memory."""
 
-import gin
 import jax
 import numpy as np
 import pytest

@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from data_helpers import system_ids, word_level_tokenizer

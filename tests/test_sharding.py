@@ -1,7 +1,6 @@
 import jax
 import numpy as np
 import pytest
-from flax import linen as nn
 from flax.traverse_util import flatten_dict
 from jax.sharding import PartitionSpec as P
 
