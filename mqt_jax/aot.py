@@ -8,26 +8,20 @@ the compiled program reports its per-chip memory and FLOPs. Nothing is allocated
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from mqt_jax import sharding, splice
+from mqt_jax import flops, sharding, splice
 from mqt_jax.checkpoint import abstract_like
 from mqt_jax.config import ModelConfig
 from mqt_jax.train import TrainConfig, Trainer, write_atomic
 
 GIB = 2**30
-# Per chip: HBM and peak dense bf16 FLOP/s (public spec sheets).
-CHIPS = {
-    "v4": {"hbm_gib": 32, "peak_tflops": 275},
-    "v5e": {"hbm_gib": 16, "peak_tflops": 197},
-    "v5p": {"hbm_gib": 95, "peak_tflops": 459},
-    "v6e": {"hbm_gib": 32, "peak_tflops": 918},
-}
+# HBM per chip (public spec sheets); peak FLOP/s in flops.PEAK_TFLOPS.
+CHIPS = {"v4": {"hbm_gib": 32}, "v5e": {"hbm_gib": 16}, "v5p": {"hbm_gib": 95}, "v6e": {"hbm_gib": 32}}
 
 
 def chip_of(topology_name: str) -> str:
@@ -74,19 +68,16 @@ def compile_train_step(topology_name: str, model_config: ModelConfig, config: Tr
                              - per_chip["aliased_gib"] + per_chip["temporaries_gib"])
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    params = sum(math.prod(x.shape) for x in jax.tree.leaves(
-        (trainer.abstract_state.trainable, trainer.abstract_state.frozen)))
-    llm_params = sum(math.prod(x.shape) for x in jax.tree.leaves(
-        {**trainer.abstract_state.trainable.get("llm", {}), **trainer.abstract_state.frozen.get("llm", {})}))
+    params = trainer.abstract_params()
     tokens = config.batch_size * config.seq_len
-    analytical = 6 * llm_params * tokens
-    spec = CHIPS[chip]
+    analytical = flops.train_flops(flops.count(params["llm"]), tokens)
+    spec = {**CHIPS[chip], "peak_tflops": flops.PEAK_TFLOPS[chip]}
     chips = len(devices)
     return {
         "topology": topology_name, "chips": chips, "chip": chip, "hbm_gib_per_chip": spec["hbm_gib"],
         "mesh": dict(mesh.shape), "batch_size": config.batch_size, "seq_len": config.seq_len,
         "dtype": model_config.dtype, "remat_policy": model_config.remat_policy,
-        "parameters": params, "memory_per_chip": per_chip,
+        "parameters": flops.count(params), "memory_per_chip": per_chip,
         "fits": per_chip["total_gib"] <= spec["hbm_gib"],
         # XLA counts a scanned layer's body once, not once per layer: a lower bound.
         "xla_flops_per_chip_scan_bodies_once": float(cost.get("flops", 0.0)),

@@ -8,6 +8,7 @@ Restores go straight into the shardings of the current mesh, whatever mesh wrote
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import jax
@@ -61,6 +62,58 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """A run's workdir (holding checkpoints/) or the checkpoints folder itself."""
+    path = Path(path).absolute()
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def restore_params(path: str | Path, abstract_params, step: int | None = None,
+                   only: tuple[str, ...] = (".*",)):
+    """The parameters of a run (trainable and frozen merged; no optimizer state) at `step`
+    (default: the latest), placed in `abstract_params`' shardings: ShapeDtypeStructs with a
+    `sharding`, a nested dict shaped like the model's parameters. `only`: regexes (re.match
+    on "/"-joined paths) of the parameters to read. Returns (params, step)."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    wanted = lambda key: any(re.match(p, "/".join(key)) for p in only)  # noqa: E731
+    directory = checkpoint_dir(path)
+    manager = ocp.CheckpointManager(directory, item_handlers={
+        "state": ocp.PyTreeCheckpointHandler(),  # it restores a subset (partial_restore)
+        "data": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        saved = manager.item_metadata(step)["state"].tree
+        want = {k: v for k, v in flatten_dict(abstract_params).items() if wanted(k)}
+        item, have = {}, set()
+        for part in ("trainable", "frozen"):
+            keys = {k: v for k, v in flatten_dict(saved.get(part) or {}).items() if wanted(k)}
+            have |= set(keys)
+            for key, meta in keys.items():
+                if key not in want:
+                    raise ValueError(f"{directory} step {step}: parameter {'/'.join(key)} is not "
+                                     f"in this model")
+                if tuple(meta.shape) != tuple(want[key].shape):
+                    raise ValueError(f"{directory} step {step}: parameter {'/'.join(key)} has "
+                                     f"shape {tuple(meta.shape)}; this model's is {want[key].shape}")
+                item[(part,) + key] = want[key]
+        missing = sorted("/".join(k) for k in set(want) - have)
+        if missing:
+            raise ValueError(f"{directory} step {step} lacks parameters {missing[:5]}"
+                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        item = unflatten_dict(item)
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)))
+    finally:
+        manager.close()
+    state = restored.state
+    merged = {**flatten_dict(state.get("frozen") or {}), **flatten_dict(state.get("trainable") or {})}
+    return unflatten_dict(merged), step
 
 
 def abstract_like(tree, shardings):

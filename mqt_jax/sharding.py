@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 
 import flax.linen as nn
 import gin
@@ -50,6 +51,9 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    # Multislice: the `data` axis spans this many TPU slices (over the data-center network);
+    # fsdp and tensor stay within a slice. `data` must be a multiple of it.
+    slices: int = 1
 
     def shape(self, num_devices: int) -> tuple[int, int, int]:
         sizes = [self.data, self.fsdp, self.tensor]
@@ -73,9 +77,26 @@ class MeshConfig:
 def make_mesh(config: MeshConfig, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     shape = config.shape(len(devices))
+    if config.slices > 1:
+        grid = multislice_grid(config, shape, devices)
+        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     return jax.make_mesh(
         shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
     )
+
+
+def multislice_grid(config: MeshConfig, shape: tuple[int, int, int], devices) -> np.ndarray:
+    """Devices arranged so that the data axis crosses slices and the rest stays within one."""
+    from jax.experimental import mesh_utils
+
+    if shape[0] % config.slices:
+        raise ValueError(f"mesh {config}: data={shape[0]} is not a multiple of slices="
+                         f"{config.slices} (the data axis spans the slices)")
+    if not hasattr(devices[0], "slice_index"):
+        raise ValueError(f"MeshConfig.slices={config.slices}: {devices[0].platform} devices "
+                         f"carry no slice_index (multislice needs TPU slices)")
+    return mesh_utils.create_hybrid_device_mesh(
+        (shape[0] // config.slices,) + shape[1:], (config.slices, 1, 1), devices)
 
 
 @contextlib.contextmanager
@@ -102,3 +123,33 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_divisor(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def process_rows(mesh: Mesh, batch_size: int) -> slice:
+    """The rows of a global batch that this process's devices hold under batch_sharding:
+    what this process must load (jax.make_array_from_process_local_data takes them)."""
+    index = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+    starts = [i[0].start or 0 for i in index.values()]
+    stops = [batch_size if i[0].stop is None else i[0].stop for i in index.values()]
+    rows = slice(min(starts), max(stops))
+    if rows.stop - rows.start != batch_size // jax.process_count():
+        raise ValueError(f"this process's devices hold rows {rows.start}..{rows.stop - 1} of "
+                         f"{batch_size}, not one contiguous share; the mesh interleaves hosts")
+    return rows
+
+
+def initialize_distributed(distributed: bool = False, coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None):
+    """Join a multi-process run before anything touches a device.
+
+    Explicit (e.g. N local CPU processes): coordinator_address, num_processes, process_id.
+    `distributed=True`: JAX detects the rest from the environment of a Cloud TPU pod slice
+    (metadata server), a SLURM job (SLURM_* variables) or JAX_COORDINATOR_ADDRESS. Neither:
+    a single process, nothing to do.
+    """
+    if num_processes is not None and num_processes > 1:
+        if coordinator_address is None or process_id is None:
+            raise ValueError("--num_processes needs --coordinator_address and --process_id")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()

@@ -27,8 +27,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-from mqt_jax import sharding, splice
-from mqt_jax.checkpoint import Checkpointer, abstract_like
+from mqt_jax import flops, sharding, splice
+from mqt_jax.checkpoint import Checkpointer, abstract_like, checkpoint_dir, restore_params
 from mqt_jax.config import ModelConfig
 from mqt_jax.data.pipeline import DataConfig, make_batches
 from mqt_jax.loss import cross_entropy, token_nll
@@ -55,6 +55,11 @@ class TrainConfig:
     # "query_transformer/attn/query/kernel". `frozen` wins over `trainable`.
     trainable: tuple[str, ...] = ("query_transformer",)
     frozen: tuple[str, ...] = (r"query_transformer/pos_embed$",)  # fixed sin-cos table
+    # Start from another run's parameters (e.g. stage 2 from stage 1): its workdir or
+    # checkpoints folder; a relative path names a sibling of this run's workdir. Only the
+    # parameters matching `init_from_params` are taken; the rest keep their initialisation.
+    init_from: str = ""
+    init_from_params: tuple[str, ...] = (".*",)
     seed: int = 0
     log_every: int = 1
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end and on SIGTERM
@@ -181,12 +186,26 @@ class Trainer:
         )
         return TrainState(scalar, trainable_sh, frozen_sh, opt_sh, scalar, scalar)
 
-    def init_state(self, seed: int | None = None) -> TrainState:
-        """Parameters created directly in their shardings, never whole on one device."""
+    def abstract_params(self) -> dict:
+        """ShapeDtypeStructs of all parameters, carrying their shardings on this mesh."""
+        return abstract_like(
+            merge_params(self.abstract_state.trainable, self.abstract_state.frozen),
+            merge_params(self.state_shardings.trainable, self.state_shardings.frozen))
+
+    def init_state(self, seed: int | None = None, init_from: Path | None = None) -> TrainState:
+        """Parameters created directly in their shardings, never whole on one device; then,
+        with `init_from`, the parameters matching `init_from_params` read from that run."""
         seed = self.config.seed if seed is None else seed
         with sharding.activate(self.mesh):
             init = jax.jit(self._init_state, out_shardings=self.state_shardings)
-            return init(jax.random.key(seed))
+            state = init(jax.random.key(seed))
+        if init_from is None:
+            return state
+        loaded, _ = restore_params(init_from, self.abstract_params(),
+                                   only=self.config.init_from_params)
+        trainable, frozen = split_params(
+            merge_params(loaded, merge_params(state.trainable, state.frozen)), self.config)
+        return state.replace(trainable=trainable, frozen=frozen)
 
     def loss(self, params: dict, batch: dict):
         logits = self.model.apply({"params": params}, batch, method="logits")
@@ -302,17 +321,20 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 class SyntheticBatches:
-    """synthetic_batch as a checkpointable iterator (its state is the step)."""
+    """synthetic_batch as a checkpointable iterator (its state is the step). Every process
+    makes the same global batch and keeps its own rows, so the global batch does not depend
+    on the number of processes."""
 
-    def __init__(self, model_config: ModelConfig, config: TrainConfig, sampler: MSampler):
-        self.model_config, self.config, self.sampler = model_config, config, sampler
+    def __init__(self, model_config: ModelConfig, config: TrainConfig, sampler: MSampler,
+                 rows: slice = slice(None)):
+        self.model_config, self.config, self.sampler, self.rows = model_config, config, sampler, rows
         self.step, self.skipped = 0, {}
 
     def __next__(self):
         batch = synthetic_batch(self.model_config, self.sampler, batch_size=self.config.batch_size,
                                 seq_len=self.config.seq_len, step=self.step, seed=self.config.seed)
         self.step += 1
-        return batch
+        return {k: v[self.rows] for k, v in batch.items()}
 
     def get_state(self) -> dict:
         return {"step": self.step}
@@ -321,12 +343,13 @@ class SyntheticBatches:
         self.step = state["step"]
 
 
-def batch_source(model_config: ModelConfig, config: TrainConfig, sampler: MSampler):
-    """The data pipeline when DataConfig names data, else synthetic batches. Either way an
-    iterator with get_state / set_state and a `skipped` Counter."""
+def batch_source(model_config: ModelConfig, config: TrainConfig, sampler: MSampler, mesh):
+    """This process's batches: the data pipeline when DataConfig names data, else synthetic
+    batches. Either way an iterator with get_state / set_state and a `skipped` Counter."""
     data = DataConfig()
     if not (data.data_path or data.tfds_dir):
-        return SyntheticBatches(model_config, config, sampler)
+        return SyntheticBatches(model_config, config, sampler,
+                                sharding.process_rows(mesh, config.batch_size))
     return make_batches(
         data, num_queries=model_config.num_queries, image_size=model_config.vision.image_size,
         batch_size=config.batch_size // jax.process_count(), seq_len=config.seq_len,
@@ -356,10 +379,17 @@ def train(workdir: str) -> list[dict]:
     model_config, config, sampler = ModelConfig(), TrainConfig(), MSampler()
     mesh = sharding.make_mesh(sharding.MeshConfig())
     workdir_path = Path(workdir)
+    init_from = None
+    if config.init_from:
+        init_from = checkpoint_dir(workdir_path.parent / config.init_from)  # absolute stays
+        if not init_from.is_dir():
+            raise FileNotFoundError(f"TrainConfig.init_from={config.init_from!r}: {init_from} "
+                                    f"does not exist (a relative path names a sibling of the "
+                                    f"workdir {workdir_path})")
     workdir_path.mkdir(parents=True, exist_ok=True)
     is_chief = jax.process_index() == 0
     trainer = Trainer(model_config, config, mesh)
-    batches = batch_source(model_config, config, sampler)
+    batches = batch_source(model_config, config, sampler, mesh)
     ckpt = Checkpointer(workdir_path / "checkpoints", config.max_to_keep)
     start = ckpt.latest_step() or 0
     if start:
@@ -369,16 +399,22 @@ def train(workdir: str) -> list[dict]:
         if is_chief:
             print(f"resumed from step {start} of {ckpt.directory}")
     else:
-        state = trainer.init_state()
+        state = trainer.init_state(init_from=init_from)
+        if init_from and is_chief:
+            print(f"initialised {list(config.init_from_params)} from {init_from}")
     config_text = gin.config_str()
-    log, tokens, tick = [], 0, time.perf_counter()
+    step_flops = flops.train_flops(flops.count(trainer.abstract_params()["llm"]),
+                                   config.batch_size * config.seq_len)
+    peak = flops.peak_flops()
+    log, tokens, tick, last = [], 0, time.perf_counter(), start
     metrics_file = (workdir_path / "metrics.jsonl").open("a" if start else "w") if is_chief else None
     board = SummaryWriter(str(workdir_path / "tensorboard")) if is_chief else None
     preempted = Preempted()
     step = start
     try:
         with CompileCounter() as compiles, tqdm(
-            total=config.steps, initial=start, desc="train", disable=not is_chief, unit="step"
+            total=config.steps, initial=start, desc="train", disable=not is_chief, unit="step",
+            smoothing=0,  # steps are dispatched asynchronously: average over the whole run
         ) as bar:
             for step in range(start, config.steps):
                 batch = next(batches)
@@ -392,12 +428,15 @@ def train(workdir: str) -> list[dict]:
                     fetched = jax.device_get(metrics)
                     row_nll = np.asarray(fetched.pop("row_nll"))
                     now = time.perf_counter()
+                    achieved = step_flops * (done - last) / (now - tick) / mesh.size
                     row = {"step": done, **{k: float(v) for k, v in fetched.items()},
                            "tokens_per_sec": tokens / (now - tick),
+                           "tflops_per_device": achieved / 1e12,
+                           **({"mfu": achieved / peak} if peak else {}),
                            "m_mean": float(np.mean(batch["m"])),
                            **loss_by_m(row_nll, batch, model_config.num_queries),
                            **{f"skipped/{r}": n for r, n in sorted(batches.skipped.items())}}
-                    tokens, tick = 0, now
+                    tokens, tick, last = 0, now, done
                     log.append(row)
                     if board:
                         for key, value in row.items():

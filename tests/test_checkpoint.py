@@ -17,7 +17,7 @@ from mqt_jax.train import TrainConfig, Trainer
 STEPS, EVERY = 40, 5
 # These runs execute many steps, so default XLA optimisation (not the suite's fast-compile flag).
 ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONUNBUFFERED": "1"}
-ARGS = ["--gin_param", f"TrainConfig.steps = {STEPS}",
+ARGS = ["--gin_file", "tiny.gin", "--gin_param", f"TrainConfig.steps = {STEPS}",
         "--gin_param", f"TrainConfig.checkpoint_every = {EVERY}",
         "--gin_param", "TrainConfig.seq_len = 64"]
 

@@ -17,7 +17,7 @@ def mqt_jax(*args, cwd):
 
 @pytest.mark.slow
 def test_train_writes_operative_config_and_metrics(tmp_path):
-    out = mqt_jax("train", "--gin_param", "TrainConfig.steps = 12",
+    out = mqt_jax("train", "--gin_file", "tiny.gin", "--gin_param", "TrainConfig.steps = 12",
                   "--gin_param", "TrainConfig.log_every = 2", "--workdir", "w", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "train step compiled 1x" in out.stdout
@@ -57,8 +57,15 @@ def test_train_on_shapes_reports_skipped_records(tmp_path):
     records.insert(3, {**records[0], "id": "lost", "image": "train/nowhere.png"})
     qa.write_text(json.dumps(records))
     out = mqt_jax("train", "--gin_file", "tiny_shapes.gin", "--gin_param", "TrainConfig.steps = 2",
-                  "--workdir", "w", cwd=tmp_path)
+                  "--gin_param", "EvalConfig.m_values = (1,)", "--workdir", "w", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "w/metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["skipped/missing_image"] == 1
     assert "data/shapes/shapes_qa.json" in (tmp_path / "w/config.gin").read_text()
+    # ... and the single-stage run is evaluated at m = 1 and M = 64 on the 10 held-out questions
+    results = json.loads((tmp_path / "w/eval/eval.json").read_text())
+    assert list(results["accuracy"]) == ["1", "64"]
+    for m in (1, 64):
+        answers = (tmp_path / f"w/eval/answers_m{m}.jsonl").read_text().splitlines()
+        assert len(answers) == 10
+    assert "| majority baseline |" in out.stdout

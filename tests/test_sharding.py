@@ -124,3 +124,24 @@ def test_zero_gradient_parameters_really_have_zero_gradient():
             assert norm < 1e-6, (name, norm)
         elif name != "query_transformer/ln_k/scale":  # scales the keys: a real gradient
             assert norm > 1e-6, (name, norm)
+
+
+def test_multislice_data_axis_crosses_slices_only():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class FakeTpu:  # what a multislice TPU device reports
+        id: int
+        slice_index: int
+        platform: str = "tpu"
+        device_kind: str = "cpu"  # not a TPU generation mesh_utils knows: plain reshape
+        process_index: int = 0
+
+    devices = [FakeTpu(i, i // 4) for i in range(8)]
+    grid = sharding.multislice_grid(MeshConfig(2, -1, 1, slices=2), (2, 4, 1), devices)
+    assert grid.shape == (2, 4, 1)
+    assert [{d.slice_index for d in grid[i].ravel()} for i in range(2)] == [{0}, {1}]
+    with pytest.raises(ValueError, match="data=1 is not a multiple of slices=2"):
+        sharding.multislice_grid(MeshConfig(1, -1, 1, slices=2), (1, 8, 1), devices)
+    with pytest.raises(ValueError, match="cpu devices carry no slice_index"):
+        make_mesh(MeshConfig(2, -1, 1, slices=2))

@@ -107,3 +107,16 @@ def tokenize(pieces: list, tokenizer: Tokenizer) -> Example:
 
 def encode_conversation(conversations, template: str, tokenizer: Tokenizer, has_image: bool):
     return tokenize(render(conversations, template, has_image), tokenizer)
+
+
+def encode_prompt(question: str, template: str, tokenizer: Tokenizer, has_image: bool = True):
+    """A one-question prompt that ends where the assistant's answer begins ("... ASSISTANT:",
+    without the space, which training tokenises into the answer's first token)."""
+    pieces = render([{"from": "human", "value": question}, {"from": "gpt", "value": "-"}],
+                    template, has_image)
+    if template == "plain":
+        pieces = pieces[:-1]  # the image alone; the caption follows
+    else:
+        pieces = pieces[: pieces.index(("ASSISTANT: ", False))] + [("ASSISTANT:", False)]
+    example = tokenize(pieces, tokenizer)
+    return Example(example.tokens, [IGNORE] * len(example.tokens))

@@ -20,6 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
+import gin
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
@@ -44,7 +45,8 @@ class Shape:
     size: str
 
     def phrase(self) -> str:
-        return f"a {self.size} {self.colour} {self.kind} in row {self.row}, column {self.col}"
+        # Where first, then what: the attributes are predicted knowing which cell to look at.
+        return f"row {self.row}, column {self.col}: a {self.size} {self.colour} {self.kind}"
 
 
 def random_scene(rng: np.random.Generator, grid: int = 3, fill: float = 0.6) -> list[Shape]:
@@ -81,8 +83,12 @@ def caption(shapes: list[Shape]) -> str:
     return f"{count}: " + "; ".join(s.phrase() for s in shapes) + "."
 
 
+QUESTION_TYPES = ("has_colour", "count", "colour_at", "shape_at", "count_kind")
+
+
 def questions(shapes: list[Shape], rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """(question, answer, category) triples: two coarse and three fine ones."""
+    """(question, answer, category) triples: two coarse and three fine ones, in the order of
+    QUESTION_TYPES."""
     colour = str(rng.choice(list(COLOURS)))
     present = any(s.colour == colour for s in shapes)
     pick = shapes[rng.integers(len(shapes))]
@@ -106,6 +112,7 @@ def qa_record(image: str, record_id: str, qas) -> dict:
     return {"id": record_id, "image": image, "conversations": conversations}
 
 
+@gin.configurable
 def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 300,
                  seed: int = 0, image_size: int = 64, vocab_size: int = 512,
                  tfds: bool = True) -> Path:
@@ -135,14 +142,16 @@ def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 
             captions.append({"id": f"cap{number:06d}", "image": image, "conversations": [
                 {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
                 {"from": "gpt", "value": caption(shapes)}]})
-            qa.append(qa_record(image, f"qa{number:06d}", qas))
+            # In a random order: evaluation asks each question first, on its own.
+            qa.append(qa_record(image, f"qa{number:06d}", [qas[i] for i in rng.permutation(len(qas))]))
             texts += [caption(shapes)] + [f"USER: {q}\n{SHORT_ANSWER} ASSISTANT: {a}" for q, a, _ in qas]
         else:
             for k, (question, answer, category) in enumerate(qas):
                 qid = f"{number:06d}_{k}"
                 eval_questions.append({"question_id": qid, "image": image, "category": category,
                                        "text": f"{question}\n{SHORT_ANSWER}"})
-                eval_answers.append({"question_id": qid, "answer": answer, "category": category})
+                eval_answers.append({"question_id": qid, "answer": answer, "category": category,
+                                     "type": QUESTION_TYPES[k]})
     (tmp / "shapes_captions.json").write_text(json.dumps(captions))
     (tmp / "shapes_qa.json").write_text(json.dumps(qa))
     for name, rows in (("questions", eval_questions), ("answers", eval_answers)):

@@ -163,9 +163,15 @@ class Attention(nn.Module):
         inputs_v: Array | None = None,
         mask: Array | None = None,
         positions: Array | None = None,
-    ) -> Array:
+        cache: dict | None = None,
+    ):
         """inputs_v defaults to inputs_k. Inputs of batch size 1 (image-independent queries or
-        keys) are projected once and broadcast to the batch."""
+        keys) are projected once and broadcast to the batch.
+
+        With a KV cache {"k", "v": [B, S, kv_heads, D], "index": [B]} (decoding), the new keys
+        and values are written into each row's cache at its own index, the queries attend to
+        the whole cache (`mask` [B, 1, T, S] says which slots), and (out, new_cache) returns.
+        """
         inputs_v = inputs_k if inputs_v is None else inputs_v
         kv_heads = self.num_kv_heads or self.num_heads
         proj = lambda n, heads, names: dense(  # noqa: E731
@@ -181,12 +187,19 @@ class Attention(nn.Module):
         batch = max(q.shape[0], k.shape[0], v.shape[0])
         q, k, v = (jnp.broadcast_to(t, (batch,) + t.shape[1:]) for t in (q, k, v))
         q = constrain(q, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
+        if cache is not None:
+            write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, 0))
+            cache = {"k": write(cache["k"], k.astype(cache["k"].dtype), cache["index"]),
+                     "v": write(cache["v"], v.astype(cache["v"].dtype), cache["index"]),
+                     "index": cache["index"] + q.shape[1]}
+            k, v = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
         out = attend(q, k, v, mask)
         out = dense(
             self.out_features, ("heads", "head_dim", "embed"), num_in=2,
             use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="out",
         )(out)
-        return constrain(out, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+        out = constrain(out, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+        return out if cache is None else (out, cache)
 
 
 def quick_gelu(x: Array) -> Array:
@@ -217,11 +230,13 @@ class MLP(nn.Module):
         return make("fc2", self.out_features, ("mlp", "embed"))(h)
 
 
-def scan_blocks(block: type[nn.Module], length: int, remat_policy: str, num_broadcast: int):
+def scan_blocks(block: type[nn.Module], length: int, remat_policy: str, num_broadcast: int,
+                num_scanned: int = 0):
     """Repeat `block` `length` times with nn.scan (compile time independent of depth).
 
-    The block maps (carry, *broadcast_args) -> (carry, None). Parameters gain a leading
-    "layers" axis. `remat_policy` "none" keeps every activation; the others name a
+    The block maps (carry, *broadcast_args, *scanned_args) -> (carry, per-layer output); the
+    scanned args (e.g. a KV cache) and the outputs carry a leading layer axis, as do the
+    parameters ("layers"). `remat_policy` "none" keeps every activation; the others name a
     `jax.checkpoint_policies` policy.
     """
     if remat_policy != "none":
@@ -230,7 +245,7 @@ def scan_blocks(block: type[nn.Module], length: int, remat_policy: str, num_broa
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast,) * num_broadcast,
+        in_axes=(nn.broadcast,) * num_broadcast + (0,) * num_scanned,
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )

@@ -33,14 +33,26 @@ class VisionLanguageModel(nn.Module):
         `num_queries=n`, the really truncated computation's n tokens)."""
         return self.query_transformer(self.vision_tower(images), m, num_queries)
 
-    def __call__(self, images, m, token_ids, visual_index, positions, segment_ids):
-        """images [B, I, H, W, 3], m [B, I]; the rest [B, T] from splice.layout_rows.
-        Returns logits [B, T, vocab]."""
+    def embed(self, images, m, token_ids, visual_index):
+        """The LLM's input embeddings [B, T, hidden]: text embeddings with visual tokens
+        spliced in where visual_index >= 0."""
         b, i = m.shape
         tokens = self.visual_tokens(images.reshape((b * i,) + images.shape[2:]), m.reshape(-1))
         tokens = tokens.reshape(b, i * tokens.shape[1], tokens.shape[2])
-        x = splice.splice(self.llm.embed(token_ids), tokens, visual_index)
-        return self.llm(x, positions, segment_ids)
+        return splice.splice(self.llm.embed(token_ids), tokens, visual_index)
+
+    def __call__(self, images, m, token_ids, visual_index, positions, segment_ids):
+        """images [B, I, H, W, 3], m [B, I]; the rest [B, T] from splice.layout_rows.
+        Returns logits [B, T, vocab]."""
+        return self.llm(self.embed(images, m, token_ids, visual_index), positions, segment_ids)
+
+    def prefill(self, images, m, token_ids, visual_index, positions, segment_ids, cache_len):
+        """Prompts (one per row, right-padded) -> (logits, KV cache); see Llama.prefill."""
+        x = self.embed(images, m, token_ids, visual_index)
+        return self.llm.prefill(x, positions, segment_ids, cache_len)
+
+    def decode(self, token_ids, cache):
+        return self.llm.decode(token_ids, cache)
 
     def logits(self, batch: dict) -> jax.Array:
         """__call__ on a batch dict (the pipeline's and splice.layout_rows' keys)."""
