@@ -38,12 +38,20 @@ def parse_gin(files: list[str], params: list[str]) -> None:
 
 def cmd_train(args) -> int:
     parse_gin(args.gin_file or ["tiny_two_stage.gin"], args.gin_param)
+    import jax
+
     from mqt_jax.recipe import run
     from mqt_jax.sharding import initialize_distributed
 
+    from mqt_jax.train import Preemption
+
     initialize_distributed(args.distributed, args.coordinator_address, args.num_processes,
                            args.process_id)
-    run(args.workdir)
+    try:
+        run(args.workdir)
+    except Preemption as e:  # saved; the same command resumes
+        if jax.process_index() == 0:
+            print(e)
     return 0
 
 

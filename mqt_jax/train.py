@@ -356,9 +356,13 @@ def batch_source(model_config: ModelConfig, config: TrainConfig, sampler: MSampl
         images_per_row=config.images_per_row, sampler=sampler, seed=config.seed)
 
 
+class Preemption(Exception):
+    """Raised once a SIGTERM'd run has saved: the command ends (exit 0), later stages wait."""
+
+
 class Preempted:
     """SIGTERM (how schedulers and TPU maintenance preempt) sets a flag the loop checks after
-    each step: it then saves and exits cleanly."""
+    each step: it then saves and raises Preemption."""
 
     def __init__(self):
         self.requested = False
@@ -461,9 +465,7 @@ def train(workdir: str) -> list[dict]:
                     ckpt.save(done, state, batches.get_state(), config_text)
                 if preempted.requested:
                     ckpt.wait()
-                    if is_chief:
-                        print(f"SIGTERM: saved step {done} to {ckpt.directory}; exiting")
-                    return log
+                    raise Preemption(f"SIGTERM: saved step {done} to {ckpt.directory}; exiting")
         ckpt.wait()
     finally:
         preempted.restore()

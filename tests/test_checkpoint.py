@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from helpers import random_batch, tiny_config
-from mqt_jax.checkpoint import Checkpointer, abstract_like
+from mqt_jax.checkpoint import Checkpointer, abstract_like, restore_params
 from mqt_jax.sharding import MeshConfig, make_mesh
 from mqt_jax.train import TrainConfig, Trainer
 
@@ -171,3 +171,49 @@ def test_run_stops_after_too_many_non_finite_updates(tmp_path, monkeypatch):
     assert ckpt.latest_step() == 4  # step 4 (NaN at step index 3) was skipped, state still good
     state = ocp.PyTreeCheckpointer().restore(tmp_path / "checkpoints" / "4" / "state")
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["trainable"]))
+
+
+def test_init_from_takes_the_matching_parameters_of_another_run(tmp_path):
+    from flax.traverse_util import flatten_dict
+
+    from mqt_jax.train import merge_params
+
+    stage1 = trainer_on(jax.devices(), mesh=(2, 2, 2))
+    saved = stage1.init_state(seed=1)
+    ckpt = Checkpointer(tmp_path / "stage1" / "checkpoints")
+    ckpt.save(7, saved, {"step": 7}, "config")
+    ckpt.wait()
+    ckpt.close()
+    saved = flatten_dict(jax.device_get(merge_params(saved.trainable, saved.frozen)))
+    # stage 2 on another mesh, another seed; only the query transformer is taken
+    config = TrainConfig(batch_size=8, seq_len=40, trainable=("query_transformer", "llm"),
+                         init_from_params=("query_transformer",))
+    stage2 = Trainer(tiny_config(), config, make_mesh(MeshConfig(1, 4, 1), devices=jax.devices()[:4]))
+    fresh = flatten_dict(jax.device_get(merge_params(*_parts(stage2.init_state(seed=2)))))
+    state = stage2.init_state(seed=2, init_from=tmp_path / "stage1")
+    got = flatten_dict(merge_params(*_parts(state)))
+    assert set(got) == set(saved)
+    for key, value in got.items():
+        want = saved[key] if key[0] == "query_transformer" else fresh[key]
+        np.testing.assert_array_equal(np.asarray(value), want, err_msg="/".join(key))
+    kernels = [k for k in got if k[-1] == "kernel"]
+    assert all(not np.array_equal(saved[k], fresh[k]) for k in kernels)  # the seeds differ
+    assert state.trainable["query_transformer"]["proj"]["kernel"].sharding.mesh.shape["fsdp"] == 4
+
+
+def _parts(state):
+    return state.trainable, state.frozen
+
+
+def test_restore_params_names_a_mismatched_parameter(tmp_path):
+    writer = trainer_on(jax.devices())
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(1, writer.init_state(), {}, "config")
+    ckpt.wait()
+    ckpt.close()
+    other = Trainer(tiny_config(num_queries=9), TrainConfig(batch_size=8, seq_len=40),
+                    make_mesh(MeshConfig(), devices=jax.devices()[:1]))
+    with pytest.raises(ValueError, match=r"query_transformer/\w+ has shape"):
+        restore_params(tmp_path, other.abstract_params())
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        restore_params(tmp_path / "nothing", other.abstract_params())

@@ -56,4 +56,4 @@ def test_slurm_batch_script_runs_one_task_per_node():
 def test_local_cpu_dry_run():
     lines = dry_run("local_cpu.sh", "4", "--workdir", "w")
     assert lines == ["env XLA_FLAGS=--xla_force_host_platform_device_count=4 mqt-jax train "
-                     "--workdir w "]
+                     "--workdir w"]

@@ -23,7 +23,8 @@ def test_files_and_formats(shapes):
     qa = json.loads((shapes / "shapes_qa.json").read_text())
     assert len(captions) == len(qa) == 30
     assert qa[0]["conversations"][0]["value"].startswith("<image>\n")
-    assert [t["from"] for t in qa[0]["conversations"]] == ["human", "gpt"] * 5
+    assert [t["from"] for t in qa[0]["conversations"]] == ["human", "gpt"] * 6  # 5 QA + description
+    assert sum(t["value"].endswith("Describe the image in detail.") for t in qa[0]["conversations"]) == 1
     questions, answers = read_jsonl(shapes / "eval/questions.jsonl"), read_jsonl(shapes / "eval/answers.jsonl")
     assert len(questions) == len(answers) == 12 * 5
     assert [q["question_id"] for q in questions] == [a["question_id"] for a in answers]

@@ -130,14 +130,14 @@ def test_multislice_data_axis_crosses_slices_only():
     import dataclasses
 
     @dataclasses.dataclass(frozen=True)
-    class FakeTpu:  # what a multislice TPU device reports
+    class FakeSliceDevice:  # a device of a multislice job, without TPU torus coordinates
         id: int
         slice_index: int
-        platform: str = "tpu"
-        device_kind: str = "cpu"  # not a TPU generation mesh_utils knows: plain reshape
+        platform: str = "cpu"  # so mesh_utils lays out each slice by plain reshape
+        device_kind: str = "cpu"
         process_index: int = 0
 
-    devices = [FakeTpu(i, i // 4) for i in range(8)]
+    devices = [FakeSliceDevice(i, i // 4) for i in range(8)]
     grid = sharding.multislice_grid(MeshConfig(2, -1, 1, slices=2), (2, 4, 1), devices)
     assert grid.shape == (2, 4, 1)
     assert [{d.slice_index for d in grid[i].ravel()} for i in range(2)] == [{0}, {1}]

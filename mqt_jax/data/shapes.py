@@ -34,6 +34,7 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 CAPTION_PROMPT = "Describe the image."
+DESCRIBE_PROMPT = "Describe the image in detail."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +106,8 @@ def questions(shapes: list[Shape], rng: np.random.Generator) -> list[tuple[str, 
 
 def qa_record(image: str, record_id: str, qas) -> dict:
     conversations = []
-    for i, (question, answer, _) in enumerate(qas):
-        text = f"{question}\n{SHORT_ANSWER}"
+    for i, (question, answer, category) in enumerate(qas):
+        text = question if category == "description" else f"{question}\n{SHORT_ANSWER}"
         conversations += [{"from": "human", "value": ("<image>\n" + text) if i == 0 else text},
                           {"from": "gpt", "value": answer}]
     return {"id": record_id, "image": image, "conversations": conversations}
@@ -142,8 +143,10 @@ def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 
             captions.append({"id": f"cap{number:06d}", "image": image, "conversations": [
                 {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
                 {"from": "gpt", "value": caption(shapes)}]})
-            # In a random order: evaluation asks each question first, on its own.
-            qa.append(qa_record(image, f"qa{number:06d}", [qas[i] for i in rng.permutation(len(qas))]))
+            # In a random order (evaluation asks each question first, on its own), with a
+            # detailed-description turn as LLaVA-Instruct's conversations have.
+            turns = qas + [(DESCRIBE_PROMPT, caption(shapes), "description")]
+            qa.append(qa_record(image, f"qa{number:06d}", [turns[i] for i in rng.permutation(len(turns))]))
             texts += [caption(shapes)] + [f"USER: {q}\n{SHORT_ANSWER} ASSISTANT: {a}" for q, a, _ in qas]
         else:
             for k, (question, answer, category) in enumerate(qas):
