@@ -13,7 +13,7 @@ port="${PORT:-$((20000 + RANDOM % 20000))}"
 logs="${WORKDIR_LOGS:-logs}"
 commands=()
 for ((i = 0; i < num_processes; i++)); do
-  commands+=("env XLA_FLAGS=--xla_force_host_platform_device_count=${devices} JAX_PLATFORMS=cpu mqt-jax train --coordinator_address 127.0.0.1:${port} --num_processes ${num_processes} --process_id ${i} $(printf '%q ' "$@")")
+  commands+=("env XLA_FLAGS='${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices}' JAX_PLATFORMS=cpu mqt-jax train --coordinator_address 127.0.0.1:${port} --num_processes ${num_processes} --process_id ${i} $(printf '%q ' "$@")")
 done
 if [ "$dry_run" = 1 ]; then printf '%s\n' "${commands[@]}"; exit 0; fi
 mkdir -p "$logs"

@@ -16,9 +16,6 @@ import numpy as np
 from mqt_jax import splice
 from mqt_jax.models.vlm import MODEL_INPUTS, VisionLanguageModel
 
-PROMPT_KEYS = MODEL_INPUTS
-
-
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
 def greedy(model: VisionLanguageModel, params, prompts: dict, eos_id, max_new_tokens: int):
     """prompts: the MODEL_INPUTS arrays [B, T] -> generated ids [B, max_new_tokens] (EOS
@@ -36,9 +33,8 @@ def greedy(model: VisionLanguageModel, params, prompts: dict, eos_id, max_new_to
 
     def decode(carry):
         step, out, cache, done = carry
-        logits, cache = model.apply({"params": params}, jax.lax.dynamic_slice_in_dim(out, step - 1, 1, 1),
-                                    cache,
-                                    method="decode")
+        previous = jax.lax.dynamic_slice_in_dim(out, step - 1, 1, axis=1)  # [B, 1]
+        logits, cache = model.apply({"params": params}, previous, cache, method="decode")
         token = jnp.where(done, eos_id, jnp.argmax(logits[:, 0], -1).astype(jnp.int32))
         return step + 1, out.at[:, step].set(token), cache, done | (token == eos_id)
 
@@ -55,7 +51,7 @@ def prompt_batch(examples: list[splice.Example], images: np.ndarray, m: int, num
     if max(lengths) > seq_len:
         raise ValueError(f"a prompt of {max(lengths)} tokens at m={m} does not fit seq_len={seq_len}")
     return {"images": images[:, None].astype(np.float32), "m": m_rows,
-            **{k: laid[k] for k in PROMPT_KEYS if k in laid}}
+            **{k: laid[k] for k in MODEL_INPUTS[2:]}}  # token_ids ... segment_ids
 
 
 def cut_at_eos(ids: np.ndarray, eos_id: int) -> list[list[int]]:

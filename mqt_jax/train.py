@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
@@ -410,6 +411,7 @@ def train(workdir: str) -> list[dict]:
     step_flops = flops.train_flops(flops.count(trainer.abstract_params()["llm"]),
                                    config.batch_size * config.seq_len)
     peak = flops.peak_flops()
+    local_rows = sharding.process_rows(mesh, config.batch_size)
     log, tokens, tick, last = [], 0, time.perf_counter(), start
     metrics_file = (workdir_path / "metrics.jsonl").open("a" if start else "w") if is_chief else None
     board = SummaryWriter(str(workdir_path / "tensorboard")) if is_chief else None
@@ -423,14 +425,16 @@ def train(workdir: str) -> list[dict]:
             for step in range(start, config.steps):
                 batch = next(batches)
                 state, metrics = trainer.step(state, batch)
-                tokens += int((batch["segment_ids"] > 0).sum())
+                tokens += int((batch["segment_ids"] > 0).sum())  # this host's, padding excluded
                 if step == start and is_chief:  # the operative config is complete once traced
                     write_atomic(workdir_path / "config.gin", gin.operative_config_str())
                     config_text = gin.operative_config_str()
                 done = step + 1
                 if done % config.log_every == 0 or done == config.steps or preempted.requested:
                     fetched = jax.device_get(metrics)
-                    row_nll = np.asarray(fetched.pop("row_nll"))
+                    if jax.process_count() > 1:  # every host counted its own rows
+                        tokens = int(multihost_utils.process_allgather(np.int64(tokens)).sum())
+                    row_nll = np.asarray(fetched.pop("row_nll"))[local_rows]  # this host's batch
                     now = time.perf_counter()
                     achieved = step_flops * (done - last) / (now - tick) / mesh.size
                     row = {"step": done, **{k: float(v) for k, v in fetched.items()},

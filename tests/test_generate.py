@@ -44,16 +44,16 @@ def recompute_greedy(model, params, examples, images, m, num_queries, steps):
     return np.array(out)
 
 
-@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("m", [1, 16])
 def test_cached_greedy_equals_recomputing_the_whole_sequence(m):
     cfg = tiny_config(num_queries=16)
     model = VisionLanguageModel(cfg)
     examples, images = prompts(cfg, [4, 9, 6])  # rows of different lengths
     batch = prompt_batch(examples, images, m, cfg.num_queries, seq_len=40)
     params = varied(init_params(model, batch, method="logits"))
-    # eos_id = -1: never produced, so all 8 steps run and every token is compared.
-    got = np.asarray(greedy(model, params, batch, -1, max_new_tokens=8))
-    want = recompute_greedy(model, params, examples, images, m, cfg.num_queries, 8)
+    # eos_id = -1: never produced, so all 6 steps run and every token is compared.
+    got = np.asarray(greedy(model, params, batch, -1, max_new_tokens=6))
+    want = recompute_greedy(model, params, examples, images, m, cfg.num_queries, 6)
     np.testing.assert_array_equal(got, want)
     assert len(set(got.ravel().tolist())) > 2  # not a degenerate constant output
 

@@ -17,8 +17,9 @@ LAUNCHER = ROOT / "launch" / "local_processes.sh"
 ARGS = ["--gin_file", "tiny.gin", "--gin_param", "TrainConfig.steps = 4",
         "--gin_param", "TrainConfig.seq_len = 64", "--gin_param", "MeshConfig.fsdp = 4",
         "--gin_param", "MeshConfig.data = 2"]
-# The venv's mqt-jax first on PATH; the suite's XLA_FLAGS (8 devices) must not leak in.
-ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONUNBUFFERED": "1",
+# The venv's mqt-jax first on PATH; the suite's device count must not leak in, its quick
+# compilation flag does (the launcher adds each process's device count).
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "XLA_FLAGS": "--xla_backend_optimization_level=0",
        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
@@ -31,7 +32,7 @@ def losses(workdir):
 def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
     single = subprocess.run(
         [sys.executable, "-m", "mqt_jax.cli", "train", *ARGS, "--workdir", str(tmp_path / "one")],
-        env={**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        env={**ENV, "XLA_FLAGS": ENV["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8"},
         capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     multi = subprocess.run(
@@ -60,6 +61,7 @@ def test_launcher_dry_run_prints_one_command_per_process():
         assert f"--process_id {i}" in line and "--num_processes 3" in line
         assert "--coordinator_address 127.0.0.1:1234" in line
         assert "xla_force_host_platform_device_count=2" in line
+        assert "xla_backend_optimization_level=0" in line  # the caller's XLA_FLAGS are kept
 
 
 def test_explicit_setup_needs_all_three_values():
