@@ -41,3 +41,65 @@ def train_flops(llm_parameters: int, tokens: int) -> float:
     """6 N T: the model FLOPs of a training step over `tokens` tokens."""
     return 6.0 * llm_parameters * tokens
 
+
+
+# ---- Inference FLOPs by part (forward only; a matmul [a, b] x [b, c] is 2abc; attention
+# scores and weighted sums count every (query, key) pair the program computes). ----
+
+def vision_flops(v) -> float:
+    """The vision tower on one image: patch embedding, then the layers that are built."""
+    t, w = v.num_patches + 1, v.width  # + the class token
+    per_layer = 2 * t * (4 * w * w + 2 * w * v.mlp_dim) + 4 * t * t * w
+    return 2 * v.num_patches * (v.patch_size**2 * 3) * w + v.num_layers_built * per_layer
+
+
+def query_flops(q, v, llm_hidden: int, queries: int) -> float:
+    """The official resampler on one image, computing `queries` tokens (M in the single
+    graph, m when really truncated): query, key (from the fixed positions) and value
+    projections, attention, then the output and LLM projections. (The query and key
+    projections, and the bicubic resize of the M positions to the patch grid, do not depend on
+    the image: a batch computes them once.)"""
+    if q.variant != "official":
+        raise ValueError(f"query_flops covers the official resampler, not {q.variant!r}")
+    p, w = v.num_patches, q.width
+    projections = 2 * queries * w * w + 2 * p * w * w * 2 + 2 * queries * w * w
+    resize = 2 * p * q.num_queries * w
+    return resize + projections + 4 * queries * p * w + 2 * queries * w * llm_hidden
+
+
+def llm_flops(llm, tokens: int, context: int | None = None) -> float:
+    """LLaMA forward over `tokens` new tokens attending to `context` positions (default: the
+    tokens themselves, a prefill; 1 token and the cache length: a decode step)."""
+    context = tokens if context is None else context
+    h, qd, kvd = llm.hidden, llm.num_heads * llm.head_dim, llm.num_kv_heads * llm.head_dim
+    per_layer = 2 * tokens * (h * qd + 2 * h * kvd + qd * h + 3 * h * llm.mlp_dim)
+    per_layer += 4 * tokens * context * qd
+    return llm.num_layers * per_layer + 2 * tokens * h * llm.vocab_size
+
+
+def inference_flops(model_config, m: int, text_tokens: int, new_tokens: int = 0) -> dict:
+    """One image at m visual tokens plus `text_tokens` of prompt, then `new_tokens` decoded
+    with a KV cache. The query transformer computes only m tokens (truncation)."""
+    v, llm = model_config.vision, model_config.llm
+    prompt = m + text_tokens
+    parts = {
+        "vision": vision_flops(v),
+        "query": query_flops(model_config.query, v, llm.hidden, m),
+        "llm_prefill": llm_flops(llm, prompt),
+        "llm_decode": sum(llm_flops(llm, 1, prompt + i + 1) for i in range(new_tokens)),
+    }
+    return {**parts, "total": sum(parts.values())}
+
+
+def llava_flops(model_config, text_tokens: int, new_tokens: int = 0) -> dict:
+    """LLaVA-1.5 on the same towers: all patch tokens (576 at 336 px) through the 2-layer
+    GELU MLP projector into the LLM."""
+    v, llm = model_config.vision, model_config.llm
+    prompt = v.num_patches + text_tokens
+    parts = {
+        "vision": vision_flops(v),
+        "projector": 2 * v.num_patches * (v.width * llm.hidden + llm.hidden * llm.hidden),
+        "llm_prefill": llm_flops(llm, prompt),
+        "llm_decode": sum(llm_flops(llm, 1, prompt + i + 1) for i in range(new_tokens)),
+    }
+    return {**parts, "total": sum(parts.values())}
