@@ -71,20 +71,20 @@ def compile_train_step(topology_name: str, model_config: ModelConfig, config: Tr
     params = trainer.abstract_params()
     tokens = config.batch_size * config.seq_len
     analytical = flops.train_flops(flops.count(params["llm"]), tokens)
-    spec = {**CHIPS[chip], "peak_tflops": flops.PEAK_TFLOPS[chip]}
     chips = len(devices)
+    step_at_peak = analytical / (chips * flops.PEAK_TFLOPS[chip] * 1e12)
     return {
-        "topology": topology_name, "chips": chips, "chip": chip, "hbm_gib_per_chip": spec["hbm_gib"],
+        "topology": topology_name, "chips": chips, "chip": chip, "hbm_gib_per_chip": CHIPS[chip]["hbm_gib"],
         "mesh": dict(mesh.shape), "batch_size": config.batch_size, "seq_len": config.seq_len,
         "dtype": model_config.dtype, "remat_policy": model_config.remat_policy,
         "parameters": flops.count(params), "memory_per_chip": per_chip,
-        "fits": per_chip["total_gib"] <= spec["hbm_gib"],
+        "fits": per_chip["total_gib"] <= CHIPS[chip]["hbm_gib"],
         # XLA counts a scanned layer's body once, not once per layer: a lower bound.
         "xla_flops_per_chip_scan_bodies_once": float(cost.get("flops", 0.0)),
         "analytical_flops_6NT": float(analytical),
         "analytical_flops_per_chip": float(analytical / chips),
-        "step_time_at_peak_s": analytical / (chips * spec["peak_tflops"] * 1e12),
-        "tokens_per_sec_per_chip_at_peak": tokens / (analytical / (chips * spec["peak_tflops"] * 1e12)) / chips,
+        "step_time_at_peak_s": step_at_peak,
+        "tokens_per_sec_per_chip_at_peak": tokens / step_at_peak / chips,
     }
 
 

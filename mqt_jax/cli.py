@@ -42,7 +42,6 @@ def cmd_train(args) -> int:
 
     from mqt_jax.recipe import run
     from mqt_jax.sharding import initialize_distributed
-
     from mqt_jax.train import Preemption
 
     initialize_distributed(args.distributed, args.coordinator_address, args.num_processes,
@@ -91,7 +90,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     train_p = sub.add_parser("train", help="train (stage by stage) and evaluate at every m")
     train_p.add_argument("--gin_file", action="append", help="gin config (repeatable); "
-                         "default configs/tiny.gin")
+                         "default configs/tiny_two_stage.gin")
     train_p.add_argument("--gin_param", action="append", default=[],
                          help="gin binding, e.g. 'TrainConfig.steps = 10' (repeatable)")
     train_p.add_argument("--workdir", default="workdir/tiny",

@@ -81,24 +81,24 @@ def inference_flops(model_config, m: int, text_tokens: int, new_tokens: int = 0)
     """One image at m visual tokens plus `text_tokens` of prompt, then `new_tokens` decoded
     with a KV cache. The query transformer computes only m tokens (truncation)."""
     v, llm = model_config.vision, model_config.llm
-    prompt = m + text_tokens
-    parts = {
-        "vision": vision_flops(v),
-        "query": query_flops(model_config.query, v, llm.hidden, m),
-        "llm_prefill": llm_flops(llm, prompt),
-        "llm_decode": sum(llm_flops(llm, 1, prompt + i + 1) for i in range(new_tokens)),
-    }
-    return {**parts, "total": sum(parts.values())}
+    compressor = {"query": query_flops(model_config.query, v, llm.hidden, m)}
+    return _with_towers(model_config, compressor, m + text_tokens, new_tokens)
 
 
 def llava_flops(model_config, text_tokens: int, new_tokens: int = 0) -> dict:
     """LLaVA-1.5 on the same towers: all patch tokens (576 at 336 px) through the 2-layer
     GELU MLP projector into the LLM."""
-    v, llm = model_config.vision, model_config.llm
-    prompt = v.num_patches + text_tokens
+    v, h = model_config.vision, model_config.llm.hidden
+    compressor = {"projector": 2 * v.num_patches * (v.width * h + h * h)}
+    return _with_towers(model_config, compressor, v.num_patches + text_tokens, new_tokens)
+
+
+def _with_towers(model_config, compressor: dict, prompt: int, new_tokens: int) -> dict:
+    """The vision tower, the compressor's parts, the LLM's prefill of `prompt` tokens and
+    its decode steps; and their total."""
+    llm = model_config.llm
     parts = {
-        "vision": vision_flops(v),
-        "projector": 2 * v.num_patches * (v.width * llm.hidden + llm.hidden * llm.hidden),
+        "vision": vision_flops(model_config.vision), **compressor,
         "llm_prefill": llm_flops(llm, prompt),
         "llm_decode": sum(llm_flops(llm, 1, prompt + i + 1) for i in range(new_tokens)),
     }

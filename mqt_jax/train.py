@@ -357,6 +357,30 @@ def batch_source(model_config: ModelConfig, config: TrainConfig, sampler: MSampl
         images_per_row=config.images_per_row, sampler=sampler, seed=config.seed)
 
 
+class MetricsLog:
+    """Process 0's record of a run: W/metrics.jsonl (one JSON object per logged step) and
+    TensorBoard events in W/tensorboard (every scalar, and the histogram of m)."""
+
+    def __init__(self, workdir: Path, append: bool):
+        self.file = (workdir / "metrics.jsonl").open("a" if append else "w")
+        self.board = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, row: dict, batch: dict) -> None:
+        step = row["step"]
+        for key, value in row.items():
+            if key != "step":
+                self.board.add_scalar(key, value, step)
+        used = batch["m"][(batch["visual_index"] >= 0).any(1)][:, 0]  # rows with an image
+        if used.size:
+            self.board.add_histogram("m", used, step)
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        self.board.close()
+
+
 class Preemption(Exception):
     """Raised once a SIGTERM'd run has saved: the command ends (exit 0), later stages wait."""
 
@@ -413,10 +437,8 @@ def train(workdir: str) -> list[dict]:
     peak = flops.peak_flops()
     local_rows = sharding.process_rows(mesh, config.batch_size)
     log, tokens, tick, last = [], 0, time.perf_counter(), start
-    metrics_file = (workdir_path / "metrics.jsonl").open("a" if start else "w") if is_chief else None
-    board = SummaryWriter(str(workdir_path / "tensorboard")) if is_chief else None
+    out = MetricsLog(workdir_path, append=bool(start)) if is_chief else None
     preempted = Preempted()
-    step = start
     try:
         with CompileCounter() as compiles, tqdm(
             total=config.steps, initial=start, desc="train", disable=not is_chief, unit="step",
@@ -426,9 +448,10 @@ def train(workdir: str) -> list[dict]:
                 batch = next(batches)
                 state, metrics = trainer.step(state, batch)
                 tokens += int((batch["segment_ids"] > 0).sum())  # this host's, padding excluded
-                if step == start and is_chief:  # the operative config is complete once traced
-                    write_atomic(workdir_path / "config.gin", gin.operative_config_str())
+                if step == start:  # the operative config is complete once traced
                     config_text = gin.operative_config_str()
+                    if is_chief:
+                        write_atomic(workdir_path / "config.gin", config_text)
                 done = step + 1
                 if done % config.log_every == 0 or done == config.steps or preempted.requested:
                     fetched = jax.device_get(metrics)
@@ -446,17 +469,9 @@ def train(workdir: str) -> list[dict]:
                            **{f"skipped/{r}": n for r, n in sorted(batches.skipped.items())}}
                     tokens, tick, last = 0, now, done
                     log.append(row)
-                    if board:
-                        for key, value in row.items():
-                            if key != "step":
-                                board.add_scalar(key, value, done)
-                        used = batch["m"][(batch["visual_index"] >= 0).any(1)][:, 0]
-                        if used.size:
-                            board.add_histogram("m", used, done)
+                    if out:
+                        out.write(row, batch)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
-                    if metrics_file:
-                        metrics_file.write(json.dumps(row) + "\n")
-                        metrics_file.flush()
                     if row["nonfinite_in_a_row"] >= config.max_nonfinite_in_a_row:
                         raise RuntimeError(
                             f"{int(row['nonfinite_in_a_row'])} non-finite updates in a row at step "
@@ -474,10 +489,8 @@ def train(workdir: str) -> list[dict]:
     finally:
         preempted.restore()
         ckpt.close()
-        if metrics_file:
-            metrics_file.close()
-        if board:
-            board.close()
+        if out:
+            out.close()
     train_step_compiles = sum(n for f, n in compiles.counts.items() if "_train_step" in f)
     if is_chief and log:
         print(f"done: {config.steps} steps, final loss {log[-1]['loss']:.4f}, "
