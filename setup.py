@@ -16,6 +16,7 @@ setup(
         "gin-config>=0.5",
         "numpy",
         "tqdm",
+        "matplotlib",
         "tensorboardX",
         "pillow",
         "sentencepiece",

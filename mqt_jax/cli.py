@@ -76,6 +76,118 @@ def cmd_aot(args) -> int:
     return 0
 
 
+def parse_m(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--m {text!r}: expected integers separated by commas, e.g. 2,16,64") from None
+
+
+def open_trained(args, m_values: list[int] = ()):
+    """The run named by --workdir / --ckpt, its config.gin parsed with --gin_file/--gin_param
+    on top. `m_values` are checked against its M before any parameter is read."""
+    from mqt_jax.config import ModelConfig
+    from mqt_jax.recipe import open_run, run_config_file, run_folder, scoped
+    from mqt_jax.splice import check_m
+
+    path = Path(args.ckpt or args.workdir)
+    parse_gin([str(run_config_file(path))] + (args.gin_file or []), args.gin_param)
+    path, scope = run_folder(path)
+    with scoped(scope):
+        check_m(m_values, ModelConfig().num_queries)
+    return open_run(path, scope)
+
+
+def one_image(run_, args):
+    from PIL import Image
+
+    from mqt_jax.data.preprocess import clip_preprocess
+
+    return clip_preprocess(Image.open(args.image), run_.model_config.vision.image_size,
+                           run_.eval_config.image_mode)
+
+
+def cmd_generate(args) -> int:
+    import jax
+
+    from mqt_jax.data.conversation import encode_prompt
+    from mqt_jax.data.tokenizer import load_tokenizer
+    from mqt_jax.generate import Generator, SamplingConfig
+    from mqt_jax.sharding import batch_divisor
+
+    if not Path(args.image).is_file():
+        raise FileNotFoundError(f"--image {args.image} not found")
+    m_values = parse_m(args.m)
+    run_ = open_trained(args, m_values)
+    image = one_image(run_, args)
+    tokenizer = load_tokenizer(run_.eval_config.tokenizer_dir)
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p,
+                              max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), seed=args.seed)
+    generator = Generator(run_.model_config, run_.params, run_.mesh, tokenizer.eos_id, sampling,
+                          batch_size=batch_divisor(run_.mesh))
+    prompt = encode_prompt(args.prompt, run_.eval_config.template, tokenizer)
+    for m in m_values:
+        answer, = generator.texts([prompt], image[None], m, tokenizer)
+        if jax.process_index() == 0:
+            print(f"m={m}: {answer}" if len(m_values) > 1 else answer)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import dataclasses
+
+    from mqt_jax.recipe import evaluate_run
+
+    run_ = open_trained(args, parse_m(args.m) if args.m else [])
+    config = run_.eval_config
+    given = {"benchmark": args.benchmark, "questions": args.questions, "answers": args.answers,
+             "image_root": args.images, "limit": args.limit}
+    config = dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None})
+    if args.benchmark and args.benchmark != run_.eval_config.benchmark and not args.questions:
+        raise ValueError(f"--benchmark {args.benchmark}: give its --questions file")
+    if args.m:
+        config = dataclasses.replace(config, m_values=tuple(parse_m(args.m)))
+    if not config.questions:
+        raise ValueError("no question file: give --questions (the run's config names none)")
+    recipe_dir = run_.path.parent if run_.path != Path(args.ckpt or args.workdir) else run_.path
+    out = Path(args.out) if args.out else recipe_dir / "eval"  # where `mqt-jax train` puts it
+    evaluate_run(run_, out, config)
+    print(f"sweep over every benchmark in {out}: sweep.csv, sweep.md, sweep.png")
+    return 0
+
+
+def cmd_gradcam(args) -> int:
+    from mqt_jax.data.conversation import encode_prompt
+    from mqt_jax.data.tokenizer import load_tokenizer
+    from mqt_jax.generate import Generator, SamplingConfig
+    from mqt_jax.gradcam import draw, gradcam_maps
+    from mqt_jax.sharding import activate, batch_divisor
+
+    if not Path(args.image).is_file():
+        raise FileNotFoundError(f"--image {args.image} not found")
+    if not args.out.endswith(".png"):
+        raise ValueError(f"--out {args.out}: a .png file")
+    m_values = parse_m(args.m)
+    run_ = open_trained(args, m_values)
+    image = one_image(run_, args)
+    tokenizer = load_tokenizer(run_.eval_config.tokenizer_dir)
+    prompt = encode_prompt(args.prompt, run_.eval_config.template, tokenizer)
+    generator = Generator(run_.model_config, run_.params, run_.mesh, tokenizer.eos_id,
+                          SamplingConfig(max_new_tokens=args.max_new_tokens),
+                          batch_size=batch_divisor(run_.mesh))
+    answers = {m: generator([prompt], image[None], m)[0] for m in m_values}
+    with activate(run_.mesh):
+        maps = gradcam_maps(run_.model_config, generator.params, prompt, image, answers,
+                            tokenizer.eos_id)
+    texts = {m: tokenizer.decode(ids).strip() for m, ids in answers.items()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    draw(image, maps, texts, args.out, title=args.prompt.splitlines()[0])
+    for m in m_values:
+        print(f"m={m}: {texts[m]}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_data_shapes(args) -> int:
     from mqt_jax.data.shapes import write_shapes
 
@@ -83,6 +195,16 @@ def cmd_data_shapes(args) -> int:
                        seed=args.seed, image_size=args.image_size)
     print(f"wrote shapes-VQA to {out}")
     return 0
+
+
+def add_run_args(p) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workdir", default="workdir/tiny",
+                       help="a training workdir, or a recipe's (its final stage); default workdir/tiny")
+    where.add_argument("--ckpt", help="a run folder or its checkpoints/ folder")
+    p.add_argument("--gin_file", action="append", help="extra gin files over the run's config.gin")
+    p.add_argument("--gin_param", action="append", default=[],
+                   help="gin binding over the run's config, e.g. 'MeshConfig.fsdp = 1'")
 
 
 def main(argv=None) -> int:
@@ -109,6 +231,37 @@ def main(argv=None) -> int:
     aot_p.add_argument("--topology", required=True, help="e.g. v5p:4x4x4, v5e:16x16")
     aot_p.add_argument("--out", help="JSON report path (default aot_<topology>.json)")
     aot_p.set_defaults(func=cmd_aot)
+    gen_p = sub.add_parser("generate", help="answer a prompt about an image at one or more m")
+    add_run_args(gen_p)
+    gen_p.add_argument("--image", required=True)
+    gen_p.add_argument("--prompt", required=True)
+    gen_p.add_argument("--m", required=True, help="visual tokens; a list (2,16,64) answers once per m")
+    gen_p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen_p.add_argument("--top_p", type=float, default=1.0)
+    gen_p.add_argument("--max_new_tokens", type=int, default=64)
+    gen_p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen_p.add_argument("--seed", type=int, default=0)
+    gen_p.set_defaults(func=cmd_generate)
+    eval_p = sub.add_parser("eval", help="score a benchmark at several m: tables and a plot")
+    add_run_args(eval_p)
+    eval_p.add_argument("--benchmark", help="default: the run's (shapes for the default run); "
+                        "one of vqav2 vizwiz textvqa gqa scienceqa mmmu pope mme mmbench "
+                        "llava_bench mmvet shapes")
+    eval_p.add_argument("--questions", help="question file in LLaVA's format (MMBench: its TSV)")
+    eval_p.add_argument("--answers", help="references (annotations) to score against")
+    eval_p.add_argument("--images", help="image folder the question file's paths are relative to")
+    eval_p.add_argument("--m", help="e.g. 2,4,8,16,36,64,144,256 (default: the run's EvalConfig)")
+    eval_p.add_argument("--limit", type=int, help="only the first N questions")
+    eval_p.add_argument("--out", help="default: <workdir>/eval; results go to OUT/<benchmark>/")
+    eval_p.set_defaults(func=cmd_eval)
+    cam_p = sub.add_parser("gradcam", help="Grad-CAM of the visual tokens per m, as one picture")
+    add_run_args(cam_p)
+    cam_p.add_argument("--image", required=True)
+    cam_p.add_argument("--prompt", required=True)
+    cam_p.add_argument("--m", required=True, help="e.g. 8,16,64")
+    cam_p.add_argument("--out", required=True, help="the picture (.png)")
+    cam_p.add_argument("--max_new_tokens", type=int, default=16)
+    cam_p.set_defaults(func=cmd_gradcam)
     data_p = sub.add_parser("data", help="datasets").add_subparsers(dest="dataset", required=True)
     shapes_p = data_p.add_parser("shapes", help="generate the shapes-VQA dataset (LLaVA format)")
     shapes_p.add_argument("--out", required=True, help="output folder (must not exist)")

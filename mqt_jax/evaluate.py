@@ -1,39 +1,41 @@
-"""Exact-match VQA evaluation at several m: greedy answers to a LLaVA question file (JSON
-Lines: question_id, image, text[, category]) scored against an answer file (question_id,
-answer[, category, type]), per m and per category, next to the majority-answer baseline.
+"""Benchmarks at several m: greedy answers to a question file through the sharded `Generator`,
+scored by the benchmark's official rules (`mqt_jax.benchmarks`), next to each m's analytical
+TFLOPs and measured prefill latency.
 
-Every m runs through the same parameters; the prompt at m holds m visual tokens.
+Writes into the output folder: answers_m<m>.jsonl (LLaVA's answer format), m<m>/ (the
+benchmark's submission files), eval.json, and the sweep as eval.csv, eval.md and eval.png
+(score against m on a log axis, TFLOPs on a second axis, like the paper's first figure).
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
-import re
-from collections import Counter
 from pathlib import Path
 
 import gin
-import jax
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from mqt_jax import benchmarks, flops
 from mqt_jax.config import ModelConfig
 from mqt_jax.data.conversation import encode_prompt
 from mqt_jax.data.preprocess import clip_preprocess
 from mqt_jax.data.tokenizer import load_tokenizer
-from mqt_jax.generate import cut_at_eos, greedy, prompt_batch
-from mqt_jax.models.vlm import VisionLanguageModel
-from mqt_jax.splice import check_m, true_length
+from mqt_jax.generate import Generator, SamplingConfig
+from mqt_jax.splice import check_m
 from mqt_jax.train import write_atomic
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    questions: str = ""  # JSON Lines question file; empty: no evaluation
-    answers: str = ""
+    benchmark: str = "shapes"  # a name of benchmarks.BENCHMARKS
+    questions: str = ""  # the benchmark's question file; empty: no evaluation
+    answers: str = ""  # its references (not needed by MMBench, LLaVA-Bench, MM-Vet)
     image_root: str = ""
     tokenizer_dir: str = ""
     template: str = "vicuna_v1"
@@ -42,22 +44,7 @@ class EvalConfig:
     batch_size: int = 64
     max_new_tokens: int = 8
     bucket: int = 16  # prompt lengths round up to a multiple of this (one compile per bucket)
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e})") from e
-    return rows
-
-
-def normalize(text: str) -> str:
-    """Lower case, outer whitespace and a final period removed, inner whitespace collapsed."""
-    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(".").strip()
+    limit: int = 0  # > 0: only the first `limit` questions (a quick look)
 
 
 def m_values_for(config: EvalConfig, num_queries: int) -> list[int]:
@@ -66,98 +53,176 @@ def m_values_for(config: EvalConfig, num_queries: int) -> list[int]:
     return values
 
 
-def majority_baseline(answers: list[dict]) -> dict[str, float]:
-    """Accuracy of always giving the most frequent answer of each question type (the
-    answers' `type`, else their `category`): what an answer prior alone achieves. Taken from
-    the evaluated answers themselves, so it is an upper bound for any blind guesser."""
-    kind = lambda a: a.get("type", a.get("category", "all"))  # noqa: E731
-    top = {t: Counter(normalize(a["answer"]) for a in answers if kind(a) == t).most_common(1)[0][0]
-           for t in {kind(a) for a in answers}}
-    return accuracy({a["question_id"]: top[kind(a)] for a in answers}, answers)
+def load_images(questions: list[benchmarks.Question], root: str, size: int, mode: str) -> np.ndarray:
+    cache = {}
+    for q in questions:
+        key = id(q.image) if isinstance(q.image, Image.Image) else q.image
+        if key in cache:
+            continue
+        if isinstance(q.image, Image.Image):
+            image = q.image
+        else:
+            path = Path(root) / str(q.image)
+            if q.image is None or not path.is_file():
+                raise FileNotFoundError(f"question {q.question_id}: image {path} not found")
+            image = Image.open(path)
+        cache[key] = clip_preprocess(image, size, mode)
+    return np.stack([cache[id(q.image) if isinstance(q.image, Image.Image) else q.image]
+                     for q in questions])
 
 
-def accuracy(predictions: dict[str, str], answers: list[dict]) -> dict[str, float]:
-    correct, total = Counter(), Counter()
-    for a in answers:
-        ok = normalize(predictions.get(a["question_id"], "")) == normalize(a["answer"])
-        for group in {"all", a.get("category", "all")}:
-            total[group] += 1
-            correct[group] += ok
-    return {g: correct[g] / total[g] for g in total}
-
-
-class Answerer:
-    """Greedy answers to a question file at any m, images and prompts prepared once."""
-
-    def __init__(self, model_config: ModelConfig, params, config: EvalConfig, questions):
-        self.model_config, self.params, self.config = model_config, params, config
-        self.model = VisionLanguageModel(model_config)
-        self.tokenizer = load_tokenizer(config.tokenizer_dir)
-        self.questions = questions
-        self.prompts = [encode_prompt(q["text"], config.template, self.tokenizer) for q in questions]
-        size, root = model_config.vision.image_size, Path(config.image_root)
-        images = {}
-        for q in questions:
-            if q["image"] not in images:
-                path = root / q["image"]
-                if not path.is_file():
-                    raise FileNotFoundError(f"question {q['question_id']}: image {path} not found")
-                images[q["image"]] = clip_preprocess(Image.open(path), size, config.image_mode)
-        self.images = np.stack([images[q["image"]] for q in questions])
-
-    def answer(self, m: int) -> dict[str, str]:
-        cfg, n = self.config, len(self.questions)
-        longest = max(true_length(p, [m]) for p in self.prompts)
-        seq_len = -(-longest // cfg.bucket) * cfg.bucket
-        out = {}
-        for start in range(0, n, cfg.batch_size):
-            idx = np.arange(start, start + cfg.batch_size) % n  # the last batch wraps around
-            batch = prompt_batch([self.prompts[i] for i in idx], self.images[idx], m,
-                                 self.model_config.num_queries, seq_len)
-            ids = greedy(self.model, self.params, batch, self.tokenizer.eos_id,
-                         max_new_tokens=cfg.max_new_tokens)
-            for i, tokens in zip(idx, cut_at_eos(jax.device_get(ids), self.tokenizer.eos_id)):
-                out[self.questions[i]["question_id"]] = self.tokenizer.decode(tokens)
-        return out
-
-
-def evaluate(model_config: ModelConfig, params, config: EvalConfig, out_dir: str | Path | None = None):
-    """Accuracy per m (and category) on config.questions; writes answers_m<m>.jsonl,
-    eval.json and eval.md into out_dir. Returns the eval.json dict."""
-    questions, answers = read_jsonl(config.questions), read_jsonl(config.answers)
-    known = {q["question_id"] for q in questions}
-    unanswered = [a["question_id"] for a in answers if a["question_id"] not in known]
-    if unanswered:
-        raise ValueError(f"{config.answers}: {len(unanswered)} answers have no question in "
-                         f"{config.questions} (first: {unanswered[0]!r})")
+def evaluate(model_config: ModelConfig, params, config: EvalConfig, mesh,
+             out_dir: str | Path | None = None) -> dict:
+    """Score per m on config.questions; with out_dir, writes the files listed above.
+    Returns eval.json's content."""
+    bench = benchmarks.get(config.benchmark)
     m_values = m_values_for(config, model_config.num_queries)
-    answerer = Answerer(model_config, params, config, questions)
-    results = {"majority_baseline": majority_baseline(answers), "accuracy": {}}
+    questions = bench.questions(config.questions)[: config.limit or None]
+    if not questions:
+        raise ValueError(f"{config.questions}: no questions")
+    if bench.needs_references and not config.answers:
+        raise ValueError(f"benchmark {bench.name} is scored against references: give the answers file")
+    refs = bench.references(config.answers, questions) if config.answers or not bench.needs_references else {}
+    tokenizer = load_tokenizer(config.tokenizer_dir)
+    prompts = [encode_prompt(q.text, config.template, tokenizer) for q in questions]
+    images = load_images(questions, config.image_root, model_config.vision.image_size, config.image_mode)
+    greedy = SamplingConfig(temperature=0.0, top_p=1.0, max_new_tokens=config.max_new_tokens, stop=())
+    generator = Generator(model_config, params, mesh, tokenizer.eos_id, greedy,
+                          batch_size=config.batch_size, bucket=config.bucket)
+    text_tokens = int(np.mean([len(p.tokens) - 1 for p in prompts]))  # less the image slot
+    results = {"benchmark": bench.name, "questions": len(questions), "rows": []}
+    if isinstance(bench, benchmarks.Shapes):
+        results["majority_baseline"] = bench.majority_baseline(questions, refs)
     out_dir = Path(out_dir) if out_dir else None
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    for m in tqdm(m_values, desc="eval", unit="m"):
-        predictions = answerer.answer(m)
-        results["accuracy"][m] = accuracy(predictions, answers)
+    for m in tqdm(m_values, desc=f"eval {bench.name}", unit="m"):
+        answers = generator.texts(prompts, images, m, tokenizer)
+        predictions = {q.question_id: a for q, a in zip(questions, answers)}
+        row = {"m": m, **bench.score(predictions, questions, refs)}
+        row["tflops"] = prefill_tflops(model_config, m, text_tokens)
+        row["prefill_ms"] = 1e3 * generator.prefill_seconds(prompts, images, m)
+        results["rows"].append(row)
         if out_dir:
-            write_lines(out_dir / f"answers_m{m}.jsonl", [
-                {"question_id": k, "text": v, "m": m} for k, v in predictions.items()])
+            files = {"answers_m%d.jsonl" % m: benchmarks.llava_answers(predictions, questions, m)}
+            files.update({f"m{m}/{name}": text for name, text in
+                          bench.submission(predictions, questions, refs, m).items()})
+            for name, text in files.items():
+                (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(out_dir / name, text)
     if out_dir:
-        write_atomic(out_dir / "eval.json", json.dumps(results, indent=1))
-        write_atomic(out_dir / "eval.md", markdown_table(results))
+        write_sweep(results, out_dir)
     return results
 
 
-def write_lines(path: Path, rows: list[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+def prefill_tflops(model_config: ModelConfig, m: int, text_tokens: int) -> float | None:
+    """Analytical TFLOPs of one request's prefill at m (vision tower, query transformer, LLM)."""
+    if model_config.query.variant != "official":
+        return None  # flops.query_flops covers the released resampler only
+    return flops.inference_flops(model_config, m, text_tokens)["total"] / 1e12
 
 
-def markdown_table(results: dict) -> str:
-    groups = sorted({g for acc in results["accuracy"].values() for g in acc},
-                    key=lambda g: (g != "all", g))
-    lines = ["| m | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
-    for m, acc in results["accuracy"].items():
-        lines.append(f"| {m} | " + " | ".join(f"{100 * acc.get(g, 0):.1f}" for g in groups) + " |")
-    base = results["majority_baseline"]
-    lines.append("| majority baseline | " + " | ".join(f"{100 * base.get(g, 0):.1f}" for g in groups) + " |")
-    return "\n".join(lines) + "\n"
+# ------------------------------------------------------------------------ the sweep table
+def flat_row(row: dict) -> dict:
+    """Nested details ("random": {"f1": ...}) as "random/f1" columns; numbers only."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            out.update({f"{key}/{k}": v for k, v in flat_row(value).items()})
+        elif isinstance(value, (int, float)) or value is None:
+            out[key] = value
+    return out
+
+
+def columns(rows: list[dict]) -> list[str]:
+    names = []
+    for row in rows:
+        names += [k for k in row if k not in names]
+    first = ["m", "score"]
+    last = ["tflops", "prefill_ms"]
+    return [c for c in first if c in names] + [c for c in names if c not in first + last] + last
+
+
+def fmt(value) -> str:
+    if value is None:
+        return ""
+    return str(value) if isinstance(value, int) else f"{value:.4g}" if abs(value) < 0.1 else f"{value:.1f}"
+
+
+def sweep_tables(results: dict) -> tuple[str, str]:
+    """(CSV, Markdown) of one benchmark's rows: score and details per m, TFLOPs, prefill ms."""
+    rows = [flat_row(r) for r in results["rows"]]
+    names = columns(rows)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["benchmark"] + names)
+    for r in rows:
+        writer.writerow([results["benchmark"]] + [r.get(c, "") for c in names])
+    lines = ["| " + " | ".join(names) + " |", "|---" * len(names) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in names) + " |" for r in rows]
+    base = results.get("majority_baseline")
+    if base:
+        lines.append("| majority baseline | " + " | ".join(fmt(base.get(c)) for c in names[1:]) + " |")
+    return buf.getvalue(), "\n".join(lines) + "\n"
+
+
+def write_sweep(results: dict, out_dir: Path) -> None:
+    text_csv, text_md = sweep_tables(results)
+    write_atomic(out_dir / "eval.json", json.dumps(results, indent=1))
+    write_atomic(out_dir / "eval.csv", text_csv)
+    write_atomic(out_dir / "eval.md", f"{results['benchmark']}: {results['questions']} questions\n\n"
+                 + text_md)
+    plot_sweep([results], out_dir / "eval.png")
+
+
+def plot_sweep(all_results: list[dict], path: Path) -> None:
+    """Score against m (log axis), one line per benchmark, TFLOPs per request on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for results in all_results:
+        rows = [r for r in results["rows"] if "score" in r]
+        if rows:
+            ax.plot([r["m"] for r in rows], [r["score"] for r in rows], "o-", label=results["benchmark"])
+    base = all_results[0].get("majority_baseline", {}).get("score") if len(all_results) == 1 else None
+    if base is not None:
+        ax.axhline(base, color="grey", ls=":", label="majority baseline")
+    rows = all_results[0]["rows"]
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([r["m"] for r in rows], [str(r["m"]) for r in rows])
+    ax.set_xlabel("visual tokens m")
+    ax.set_ylabel("score (%)")
+    if all(r.get("tflops") is not None for r in rows):
+        right = ax.twinx()
+        right.plot([r["m"] for r in rows], [r["tflops"] for r in rows], "s--", color="tab:red",
+                   alpha=0.6, label="TFLOPs / request")
+        right.set_ylabel("prefill TFLOPs per request", color="tab:red")
+        right.tick_params(axis="y", colors="tab:red")
+        right.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_collection(root: Path) -> list[dict]:
+    """root/sweep.csv, sweep.md and sweep.png: score per benchmark per m over every benchmark
+    evaluated under root (root/<benchmark>/eval.json)."""
+    all_results = [json.loads(p.read_text()) for p in sorted(root.glob("*/eval.json"))]
+    if not all_results:
+        return []
+    shared = ["m", "score", "tflops", "prefill_ms"]  # detail columns differ by benchmark
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["benchmark"] + shared)
+    for r in all_results:
+        writer.writerows([r["benchmark"]] + [row.get(c, "") for c in shared] for row in r["rows"])
+    write_atomic(root / "sweep.csv", buf.getvalue())
+    write_atomic(root / "sweep.md", "\n".join(f"### {r['benchmark']}\n\n{sweep_tables(r)[1]}"
+                                              for r in all_results))
+    plot_sweep(all_results, root / "sweep.png")
+    return all_results

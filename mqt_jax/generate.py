@@ -1,30 +1,71 @@
-"""Greedy generation with a preallocated KV cache: prefill the prompts at their m, then decode
-one token per step until every row has produced EOS (or max_new_tokens).
+"""Generation at any m with a preallocated KV cache: prefill the prompts, then decode one
+token per step (greedy, or temperature / top-p sampling) until every row has produced EOS or
+max_new_tokens.
 
 Prompts are laid out by `splice.layout_rows` (one per row, right-padded, positions from 0), so
-a prompt at m holds exactly m visual tokens: a smaller m is a shorter prefill.
+a prompt at m holds exactly m visual tokens: a smaller m is a shorter prefill. `Generator`
+runs batches of requests sharded over a mesh (parameters as in training, rows over data x
+fsdp), sorted by length and padded to bucketed lengths: one compilation per bucket, whatever
+the requests and their m.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import time
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mqt_jax import splice
+from mqt_jax import sharding, splice
+from mqt_jax.config import ModelConfig
 from mqt_jax.models.vlm import MODEL_INPUTS, VisionLanguageModel
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
-def greedy(model: VisionLanguageModel, params, prompts: dict, eos_id, max_new_tokens: int):
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # nucleus: sample from the smallest set of tokens holding this mass
+    max_new_tokens: int = 32
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature={self.temperature} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p={self.top_p} must be in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens} must be >= 1")
+
+
+def next_token(logits, temperature, top_p, key):
+    """logits [B, V] -> token ids [B]: argmax where temperature == 0, else a sample from the
+    top-p nucleus of softmax(logits / temperature). Both are traced: no recompilation."""
+    greedy = jnp.argmax(logits, -1)
+    scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+    ranked = jnp.sort(scaled, -1)[:, ::-1]
+    probs = jax.nn.softmax(ranked, -1)
+    before = jnp.cumsum(probs, -1) - probs  # mass of the tokens ranked above each one
+    kept = jnp.where(before < top_p, ranked, jnp.inf).min(-1, keepdims=True)  # the top one always
+    sampled = jax.random.categorical(key, jnp.where(scaled >= kept, scaled, -jnp.inf))
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+def _generate(model: VisionLanguageModel, max_new_tokens: int, params, prompts: dict, eos_id,
+              temperature, top_p, key):
     """prompts: the MODEL_INPUTS arrays [B, T] -> generated ids [B, max_new_tokens] (EOS
     repeated after a row's first EOS)."""
     seq_len = prompts["token_ids"].shape[1]
     logits, cache = model.apply({"params": params}, *(prompts[k] for k in MODEL_INPUTS),
                                 seq_len + max_new_tokens, method="prefill")
     last = (prompts["segment_ids"] > 0).sum(1) - 1
-    first = jnp.argmax(logits[jnp.arange(logits.shape[0]), last], -1).astype(jnp.int32)
+    first = next_token(logits[jnp.arange(logits.shape[0]), last], temperature, top_p,
+                       jax.random.fold_in(key, 0))
     out = jnp.full((first.shape[0], max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first)
 
     def more(carry):
@@ -35,21 +76,26 @@ def greedy(model: VisionLanguageModel, params, prompts: dict, eos_id, max_new_to
         step, out, cache, done = carry
         previous = jax.lax.dynamic_slice_in_dim(out, step - 1, 1, axis=1)  # [B, 1]
         logits, cache = model.apply({"params": params}, previous, cache, method="decode")
-        token = jnp.where(done, eos_id, jnp.argmax(logits[:, 0], -1).astype(jnp.int32))
+        token = next_token(logits[:, 0], temperature, top_p, jax.random.fold_in(key, step))
+        token = jnp.where(done, eos_id, token)
         return step + 1, out.at[:, step].set(token), cache, done | (token == eos_id)
 
     _, out, _, _ = jax.lax.while_loop(more, decode, (1, out, cache, first == eos_id))
     return out
 
 
+def _prefill_logits(model: VisionLanguageModel, params, prompts: dict):
+    return model.apply({"params": params}, *(prompts[k] for k in MODEL_INPUTS), method="__call__")
+
+
 def prompt_batch(examples: list[splice.Example], images: np.ndarray, m: int, num_queries: int,
                  seq_len: int) -> dict[str, np.ndarray]:
     """One prompt per row at the same m; images [B, H, W, 3]."""
     m_rows = np.full((len(examples), 1), m, np.int32)
-    laid = splice.layout_rows([[e] for e in examples], m_rows, num_queries, seq_len)
     lengths = [splice.true_length(e, m_rows[i]) for i, e in enumerate(examples)]
     if max(lengths) > seq_len:
         raise ValueError(f"a prompt of {max(lengths)} tokens at m={m} does not fit seq_len={seq_len}")
+    laid = splice.layout_rows([[e] for e in examples], m_rows, num_queries, seq_len)
     return {"images": images[:, None].astype(np.float32), "m": m_rows,
             **{k: laid[k] for k in MODEL_INPUTS[2:]}}  # token_ids ... segment_ids
 
@@ -59,3 +105,87 @@ def cut_at_eos(ids: np.ndarray, eos_id: int) -> list[list[int]]:
     for row in np.asarray(ids).tolist():
         out.append(row[: row.index(eos_id)] if eos_id in row else row)
     return out
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """The text before the earliest stop string."""
+    ends = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
+class Generator:
+    """Batched, sharded generation at any m (1 <= m <= M, checked on every call).
+
+    Requests are sorted by prompt length and cut into batches of `batch_size` rows, each
+    padded to the next multiple of `bucket` tokens: the generate function compiles once per
+    bucket length (jax's cache keys on shapes), never per request or per m."""
+
+    def __init__(self, model_config: ModelConfig, params, mesh, eos_id: int,
+                 sampling: SamplingConfig = SamplingConfig(), batch_size: int = 16,
+                 bucket: int = 16):
+        if batch_size % sharding.batch_divisor(mesh):
+            raise ValueError(f"batch_size={batch_size} is not divisible by the mesh's data x fsdp "
+                             f"= {sharding.batch_divisor(mesh)} devices")
+        self.model_config, self.mesh, self.eos_id = model_config, mesh, eos_id
+        self.sampling, self.batch_size, self.bucket = sampling, batch_size, bucket
+        self.model = VisionLanguageModel(model_config)
+        whole = lambda x: isinstance(x, jax.Array) and x.sharding.num_devices == mesh.size  # noqa: E731
+        param_sh = jax.tree.map(lambda x: x.sharding if whole(x) else sharding.replicated(mesh), params)
+        self.params = jax.device_put(params, param_sh)  # unplaced (host) parameters: replicated
+        batch_sh = {k: sharding.batch_sharding(mesh) for k in MODEL_INPUTS}
+        self.batch_shardings = batch_sh
+        out = sharding.replicated(mesh)
+        self._generate = jax.jit(functools.partial(_generate, self.model, sampling.max_new_tokens),
+                                 in_shardings=(param_sh, batch_sh, None, None, None, None),
+                                 out_shardings=out)
+        self._prefill = jax.jit(functools.partial(_prefill_logits, self.model),
+                                in_shardings=(param_sh, batch_sh), out_shardings=batch_sh["m"])
+        self._calls = 0
+
+    def batches(self, prompts: list[splice.Example], images: np.ndarray, m: int):
+        """(row indices, placed batch) in order of prompt length; the last batch repeats its
+        last request to fill `batch_size` rows."""
+        splice.check_m([m], self.model_config.num_queries)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
+        lengths = np.array([splice.true_length(p, [m]) for p in prompts])
+        order = np.argsort(lengths, kind="stable")
+        rows = sharding.process_rows(self.mesh, self.batch_size)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            idx = np.concatenate([idx, np.full(self.batch_size - len(idx), idx[-1])])
+            seq_len = -(-lengths[idx].max() // self.bucket) * self.bucket
+            batch = prompt_batch([prompts[i] for i in idx], images[idx], m,
+                                 self.model_config.num_queries, seq_len)
+            yield idx, {k: jax.make_array_from_process_local_data(self.batch_shardings[k], v[rows])
+                        for k, v in batch.items()}
+
+    def __call__(self, prompts: list[splice.Example], images: np.ndarray, m: int) -> list[list[int]]:
+        """Generated token ids per prompt (up to, not including, EOS). images [N, H, W, 3]."""
+        s, out = self.sampling, [None] * len(prompts)
+        with sharding.activate(self.mesh):
+            for idx, batch in self.batches(prompts, images, m):
+                key = jax.random.fold_in(jax.random.key(s.seed), self._calls)
+                self._calls += 1
+                ids = self._generate(self.params, batch, self.eos_id, s.temperature, s.top_p, key)
+                for i, tokens in zip(idx, cut_at_eos(jax.device_get(ids), self.eos_id)):
+                    out[i] = tokens
+        return out
+
+    def texts(self, prompts, images, m: int, tokenizer) -> list[str]:
+        """Decoded answers, each cut before the first stop string."""
+        return [cut_at_stop(tokenizer.decode(ids), self.sampling.stop).strip()
+                for ids in self(prompts, images, m)]
+
+    def prefill_seconds(self, prompts, images, m: int, repeats: int = 3) -> float:
+        """Median wall time of one batch's prefill (the forward over prompt + m visual tokens)
+        at m, after a warm-up call that compiles it."""
+        with sharding.activate(self.mesh):
+            _, batch = next(self.batches(prompts[: self.batch_size], images[: self.batch_size], m))
+            jax.block_until_ready(self._prefill(self.params, batch))
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                jax.block_until_ready(self._prefill(self.params, batch))
+                times.append(time.perf_counter() - start)
+        return float(np.median(times))

@@ -14,7 +14,7 @@ from mqt_jax import sharding
 from mqt_jax.checkpoint import restore_params
 from mqt_jax.config import ModelConfig
 from mqt_jax.data.shapes import write_shapes
-from mqt_jax.evaluate import EvalConfig, evaluate, m_values_for, markdown_table
+from mqt_jax.evaluate import EvalConfig, evaluate, m_values_for, sweep_tables, write_collection
 from mqt_jax.m_sampler import MSampler
 from mqt_jax.train import TrainConfig, Trainer, train
 
@@ -60,17 +60,73 @@ def run(workdir: str) -> dict | None:
     if not recipe.stages:
         train(str(workdir))
     with scoped(scope):
-        config = EvalConfig()
-        if not config.questions:
+        if not EvalConfig().questions:
             return None
-        if jax.process_count() > 1:
-            say("eval: skipped in a multi-process run (it runs on one host)")
-            return None
-        model_config = ModelConfig()
-        mesh = sharding.make_mesh(sharding.MeshConfig())
-        params, step = restore_params(final, Trainer(model_config, TrainConfig(), mesh).abstract_params())
-    print(f"== eval: {final} step {step} on {config.questions}")
-    with sharding.activate(mesh):
-        results = evaluate(model_config, params, config, workdir / "eval")
-    print(f"accuracy (%) by m, exact match; written to {workdir / 'eval'}\n" + markdown_table(results))
+    if jax.process_count() > 1:
+        say("eval: skipped in a multi-process run (run `mqt-jax eval` on one host)")
+        return None
+    run_ = open_run(final, scope)
+    say(f"== eval: {final} step {run_.step} on {run_.eval_config.questions}")
+    return evaluate_run(run_, workdir / "eval")
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    """A run's final parameters, placed on this host's mesh, with its settings."""
+
+    path: Path
+    step: int
+    model_config: ModelConfig
+    eval_config: EvalConfig
+    mesh: jax.sharding.Mesh
+    params: dict
+
+
+def open_run(path: str | Path, scope: str | None = None, step: int | None = None) -> TrainedRun:
+    """The run in `path`: a training workdir (holding checkpoints/ and config.gin) or a
+    two-stage recipe's workdir (its final stage). Its settings come from the run's config.gin
+    as already parsed (`parse_run_config`), in the gin scope of its stage."""
+    path = Path(path)
+    if scope is None:
+        path, scope = run_folder(path)
+    with scoped(scope):
+        model_config, mesh = ModelConfig(), sharding.make_mesh(sharding.MeshConfig())
+        abstract = Trainer(model_config, TrainConfig(), mesh).abstract_params()
+        params, step = restore_params(path, abstract, step)
+        return TrainedRun(path, step, model_config, EvalConfig(), mesh, params)
+
+
+def run_folder(path: Path) -> tuple[Path, str]:
+    """(the folder of the run to open, its gin scope): path itself, or a recipe's final
+    stage W/<stage> (Recipe.stages in the stages' config.gin)."""
+    if (path / "checkpoints").is_dir() or path.name == "checkpoints":
+        run = path.parent if path.name == "checkpoints" else path
+        return run, run.name if run.name in Recipe().stages else ""
+    stages = Recipe().stages
+    if stages and (path / stages[-1] / "checkpoints").is_dir():
+        return path / stages[-1], stages[-1]
+    raise FileNotFoundError(f"{path} holds no run: no checkpoints/ in it"
+                            + (f" nor in {path / stages[-1]}" if stages else ""))
+
+
+def run_config_file(path: str | Path) -> Path:
+    """The config.gin that a training run wrote: in path, its final stage, or next to the
+    checkpoints folder."""
+    path = Path(path)
+    for candidate in [path / "config.gin", path.parent / "config.gin",
+                      *sorted(path.glob("*/config.gin"), key=lambda p: p.stat().st_mtime)[::-1]]:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no config.gin in {path} or its stages: is it a training workdir?")
+
+
+def evaluate_run(run_: TrainedRun, out_root: Path, config: EvalConfig | None = None) -> dict:
+    """Evaluate into out_root/<benchmark>/ and refresh out_root's sweep table and plot."""
+    config = config or run_.eval_config
+    with sharding.activate(run_.mesh):
+        results = evaluate(run_.model_config, run_.params, config, run_.mesh,
+                           out_root / config.benchmark)
+    write_collection(out_root)
+    print(f"{results['benchmark']} score (%) by m; written to {out_root / config.benchmark}\n"
+          + sweep_tables(results)[1])
     return results

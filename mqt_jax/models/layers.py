@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 Array = jax.Array
@@ -143,6 +144,15 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
+def attention_weights(q: Array, k: Array, mask: Array | None) -> Array:
+    """The softmax weights [B, heads, T, S] that `attend` applies (computed explicitly)."""
+    k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
+    logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) / np.sqrt(q.shape[-1])
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+
 class Attention(nn.Module):
     """Multi-head attention with optional grouped kv heads, biases and RoPE."""
 
@@ -193,7 +203,15 @@ class Attention(nn.Module):
                      "v": write(cache["v"], v.astype(cache["v"].dtype), cache["index"]),
                      "index": cache["index"] + q.shape[1]}
             k, v = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
-        out = attend(q, k, v, mask)
+        if self.is_mutable_collection("perturbations") or self.has_variable("perturbations", "weights"):
+            # Grad-CAM (mqt_jax/gradcam.py): the weights as an intermediate whose gradient
+            # can be taken; adds zero, so the output is unchanged.
+            weights = self.perturb("weights", attention_weights(q, k, mask))
+            self.sow("intermediates", "weights", weights)
+            v = jnp.repeat(v, q.shape[2] // v.shape[2], axis=2)
+            out = jnp.einsum("bhts,bshd->bthd", weights.astype(v.dtype), v)
+        else:
+            out = attend(q, k, v, mask)
         out = dense(
             self.out_features, ("heads", "head_dim", "embed"), num_in=2,
             use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="out",
@@ -243,7 +261,7 @@ def scan_blocks(block: type[nn.Module], length: int, remat_policy: str, num_broa
         block = nn.remat(block, policy=REMAT_POLICY[remat_policy], prevent_cse=False)
     return nn.scan(
         block,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "intermediates": 0, "perturbations": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast,) * num_broadcast + (0,) * num_scanned,
         length=length,

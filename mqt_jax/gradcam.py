@@ -1,0 +1,105 @@
+"""Grad-CAM per m: where the m visual tokens looked in the image, weighted by how much that
+mattered to the answer.
+
+For each m, the model's own answer at m is scored (its log-likelihood given the prompt); the
+query transformer's cross-attention weights A [heads, queries, patches] are taken as a
+differentiable intermediate (layers.Attention's Grad-CAM hook) and the map is
+relu(dlogp/dA * A) averaged over heads, over the m tokens the LLM saw (and over layers for
+the qformer), one value per patch.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mqt_jax import splice
+from mqt_jax.config import ModelConfig
+from mqt_jax.data.preprocess import CLIP_MEAN, CLIP_STD
+from mqt_jax.models.vlm import MODEL_INPUTS, VisionLanguageModel
+
+
+def answer_example(prompt: splice.Example, answer_ids: list[int], eos_id: int) -> splice.Example:
+    """The prompt followed by the answer and EOS, the loss on the answer."""
+    tail = list(answer_ids) + [eos_id]
+    return splice.Example(list(prompt.tokens) + tail, [splice.IGNORE] * len(prompt.tokens) + tail)
+
+
+def cross_attention(tree: dict, variant: str):
+    """The query transformer's cross-attention entry of a perturbations/intermediates tree."""
+    qt = tree["query_transformer"]
+    return qt["attn"]["weights"] if variant == "official" else qt["layers"]["cross_attn"]["weights"]
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _patch_map(model: VisionLanguageModel, params, batch: dict):
+    """[patches] Grad-CAM of the answer in `batch` (one row) at its m."""
+    inputs = [batch[k] for k in MODEL_INPUTS]
+    _, state = model.apply({"params": params}, *inputs, mutable=["perturbations"])
+
+    def log_likelihood(perturbations):
+        logits, inter = model.apply({"params": params, "perturbations": perturbations}, *inputs,
+                                    mutable=["intermediates"])
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+        picked = jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+        return (picked * batch["loss_mask"]).sum(), inter["intermediates"]
+
+    grads, inter = jax.grad(log_likelihood, has_aux=True)(state["perturbations"])
+    variant = model.config.query.variant
+    grad, (weights,) = cross_attention(grads, variant), cross_attention(inter, variant)
+    cam = jax.nn.relu(grad * weights)  # [(layers,) 1, heads, M, patches]
+    cam = cam.reshape((-1,) + cam.shape[-3:]).mean(0)  # over layers (and the batch of 1)
+    seen = jnp.arange(cam.shape[1]) < batch["m"][0, 0]  # the tokens the LLM saw
+    return (cam * seen[None, :, None]).sum(1).mean(0) / batch["m"][0, 0]
+
+
+def gradcam_maps(model_config: ModelConfig, params, prompt: splice.Example, image: np.ndarray,
+                 answers: dict[int, list[int]], eos_id: int, bucket: int = 16) -> dict[int, np.ndarray]:
+    """{m: [grid, grid] map} for each m's answer token ids; image [H, W, 3] preprocessed."""
+    model = VisionLanguageModel(model_config)
+    grid = model_config.vision.grid_size
+    out = {}
+    for m, ids in answers.items():
+        example = answer_example(prompt, ids, eos_id)
+        m_rows = splice.check_m([[m]], model_config.num_queries)
+        seq_len = -(-splice.true_length(example, [m]) // bucket) * bucket
+        batch = splice.layout_rows([[example]], m_rows, model_config.num_queries, seq_len)
+        batch.update(images=image[None, None].astype(np.float32), m=m_rows)
+        out[m] = np.asarray(_patch_map(model, params, batch)).reshape(grid, grid)
+    return out
+
+
+def draw(image: np.ndarray, maps: dict[int, np.ndarray], answers: dict[int, str], path: str | Path,
+         title: str = "") -> None:
+    """One row: the image, then per m the image under its heat map, titled with the answer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    pixels = np.clip(image * np.array(CLIP_STD) + np.array(CLIP_MEAN), 0, 1)
+    size = pixels.shape[:2][::-1]
+    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(2.6 * (len(maps) + 1), 3.0), dpi=120)
+    axes[0].imshow(pixels)
+    axes[0].set_title("image", fontsize=9)
+    for ax, (m, cam) in zip(axes[1:], maps.items()):
+        scaled = cam / cam.max() if cam.max() > 0 else cam
+        heat = np.asarray(Image.fromarray(scaled.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
+        ax.imshow(pixels)
+        ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        ax.set_title(f"m={m}: {answers[m][:28]}", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title[:100], fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
