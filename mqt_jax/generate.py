@@ -19,6 +19,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from mqt_jax import sharding, splice
 from mqt_jax.config import ModelConfig
@@ -56,10 +57,12 @@ def next_token(logits, temperature, top_p, key):
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def _generate(model: VisionLanguageModel, max_new_tokens: int, params, prompts: dict, eos_id,
               temperature, top_p, key):
     """prompts: the MODEL_INPUTS arrays [B, T] -> generated ids [B, max_new_tokens] (EOS
-    repeated after a row's first EOS)."""
+    repeated after a row's first EOS), replicated. Inputs arrive placed: jit takes their
+    shardings, and its cache (shared by every Generator) keys on them and on the shapes."""
     seq_len = prompts["token_ids"].shape[1]
     logits, cache = model.apply({"params": params}, *(prompts[k] for k in MODEL_INPUTS),
                                 seq_len + max_new_tokens, method="prefill")
@@ -81,11 +84,12 @@ def _generate(model: VisionLanguageModel, max_new_tokens: int, params, prompts: 
         return step + 1, out.at[:, step].set(token), cache, done | (token == eos_id)
 
     _, out, _, _ = jax.lax.while_loop(more, decode, (1, out, cache, first == eos_id))
-    return out
+    return jax.lax.with_sharding_constraint(out, P())  # every host gets every row
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _prefill_logits(model: VisionLanguageModel, params, prompts: dict):
-    return model.apply({"params": params}, *(prompts[k] for k in MODEL_INPUTS), method="__call__")
+    return model.apply({"params": params}, *(prompts[k] for k in MODEL_INPUTS))
 
 
 def prompt_batch(examples: list[splice.Example], images: np.ndarray, m: int, num_queries: int,
@@ -132,14 +136,7 @@ class Generator:
         whole = lambda x: isinstance(x, jax.Array) and x.sharding.num_devices == mesh.size  # noqa: E731
         param_sh = jax.tree.map(lambda x: x.sharding if whole(x) else sharding.replicated(mesh), params)
         self.params = jax.device_put(params, param_sh)  # unplaced (host) parameters: replicated
-        batch_sh = {k: sharding.batch_sharding(mesh) for k in MODEL_INPUTS}
-        self.batch_shardings = batch_sh
-        out = sharding.replicated(mesh)
-        self._generate = jax.jit(functools.partial(_generate, self.model, sampling.max_new_tokens),
-                                 in_shardings=(param_sh, batch_sh, None, None, None, None),
-                                 out_shardings=out)
-        self._prefill = jax.jit(functools.partial(_prefill_logits, self.model),
-                                in_shardings=(param_sh, batch_sh), out_shardings=batch_sh["m"])
+        self.batch_sharding = sharding.batch_sharding(mesh)
         self._calls = 0
 
     def batches(self, prompts: list[splice.Example], images: np.ndarray, m: int):
@@ -157,7 +154,7 @@ class Generator:
             seq_len = -(-lengths[idx].max() // self.bucket) * self.bucket
             batch = prompt_batch([prompts[i] for i in idx], images[idx], m,
                                  self.model_config.num_queries, seq_len)
-            yield idx, {k: jax.make_array_from_process_local_data(self.batch_shardings[k], v[rows])
+            yield idx, {k: jax.make_array_from_process_local_data(self.batch_sharding, v[rows])
                         for k, v in batch.items()}
 
     def __call__(self, prompts: list[splice.Example], images: np.ndarray, m: int) -> list[list[int]]:
@@ -167,7 +164,8 @@ class Generator:
             for idx, batch in self.batches(prompts, images, m):
                 key = jax.random.fold_in(jax.random.key(s.seed), self._calls)
                 self._calls += 1
-                ids = self._generate(self.params, batch, self.eos_id, s.temperature, s.top_p, key)
+                ids = _generate(self.model, s.max_new_tokens, self.params, batch, self.eos_id,
+                                s.temperature, s.top_p, key)
                 for i, tokens in zip(idx, cut_at_eos(jax.device_get(ids), self.eos_id)):
                     out[i] = tokens
         return out
@@ -182,10 +180,10 @@ class Generator:
         at m, after a warm-up call that compiles it."""
         with sharding.activate(self.mesh):
             _, batch = next(self.batches(prompts[: self.batch_size], images[: self.batch_size], m))
-            jax.block_until_ready(self._prefill(self.params, batch))
+            jax.block_until_ready(_prefill_logits(self.model, self.params, batch))
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                jax.block_until_ready(self._prefill(self.params, batch))
+                jax.block_until_ready(_prefill_logits(self.model, self.params, batch))
                 times.append(time.perf_counter() - start)
         return float(np.median(times))

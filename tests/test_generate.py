@@ -1,11 +1,17 @@
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from helpers import init_params, tiny_config
-from mqt_jax import splice
-from mqt_jax.generate import cut_at_eos, greedy, prompt_batch
+from mqt_jax import sharding, splice
+from mqt_jax.config import ModelConfig
+from mqt_jax.generate import (Generator, SamplingConfig, cut_at_eos, cut_at_stop, next_token,
+                              prompt_batch)
 from mqt_jax.models.vlm import MODEL_INPUTS, VisionLanguageModel
+from mqt_jax.train import CompileCounter, TrainConfig, Trainer
 
 EOS = 2
 
@@ -32,9 +38,10 @@ def recompute_greedy(model, params, examples, images, m, num_queries, steps):
     """Reference without a cache: append each argmax to the prompt and run it all again."""
     examples = list(examples)
     out = [[] for _ in examples]
+    forward = jax.jit(model.apply)
     for _ in range(steps):
         batch = prompt_batch(examples, images, m, num_queries, seq_len=64)
-        logits = model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS))
+        logits = forward({"params": params}, *(batch[k] for k in MODEL_INPUTS))
         last = (batch["segment_ids"] > 0).sum(1) - 1
         nxt = np.asarray(jnp.argmax(logits[np.arange(len(examples)), last], -1))
         for i, t in enumerate(nxt):
@@ -44,15 +51,27 @@ def recompute_greedy(model, params, examples, images, m, num_queries, steps):
     return np.array(out)
 
 
-@pytest.mark.parametrize("m", [1, 16])
-def test_cached_greedy_equals_recomputing_the_whole_sequence(m):
+def make_generator(cfg: ModelConfig, params, mesh_shape=(1, 8, 1), eos=-1, placed=False, **sampling):
+    """A Generator on an 8-device mesh; `placed`: parameters in training's shardings."""
+    mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
+    if placed:
+        abstract = Trainer(cfg, TrainConfig(batch_size=8), mesh).abstract_params()
+        params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract))
+    return Generator(cfg, params, mesh, eos, SamplingConfig(**{"max_new_tokens": 6, **sampling}),
+                     batch_size=8, bucket=8)
+
+
+@pytest.mark.parametrize("m,mesh_shape", [(1, (1, 8, 1)), (16, (2, 2, 2))])
+def test_cached_greedy_equals_recomputing_the_whole_sequence(m, mesh_shape):
     cfg = tiny_config(num_queries=16)
     model = VisionLanguageModel(cfg)
     examples, images = prompts(cfg, [4, 9, 6])  # rows of different lengths
     batch = prompt_batch(examples, images, m, cfg.num_queries, seq_len=40)
     params = varied(init_params(model, batch, method="logits"))
-    # eos_id = -1: never produced, so all 6 steps run and every token is compared.
-    got = np.asarray(greedy(model, params, batch, -1, max_new_tokens=6))
+    # eos_id = -1: never produced, so all 6 steps run and every token is compared. The
+    # parameters are fsdp/tensor-sharded as in training on the (2, 2, 2) mesh.
+    generator = make_generator(cfg, params, mesh_shape, placed=mesh_shape != (1, 8, 1))
+    got = np.array(generator(examples, images, m))
     want = recompute_greedy(model, params, examples, images, m, cfg.num_queries, 6)
     np.testing.assert_array_equal(got, want)
     assert len(set(got.ravel().tolist())) > 2  # not a degenerate constant output
@@ -64,9 +83,9 @@ def test_prefill_logits_equal_the_training_forward():
     examples, images = prompts(cfg, [7, 3])
     batch = prompt_batch(examples, images, 6, cfg.num_queries, seq_len=32)
     params = init_params(model, batch, method="logits")
-    full = model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS))
-    pre, cache = model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS), 40,
-                             method="prefill")
+    full = jax.jit(model.apply)({"params": params}, *(batch[k] for k in MODEL_INPUTS))
+    prefill = jax.jit(functools.partial(model.apply, method="prefill"), static_argnums=7)
+    pre, cache = prefill({"params": params}, *(batch[k] for k in MODEL_INPUTS), 40)
     real = batch["segment_ids"] > 0
     np.testing.assert_allclose(np.asarray(pre)[real], np.asarray(full)[real], rtol=1e-5, atol=1e-5)
     assert cache["k"].shape == (cfg.llm.num_layers, 2, 40, cfg.llm.num_kv_heads, cfg.llm.head_dim)
@@ -78,15 +97,82 @@ def test_stops_at_eos_and_cuts():
     cfg = tiny_config(num_queries=16)
     model = VisionLanguageModel(cfg)
     examples, images = prompts(cfg, [4, 5])
-    batch = prompt_batch(examples, images, 3, cfg.num_queries, seq_len=32)
-    params = init_params(model, batch, method="logits")
-    free = np.asarray(greedy(model, params, batch, -1, max_new_tokens=6))
-    eos = int(free[0, 1])  # pretend row 0's second token is EOS
-    got = np.asarray(greedy(model, params, batch, eos, max_new_tokens=6))
-    assert got[0, 1] == eos and (got[0, 2:] == eos).all()  # padded with EOS after it
-    row1 = free[1].tolist()
-    cut = row1.index(eos) if eos in row1 else len(row1)
-    np.testing.assert_array_equal(got[1, :cut], free[1, :cut])
+    params = varied(init_params(model, prompt_batch(examples, images, 3, 16, 32), method="logits"))
+    free = make_generator(cfg, params)(examples, images, 3)
+    eos = free[0][1]  # pretend row 0's second token is EOS
+    got = make_generator(cfg, params, eos=eos)(examples, images, 3)
+    assert got[0] == free[0][:1]  # cut before it
+    cut = free[1].index(eos) if eos in free[1] else len(free[1])
+    assert got[1] == free[1][:cut]
+
+
+def test_stop_strings():
+    assert cut_at_stop("red. USER: next", ("USER:", "###")) == "red. "
+    assert cut_at_stop("a###b USER:", ("USER:", "###")) == "a"
+    assert cut_at_stop("plain", ("USER:",)) == "plain"
+    assert cut_at_stop("plain", ()) == "plain"
+
+
+def test_top_p_samples_from_the_nucleus_in_proportion():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 4000)
+    draw = jax.jit(jax.vmap(lambda k, t, p: next_token(logits, t, p, k)[0], (0, None, None)))
+    # top_p = 0.7: the nucleus is {0, 1} (0.5 < 0.7 <= 0.8); sampled as 0.5 : 0.3.
+    counts = np.bincount(np.asarray(draw(keys, 1.0, 0.7)), minlength=4) / 4000
+    np.testing.assert_allclose(counts, [0.625, 0.375, 0, 0], atol=0.03)
+    # top_p = 1: every token, in proportion to softmax(logits)
+    counts = np.bincount(np.asarray(draw(keys, 1.0, 1.0)), minlength=4) / 4000
+    np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    # temperature 0.5 sharpens: p^2 renormalised
+    sharp = np.array([0.25, 0.09, 0.0225, 0.0025]) / 0.365
+    counts = np.bincount(np.asarray(draw(keys, 0.5, 1.0)), minlength=4) / 4000
+    np.testing.assert_allclose(counts, sharp, atol=0.03)
+    # temperature 0 is the argmax whatever the key; a tiny top_p keeps only the top token
+    assert set(np.asarray(draw(keys[:50], 0.0, 1.0)).tolist()) == {0}
+    assert set(np.asarray(draw(keys[:50], 1.0, 0.01)).tolist()) == {0}
+
+
+def test_sampling_is_seeded_and_differs_from_greedy():
+    cfg = tiny_config(num_queries=16)
+    model = VisionLanguageModel(cfg)
+    examples, images = prompts(cfg, [4, 5, 6, 7])
+    params = varied(init_params(model, prompt_batch(examples, images, 3, 16, 32), method="logits"))
+    greedy = make_generator(cfg, params)(examples, images, 3)
+    hot = lambda seed: make_generator(cfg, params, temperature=1.5, seed=seed)(examples, images, 3)  # noqa: E731
+    assert hot(1) == hot(1)
+    assert hot(1) != greedy and hot(1) != hot(2)
+    assert make_generator(cfg, params, temperature=1.5, top_p=1e-6)(examples, images, 3) == greedy
+
+
+def test_one_compilation_per_bucket_for_any_m_and_requests():
+    cfg = tiny_config(num_queries=16)
+    model = VisionLanguageModel(cfg)
+    examples, images = prompts(cfg, [4, 5, 6], seed=1)
+    params = init_params(model, prompt_batch(examples, images, 3, 16, 32), method="logits")
+    # max_new_tokens = 5, used by no other test: nothing compiled before
+    generator = make_generator(cfg, params, max_new_tokens=5)  # bucket 8: 5..7 tokens + m
+    with CompileCounter() as compiles:
+        generator(examples, images, 1)  # 6..8 tokens: bucket 8
+        generator(examples[:2], images[:2], 2)  # 7..8: bucket 8, other requests
+        generator(examples, images, 9)  # 14..16: bucket 16
+        generator(examples[:2], images[:2], 8)  # 13..14: bucket 16
+    generate_compiles = sum(n for name, n in compiles.counts.items() if "generate" in name)
+    assert generate_compiles == 2, compiles.counts
+
+
+@pytest.mark.parametrize("m", [0, 17])
+def test_m_outside_one_to_M_is_an_error(m):
+    cfg = tiny_config(num_queries=16)
+    examples, images = prompts(cfg, [4])
+    with pytest.raises(ValueError, match=rf"m=\[{m}\] outside \[1, 16\]"):
+        make_generator(cfg, {})(examples, images, m)  # checked before any parameter is used
+
+
+def test_bad_sampling_settings_are_named():
+    with pytest.raises(ValueError, match="top_p=0"):
+        SamplingConfig(top_p=0)
+    with pytest.raises(ValueError, match="temperature=-1"):
+        SamplingConfig(temperature=-1)
 
 
 def test_prompt_longer_than_the_bucket_is_an_error():
