@@ -195,7 +195,8 @@ class Benchmark:
         raise NotImplementedError
 
     def submission(self, predictions: dict[str, str], questions, refs, m: int) -> dict[str, str]:
-        return {"answers.jsonl": llava_answers(predictions, questions, m)}
+        """Files beyond answers_m<m>.jsonl (LLaVA's answer file, always written)."""
+        return {}
 
 
 def llava_answers(predictions: dict[str, str], questions: list[Question], m: int,
@@ -512,6 +513,18 @@ class MME(Benchmark):
 
 
 # ------------------------------------------------------------------------------ MMBench
+def mmbench_letter(prediction: str, options: list[str]) -> str | None:
+    """MMBench's can_infer: exactly one option letter as a word (punctuation aside), else
+    exactly one option's text in the answer; otherwise nothing."""
+    letters = LETTERS[:len(options)]
+    words = re.sub(r"[.,:;!?()\[\]'\"]", " ", prediction).split()
+    found = [c for c in letters if c in words]
+    if len(found) == 1:
+        return found[0]
+    found = [c for c, o in zip(letters, options) if o.lower() in prediction.lower()]
+    return found[0] if len(found) == 1 else None
+
+
 class MMBench(Benchmark):
     """MMBench's TSV (index, question, hint, A.., answer, category, image as base64). Circular
     evaluation: each question is asked once per rotation of its options and counts as right
@@ -534,6 +547,7 @@ class MMBench(Benchmark):
                 for r in range(len(options)):  # round r shifts the options by r
                     rotated = options[r:] + options[:r]
                     meta = {"index": row["index"], "round": r, "options": rotated,
+                            "question": row["question"], "hint": hint,
                             "category": row.get("category", ""),
                             "answer": None if answer is None else LETTERS[(answer - r) % len(options)]}
                     out.append(Question(f"{row['index']}_r{r}", options_prompt(row["question"], rotated, hint),
@@ -547,7 +561,7 @@ class MMBench(Benchmark):
         rounds = defaultdict(list)
         for q in questions:
             rounds[q.meta["index"]].append(
-                letter_of(predictions[q.question_id], len(q.meta["options"])) == q.meta["answer"])
+                mmbench_letter(predictions[q.question_id], q.meta["options"]) == q.meta["answer"])
         circular = {i: all(v) for i, v in rounds.items()}
         category = {q.meta["index"]: q.meta["category"] for q in questions}
         groups = defaultdict(list)
@@ -562,10 +576,12 @@ class MMBench(Benchmark):
         index is index + round * 1e6 (MMBench's convention for circular copies)."""
         buf = io.StringIO()
         writer = csv.writer(buf, delimiter="\t")
-        writer.writerow(["index", "question", "A", "B", "C", "D", "answer", "prediction", "category"])
+        writer.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer", "prediction",
+                         "category"])
         for q in questions:
             options = (q.meta["options"] + [""] * 4)[:4]
-            writer.writerow([int(q.meta["index"]) + q.meta["round"] * 1_000_000, q.text, *options,
+            writer.writerow([int(q.meta["index"]) + q.meta["round"] * 1_000_000, q.meta["question"],
+                             q.meta["hint"], *options,
                              q.meta["answer"], predictions[q.question_id], q.meta["category"]])
         return {"mmbench_predictions.tsv": buf.getvalue()}
 

@@ -166,6 +166,7 @@ def sweep_tables(results: dict) -> tuple[str, str]:
 
 def write_sweep(results: dict, out_dir: Path) -> None:
     text_csv, text_md = sweep_tables(results)
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "eval.json", json.dumps(results, indent=1))
     write_atomic(out_dir / "eval.csv", text_csv)
     write_atomic(out_dir / "eval.md", f"{results['benchmark']}: {results['questions']} questions\n\n"

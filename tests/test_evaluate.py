@@ -1,33 +1,13 @@
+import json
+
 import pytest
+from PIL import Image
 
-from mqt_jax.evaluate import EvalConfig, accuracy, majority_baseline, m_values_for, markdown_table, normalize
+from mqt_jax.evaluate import EvalConfig, m_values_for, sweep_tables, write_collection, write_sweep
 
-ANSWERS = [
-    {"question_id": "a", "answer": "yes", "category": "coarse", "type": "has"},
-    {"question_id": "b", "answer": "yes", "category": "coarse", "type": "has"},
-    {"question_id": "c", "answer": "no", "category": "coarse", "type": "has"},
-    {"question_id": "d", "answer": "red", "category": "fine", "type": "colour"},
-    {"question_id": "e", "answer": "blue", "category": "fine", "type": "colour"},
-    {"question_id": "f", "answer": "Red", "category": "fine", "type": "colour"},
-    {"question_id": "g", "answer": "0", "category": "fine", "type": "count"},
-]
-
-
-def test_normalize():
-    assert normalize("  Red. ") == "red"
-    assert normalize("two\n  squares") == "two squares"
-    assert normalize("yes") != normalize("no")
-
-
-def test_accuracy_by_hand():
-    predictions = {"a": "Yes.", "b": "no", "c": "no", "d": "red", "e": "red", "f": "red"}  # g missing
-    acc = accuracy(predictions, ANSWERS)
-    assert acc == {"all": 4 / 7, "coarse": 2 / 3, "fine": 2 / 4}
-
-
-def test_majority_baseline_by_hand():
-    # per type: has -> "yes" (2 of 3), colour -> "red" (2 of 3, "Red" normalised), count -> "0"
-    assert majority_baseline(ANSWERS) == {"all": 5 / 7, "coarse": 2 / 3, "fine": 3 / 4}
+RESULTS = {"benchmark": "pope", "questions": 6, "rows": [
+    {"m": 1, "score": 50.0, "random": {"f1": 40.0, "yes_ratio": 25.0}, "tflops": 0.5, "prefill_ms": 12.0},
+    {"m": 4, "score": 75.25, "random": {"f1": 80.0, "yes_ratio": 50.0}, "tflops": 1.0, "prefill_ms": 20.5}]}
 
 
 def test_m_values_are_capped_at_M_and_include_it():
@@ -37,9 +17,36 @@ def test_m_values_are_capped_at_M_and_include_it():
         m_values_for(EvalConfig(m_values=(0, 2)), 16)
 
 
-def test_markdown_table():
-    table = markdown_table({"accuracy": {1: {"all": 0.25, "fine": 0.5}, 4: {"all": 1.0, "fine": 1.0}},
-                            "majority_baseline": {"all": 0.5, "fine": 0.125}})
-    assert table.splitlines() == [
-        "| m | all | fine |", "|---|---|---|", "| 1 | 25.0 | 50.0 |", "| 4 | 100.0 | 100.0 |",
-        "| majority baseline | 50.0 | 12.5 |"]
+def test_sweep_tables():
+    text_csv, text_md = sweep_tables(RESULTS)
+    assert text_csv.splitlines() == [
+        "benchmark,m,score,random/f1,random/yes_ratio,tflops,prefill_ms",
+        "pope,1,50.0,40.0,25.0,0.5,12.0", "pope,4,75.25,80.0,50.0,1.0,20.5"]
+    assert text_md.splitlines() == [
+        "| m | score | random/f1 | random/yes_ratio | tflops | prefill_ms |", "|---|---|---|---|---|---|",
+        "| 1 | 50.0 | 40.0 | 25.0 | 0.5 | 12.0 |", "| 4 | 75.2 | 80.0 | 50.0 | 1.0 | 20.5 |"]
+
+
+def test_majority_baseline_row_and_small_numbers():
+    results = {"benchmark": "shapes", "questions": 2, "majority_baseline": {"score": 40.0, "fine": 30.0},
+               "rows": [{"m": 2, "score": 55.0, "fine": 50.0, "tflops": 0.000431, "prefill_ms": 3.0}]}
+    lines = sweep_tables(results)[1].splitlines()
+    assert lines[2] == "| 2 | 55.0 | 50.0 | 0.000431 | 3.0 |"
+    assert lines[3] == "| majority baseline | 40.0 | 30.0 |  |  |"
+
+
+def test_sweep_files_and_the_collection_over_benchmarks(tmp_path):
+    write_sweep(RESULTS, tmp_path / "pope")  # as evaluate() leaves them
+    other = {"benchmark": "gqa", "questions": 3, "rows": [
+        {"m": 1, "score": 30.0, "tflops": 0.5, "prefill_ms": 11.0}]}
+    write_sweep(other, tmp_path / "gqa")
+    assert json.loads((tmp_path / "pope/eval.json").read_text()) == RESULTS
+    assert Image.open(tmp_path / "pope/eval.png").size == (768, 480)
+    write_collection(tmp_path)
+    assert (tmp_path / "sweep.csv").read_text().splitlines() == [
+        "benchmark,m,score,tflops,prefill_ms", "gqa,1,30.0,0.5,11.0",
+        "pope,1,50.0,0.5,12.0", "pope,4,75.25,1.0,20.5"]
+    md = (tmp_path / "sweep.md").read_text()
+    assert "### gqa" in md and "### pope" in md
+    assert Image.open(tmp_path / "sweep.png").size == (768, 480)
+    assert not list(tmp_path.rglob("*.tmp*"))  # written atomically

@@ -8,6 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
+
+from mqt_jax import cli
 
 ENV = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "PYTHONUNBUFFERED": "1"}
 SHORT = ["--gin_param", "stage1/TrainConfig.steps = 2", "--gin_param", "stage2/TrainConfig.steps = 2",
@@ -20,23 +23,34 @@ def mqt_jax(*args, cwd):
                           capture_output=True, text=True, timeout=900)
 
 
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The shortened default run in a fresh folder: (folder, its output)."""
+    tmp_path = tmp_path_factory.mktemp("default_run")
+    return tmp_path, mqt_jax("train", *SHORT, cwd=tmp_path)
+
+
 @pytest.mark.slow
-def test_default_run_generates_data_trains_two_stages_and_evaluates(tmp_path):
-    out = mqt_jax("train", *SHORT, cwd=tmp_path)
+def test_default_run_generates_data_trains_two_stages_and_evaluates(default_run):
+    tmp_path, out = default_run
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "data/shapes/eval/questions.jsonl").is_file()
     for stage in ("stage1", "stage2"):
         assert (tmp_path / f"w/{stage}/checkpoints/2").is_dir()
     assert "plain" in (tmp_path / "w/stage1/config.gin").read_text()
     assert f"initialised ['.*'] from {tmp_path / 'w/stage1/checkpoints'}" in out.stdout
-    results = json.loads((tmp_path / "w/eval/eval.json").read_text())
-    assert list(results["accuracy"]) == ["2", "64"]
-    assert set(results["accuracy"]["2"]) == {"all", "coarse", "fine"}
-    answers = [json.loads(x) for x in (tmp_path / "w/eval/answers_m2.jsonl").read_text().splitlines()]
-    assert len(answers) == 10 and all(a["m"] == 2 for a in answers)
+    results = json.loads((tmp_path / "w/eval/shapes/eval.json").read_text())
+    assert [r["m"] for r in results["rows"]] == [2, 64]
+    assert {"score", "coarse", "fine", "tflops", "prefill_ms"} <= set(results["rows"][0])
+    assert results["rows"][0]["tflops"] < results["rows"][1]["tflops"]
+    answers = [json.loads(x) for x in (tmp_path / "w/eval/shapes/answers_m2.jsonl").read_text().splitlines()]
+    assert len(answers) == 10 and all(a["metadata"] == {"m": 2} for a in answers)
     assert "| majority baseline |" in out.stdout and "| 64 |" in out.stdout
+    for name in ("sweep.csv", "sweep.md", "sweep.png"):
+        assert (tmp_path / "w/eval" / name).is_file()
 
-    again = mqt_jax("train", *SHORT, cwd=tmp_path)  # complete: nothing is retrained
+    # Complete: nothing is retrained (and, without questions, nothing evaluated again).
+    again = mqt_jax("train", *SHORT, "--gin_param", "EvalConfig.questions = ''", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from step 2" in again.stdout and "generating" not in again.stdout
 
@@ -46,3 +60,32 @@ def test_bad_setting_fails_before_the_data_is_generated(tmp_path):
                   cwd=tmp_path)
     assert out.returncode == 2 and "does not divide" in out.stderr
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.slow
+def test_inference_commands_on_a_trained_run(default_run, monkeypatch, capsys):
+    """generate / eval / gradcam as a user runs them on the default run's workdir (in this
+    process: the run above already covers start-up from the shell)."""
+    tmp_path, out = default_run
+    assert out.returncode == 0, out.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    image = "data/shapes/images/eval/000000.png"
+    question = json.loads(open("data/shapes/eval/questions.jsonl").readline())["text"]
+    assert cli.main(["generate", "--workdir", "w", "--image", image, "--prompt", question,
+                     "--m", "1,64", "--max_new_tokens", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[-2:]] == ["m=1", "m=64"]
+
+    assert cli.main(["eval", "--workdir", "w", "--m", "2", "--out", "ev"]) == 0  # no other flags
+    rows = json.loads(open("ev/shapes/eval.json").read())["rows"]
+    assert [r["m"] for r in rows] == [2, 64]
+    assert open("ev/sweep.csv").read().splitlines()[0] == "benchmark,m,score,tflops,prefill_ms"
+
+    assert cli.main(["gradcam", "--workdir", "w", "--image", image, "--prompt", question,
+                     "--m", "1,64", "--max_new_tokens", "4", "--out", "cam.png"]) == 0
+    assert Image.open("cam.png").size[0] > Image.open("cam.png").size[1]  # one row of panels
+
+    assert cli.main(["generate", "--workdir", "w", "--image", image, "--prompt", "x", "--m", "65"]) == 2
+    assert "m=[65] outside [1, 64]" in capsys.readouterr().err
+    assert cli.main(["eval", "--workdir", "nowhere"]) == 2
+    assert "no config.gin in nowhere" in capsys.readouterr().err

@@ -1,0 +1,55 @@
+"""Grad-CAM per m on the tiny model: the hook leaves the model unchanged, the maps are
+patch-grid shaped, finite, non-negative and depend on m; the picture is drawn."""
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import init_params, tiny_config
+from mqt_jax import splice
+from mqt_jax.gradcam import answer_example, draw, gradcam_maps
+from mqt_jax.models.vlm import MODEL_INPUTS, VisionLanguageModel
+from test_generate import prompts, prompt_batch
+
+
+@pytest.mark.parametrize("variant", ["official", "qformer"])
+def test_maps_have_the_grid_shape_and_differ_between_m(variant):
+    cfg = tiny_config(variant=variant, num_queries=16)
+    model = VisionLanguageModel(cfg)
+    (prompt,), images = prompts(cfg, [5])
+    params = init_params(model, prompt_batch([prompt], images, 4, 16, 32), method="logits")
+    answers = {2: [7, 9], 8: [7, 9], 16: [11]}
+    maps = gradcam_maps(cfg, params, prompt, images[0], answers, eos_id=2)
+    grid = cfg.vision.grid_size
+    for cam in maps.values():
+        assert cam.shape == (grid, grid)
+        assert np.isfinite(cam).all() and (cam >= 0).all() and cam.max() > 0
+    assert not np.allclose(maps[2], maps[8])  # same answer, different m: different maps
+    assert not np.allclose(maps[8], maps[16])
+
+
+def test_the_attention_hook_changes_no_output():
+    cfg = tiny_config(num_queries=16)
+    model = VisionLanguageModel(cfg)
+    (prompt,), images = prompts(cfg, [5])
+    example = answer_example(prompt, [7, 9], eos_id=2)
+    batch = splice.layout_rows([[example]], np.array([[4]]), 16, 32)
+    batch.update(images=images[:, None], m=np.array([[4]], np.int32))
+    params = init_params(model, batch, method="logits")
+    inputs = [batch[k] for k in MODEL_INPUTS]
+    plain = jax.jit(model.apply)({"params": params}, *inputs)
+    hooked, state = jax.jit(lambda p: model.apply({"params": p}, *inputs,
+                                                  mutable=["perturbations", "intermediates"]))(params)
+    np.testing.assert_allclose(np.asarray(hooked), np.asarray(plain), rtol=2e-5, atol=2e-5)
+    weights, = state["intermediates"]["query_transformer"]["attn"]["weights"]
+    assert weights.shape == (1, 4, 16, cfg.vision.num_patches)  # [B, heads, M, patches]
+    np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-5)
+    assert list(example.labels[-3:]) == [7, 9, 2] and set(example.labels[:-3]) == {splice.IGNORE}
+
+
+def test_draw_writes_one_picture(tmp_path):
+    image = np.random.default_rng(0).normal(size=(32, 32, 3)).astype(np.float32)
+    maps = {2: np.eye(4), 8: np.ones((4, 4))}
+    draw(image, maps, {2: "red", 8: "blue"}, tmp_path / "cam.png", title="What colour?")
+    assert Image.open(tmp_path / "cam.png").size == (936, 360)  # 3 panels of 2.6 x 3 in at 120 dpi
