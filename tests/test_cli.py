@@ -63,9 +63,9 @@ def test_train_on_shapes_reports_skipped_records(tmp_path):
     assert rows[-1]["skipped/missing_image"] == 1
     assert "data/shapes/shapes_qa.json" in (tmp_path / "w/config.gin").read_text()
     # ... and the single-stage run is evaluated at m = 1 and M = 64 on the 10 held-out questions
-    results = json.loads((tmp_path / "w/eval/eval.json").read_text())
-    assert list(results["accuracy"]) == ["1", "64"]
+    results = json.loads((tmp_path / "w/eval/shapes/eval.json").read_text())
+    assert [r["m"] for r in results["rows"]] == [1, 64]
     for m in (1, 64):
-        answers = (tmp_path / f"w/eval/answers_m{m}.jsonl").read_text().splitlines()
+        answers = (tmp_path / f"w/eval/shapes/answers_m{m}.jsonl").read_text().splitlines()
         assert len(answers) == 10
     assert "| majority baseline |" in out.stdout

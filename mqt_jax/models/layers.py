@@ -203,7 +203,8 @@ class Attention(nn.Module):
                      "v": write(cache["v"], v.astype(cache["v"].dtype), cache["index"]),
                      "index": cache["index"] + q.shape[1]}
             k, v = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
-        if self.is_mutable_collection("perturbations") or self.has_variable("perturbations", "weights"):
+        hooked = self.is_mutable_collection("perturbations") and not self.is_initializing()
+        if hooked or self.has_variable("perturbations", "weights"):
             # Grad-CAM (mqt_jax/gradcam.py): the weights as an intermediate whose gradient
             # can be taken; adds zero, so the output is unchanged.
             weights = self.perturb("weights", attention_weights(q, k, mask))
