@@ -26,7 +26,7 @@ setup(
         "importlib_resources",  # imported by tensorflow-datasets without being declared
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pytest-xdist>=3"],  # tests run in parallel (-n auto)
         # libtpu: TPU runs, and `mqt-jax aot` on any host (TPU topologies without a TPU).
         "tpu": ["jax[tpu]"],
     },

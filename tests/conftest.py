@@ -10,6 +10,9 @@ for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimiz
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
+# pytest-xdist workers each load libtpu (installed for the AOT test); let them share it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 import gin  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
