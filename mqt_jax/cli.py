@@ -94,7 +94,8 @@ def open_trained(args, m_values: list[int] = ()):
     parse_gin([str(run_config_file(path))] + (args.gin_file or []), args.gin_param)
     path, scope = run_folder(path)
     with scoped(scope):
-        check_m(m_values, ModelConfig().num_queries)
+        if m_values:
+            check_m(m_values, ModelConfig().num_queries)
     return open_run(path, scope)
 
 
