@@ -593,6 +593,9 @@ class LLaVABench(Benchmark):
     name = "llava_bench"
     needs_references = False
 
+    def references(self, path, questions):
+        return {}
+
     def score(self, predictions, questions, refs):
         return {}
 

@@ -198,7 +198,8 @@ def cmd_data_shapes(args) -> int:
     return 0
 
 
-def add_run_args(p) -> None:
+def add_run_args(p, image_prompt: bool = False) -> None:
+    """--workdir / --ckpt and gin overrides; with image_prompt, --image --prompt --m too."""
     where = p.add_mutually_exclusive_group()
     where.add_argument("--workdir", default="workdir/tiny",
                        help="a training workdir, or a recipe's (its final stage); default workdir/tiny")
@@ -206,6 +207,11 @@ def add_run_args(p) -> None:
     p.add_argument("--gin_file", action="append", help="extra gin files over the run's config.gin")
     p.add_argument("--gin_param", action="append", default=[],
                    help="gin binding over the run's config, e.g. 'MeshConfig.fsdp = 1'")
+    if image_prompt:
+        p.add_argument("--image", required=True)
+        p.add_argument("--prompt", required=True)
+        p.add_argument("--m", required=True, help="visual tokens; a list such as 2,16,64 gives "
+                       "one result per m")
 
 
 def main(argv=None) -> int:
@@ -233,10 +239,7 @@ def main(argv=None) -> int:
     aot_p.add_argument("--out", help="JSON report path (default aot_<topology>.json)")
     aot_p.set_defaults(func=cmd_aot)
     gen_p = sub.add_parser("generate", help="answer a prompt about an image at one or more m")
-    add_run_args(gen_p)
-    gen_p.add_argument("--image", required=True)
-    gen_p.add_argument("--prompt", required=True)
-    gen_p.add_argument("--m", required=True, help="visual tokens; a list (2,16,64) answers once per m")
+    add_run_args(gen_p, image_prompt=True)
     gen_p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen_p.add_argument("--top_p", type=float, default=1.0)
     gen_p.add_argument("--max_new_tokens", type=int, default=64)
@@ -256,10 +259,7 @@ def main(argv=None) -> int:
     eval_p.add_argument("--out", help="default: <workdir>/eval; results go to OUT/<benchmark>/")
     eval_p.set_defaults(func=cmd_eval)
     cam_p = sub.add_parser("gradcam", help="Grad-CAM of the visual tokens per m, as one picture")
-    add_run_args(cam_p)
-    cam_p.add_argument("--image", required=True)
-    cam_p.add_argument("--prompt", required=True)
-    cam_p.add_argument("--m", required=True, help="e.g. 8,16,64")
+    add_run_args(cam_p, image_prompt=True)
     cam_p.add_argument("--out", required=True, help="the picture (.png)")
     cam_p.add_argument("--max_new_tokens", type=int, default=16)
     cam_p.set_defaults(func=cmd_gradcam)

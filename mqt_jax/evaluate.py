@@ -82,7 +82,7 @@ def evaluate(model_config: ModelConfig, params, config: EvalConfig, mesh,
         raise ValueError(f"{config.questions}: no questions")
     if bench.needs_references and not config.answers:
         raise ValueError(f"benchmark {bench.name} is scored against references: give the answers file")
-    refs = bench.references(config.answers, questions) if config.answers or not bench.needs_references else {}
+    refs = bench.references(config.answers or None, questions)
     tokenizer = load_tokenizer(config.tokenizer_dir)
     prompts = [encode_prompt(q.text, config.template, tokenizer) for q in questions]
     images = load_images(questions, config.image_root, model_config.vision.image_size, config.image_mode)

@@ -264,6 +264,7 @@ def test_mmbench_rotates_options_and_scores_circularly(tmp_path):
 # --------------------------------------------------------------- judged elsewhere
 def test_judged_benchmarks_write_upstream_formats_and_no_score():
     questions = [Question("v1_0", "What is it?", "v1_0.png")]
+    assert bm.get("mmvet").references(None, questions) == {}  # nothing to read
     assert bm.get("mmvet").score({"v1_0": "a cat"}, questions, {}) == {}
     assert json.loads(bm.get("mmvet").submission({"v1_0": "a cat"}, questions, {}, 4)
                       ["mmvet_results.json"]) == {"v1_0": "a cat"}

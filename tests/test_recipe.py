@@ -81,6 +81,21 @@ def test_inference_commands_on_a_trained_run(default_run, monkeypatch, capsys):
     assert [r["m"] for r in rows] == [2, 64]
     assert open("ev/sweep.csv").read().splitlines()[0] == "benchmark,m,score,tflops,prefill_ms"
 
+    # Another benchmark into the same folder: POPE-style yes/no questions on shapes images.
+    with open("pope.jsonl", "w") as q, open("pope_labels.jsonl", "w") as a:
+        for i, (split, colour, label) in enumerate([("random", "red", "yes"), ("random", "blue", "no"),
+                                                    ("popular", "green", "no")]):
+            q.write(json.dumps({"question_id": i, "image": "eval/000000.png", "category": split,
+                                "text": f"Is there a {colour} shape?"}) + "\n")
+            a.write(json.dumps({"question_id": i, "label": label}) + "\n")
+    assert cli.main(["eval", "--workdir", "w", "--benchmark", "pope", "--questions", "pope.jsonl",
+                     "--answers", "pope_labels.jsonl", "--images", "data/shapes/images",
+                     "--m", "2", "--out", "ev"]) == 0
+    pope = json.loads(open("ev/pope/eval.json").read())["rows"][0]
+    assert {"score", "random", "popular"} <= set(pope) and set(pope["random"]) == {
+        "accuracy", "precision", "recall", "f1", "yes_ratio"}
+    assert {line.split(",")[0] for line in open("ev/sweep.csv").read().splitlines()[1:]} == {"pope", "shapes"}
+
     assert cli.main(["gradcam", "--workdir", "w", "--image", image, "--prompt", question,
                      "--m", "1,64", "--max_new_tokens", "4", "--out", "cam.png"]) == 0
     assert Image.open("cam.png").size[0] > Image.open("cam.png").size[1]  # one row of panels
