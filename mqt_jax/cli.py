@@ -137,8 +137,15 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     import dataclasses
 
+    from mqt_jax.benchmarks import get
     from mqt_jax.recipe import evaluate_run
 
+    if args.benchmark:
+        get(args.benchmark)  # a known name, before anything is read
+    for flag, path in (("--questions", args.questions), ("--answers", args.answers),
+                       ("--images", args.images)):
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path} not found")
     run_ = open_trained(args, parse_m(args.m) if args.m else [])
     config = run_.eval_config
     given = {"benchmark": args.benchmark, "questions": args.questions, "answers": args.answers,
@@ -150,8 +157,9 @@ def cmd_eval(args) -> int:
         config = dataclasses.replace(config, m_values=tuple(parse_m(args.m)))
     if not config.questions:
         raise ValueError("no question file: give --questions (the run's config names none)")
-    recipe_dir = run_.path.parent if run_.path != Path(args.ckpt or args.workdir) else run_.path
-    out = Path(args.out) if args.out else recipe_dir / "eval"  # where `mqt-jax train` puts it
+    given = Path(args.ckpt or args.workdir)
+    workdir = given.parent if given.name == "checkpoints" else given
+    out = Path(args.out) if args.out else workdir / "eval"  # where `mqt-jax train` puts it
     evaluate_run(run_, out, config)
     print(f"sweep over every benchmark in {out}: sweep.csv, sweep.md, sweep.png")
     return 0

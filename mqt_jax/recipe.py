@@ -84,14 +84,17 @@ class TrainedRun:
 
 def open_run(path: str | Path, scope: str | None = None, step: int | None = None) -> TrainedRun:
     """The run in `path`: a training workdir (holding checkpoints/ and config.gin) or a
-    two-stage recipe's workdir (its final stage). Its settings come from the run's config.gin
-    as already parsed (`parse_run_config`), in the gin scope of its stage."""
+    two-stage recipe's workdir (its final stage). Its settings come from the gin config in
+    effect (the run's config.gin, see `run_config_file`), in the gin scope of its stage."""
     path = Path(path)
     if scope is None:
         path, scope = run_folder(path)
     with scoped(scope):
         model_config, mesh = ModelConfig(), sharding.make_mesh(sharding.MeshConfig())
-        abstract = Trainer(model_config, TrainConfig(), mesh).abstract_params()
+        # Parameter shapes do not depend on the batch: any batch this mesh divides will do
+        # (the training batch may not divide a smaller inference host).
+        train_config = TrainConfig(batch_size=sharding.batch_divisor(mesh), grad_accum_steps=1)
+        abstract = Trainer(model_config, train_config, mesh).abstract_params()
         params, step = restore_params(path, abstract, step)
         return TrainedRun(path, step, model_config, EvalConfig(), mesh, params)
 
@@ -113,8 +116,9 @@ def run_config_file(path: str | Path) -> Path:
     """The config.gin that a training run wrote: in path, its final stage, or next to the
     checkpoints folder."""
     path = Path(path)
-    for candidate in [path / "config.gin", path.parent / "config.gin",
-                      *sorted(path.glob("*/config.gin"), key=lambda p: p.stat().st_mtime)[::-1]]:
+    stages = sorted(path.glob("*/config.gin"), key=lambda p: p.stat().st_mtime)[::-1]  # newest first
+    beside = [path.parent / "config.gin"] if path.name == "checkpoints" else []
+    for candidate in [path / "config.gin", *beside, *stages]:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"no config.gin in {path} or its stages: is it a training workdir?")
