@@ -204,6 +204,13 @@ def plot_sweep(all_results: list[dict], path: Path) -> None:
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a matplotlib figure as PNG under a temporary name, then rename; close it."""
+    import matplotlib.pyplot as plt
+
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)
     plt.close(fig)

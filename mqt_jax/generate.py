@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import time
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +25,6 @@ from mqt_jax.config import ModelConfig
 from mqt_jax.models.vlm import MODEL_INPUTS, VisionLanguageModel
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     temperature: float = 0.0  # 0: greedy

@@ -20,6 +20,7 @@ import numpy as np
 from mqt_jax import splice
 from mqt_jax.config import ModelConfig
 from mqt_jax.data.preprocess import CLIP_MEAN, CLIP_STD
+from mqt_jax.evaluate import save_figure
 from mqt_jax.models.vlm import MODEL_INPUTS, VisionLanguageModel
 
 
@@ -39,7 +40,10 @@ def cross_attention(tree: dict, variant: str):
 def _patch_map(model: VisionLanguageModel, params, batch: dict):
     """[patches] Grad-CAM of the answer in `batch` (one row) at its m."""
     inputs = [batch[k] for k in MODEL_INPUTS]
+    # Zero perturbations of every attention's weights (XLA drops this forward: only their
+    # shapes are used); kept for the query transformer only, so only its attention is hooked.
     _, state = model.apply({"params": params}, *inputs, mutable=["perturbations"])
+    hooked = {"query_transformer": state["perturbations"]["query_transformer"]}
 
     def log_likelihood(perturbations):
         logits, inter = model.apply({"params": params, "perturbations": perturbations}, *inputs,
@@ -48,7 +52,7 @@ def _patch_map(model: VisionLanguageModel, params, batch: dict):
         picked = jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
         return (picked * batch["loss_mask"]).sum(), inter["intermediates"]
 
-    grads, inter = jax.grad(log_likelihood, has_aux=True)(state["perturbations"])
+    grads, inter = jax.grad(log_likelihood, has_aux=True)(hooked)
     variant = model.config.query.variant
     grad, (weights,) = cross_attention(grads, variant), cross_attention(inter, variant)
     cam = jax.nn.relu(grad * weights)  # [(layers,) 1, heads, M, patches]
@@ -98,8 +102,4 @@ def draw(image: np.ndarray, maps: dict[int, np.ndarray], answers: dict[int, str]
     if title:
         fig.suptitle(title[:100], fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, Path(path))
