@@ -15,6 +15,7 @@ setup(
         "einops>=0.8",
         "gin-config>=0.5",
         "numpy",
+        "ml_dtypes",  # bfloat16 arrays on the host (safetensors in and out); comes with jax
         "tqdm",
         "matplotlib",
         "tensorboardX",
@@ -26,7 +27,7 @@ setup(
         "importlib_resources",  # imported by tensorflow-datasets without being declared
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3"],  # tests run in parallel (-n auto)
+        "test": ["pytest>=8", "pytest-xdist>=3"],  # tests run in parallel (-n 2)
         # libtpu: TPU runs, and `mqt-jax aot` on any host (TPU topologies without a TPU).
         "tpu": ["jax[tpu]"],
     },

@@ -88,14 +88,13 @@ def open_trained(args, m_values: list[int] = ()):
     on top. `m_values` are checked against its M before any parameter is read."""
     from mqt_jax.config import ModelConfig
     from mqt_jax.recipe import open_run, run_config_file, run_folder, scoped
-    from mqt_jax.splice import check_m
 
     path = Path(args.ckpt or args.workdir)
     parse_gin([str(run_config_file(path))] + (args.gin_file or []), args.gin_param)
     path, scope = run_folder(path)
     with scoped(scope):
         if m_values:
-            check_m(m_values, ModelConfig().num_queries)
+            ModelConfig().check_m(m_values)
     return open_run(path, scope)
 
 
@@ -206,6 +205,48 @@ def cmd_data_shapes(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from mqt_jax.convert import convert
+    from mqt_jax.sharding import MeshConfig, make_mesh
+
+    parse_gin([], args.gin_param)  # only MeshConfig bindings matter here
+    convert(args.kind, args.src, args.out, vision=args.vision, param_dtype=args.param_dtype,
+            dtype=args.dtype, mesh=make_mesh(MeshConfig()), allow_bin=not args.safetensors_only)
+    print(f"wrote {args.out}: open it with `mqt-jax generate --workdir {args.out} ...`, or start "
+          f"training from it with --gin_param 'TrainConfig.init_from = \"{args.out}\"'")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from flax.traverse_util import unflatten_dict
+
+    from mqt_jax.checkpoint import restore_params
+    from mqt_jax.config import ModelConfig
+    from mqt_jax.convert import Plan, abstract_params, export_llama
+    from mqt_jax.data.pipeline import DataConfig
+    from mqt_jax.evaluate import EvalConfig
+    from mqt_jax.recipe import run_config_file, run_folder, scoped
+    from mqt_jax.sharding import MeshConfig, make_mesh
+
+    if args.kind != "llama":
+        raise ValueError(f"--kind {args.kind!r}: only 'llama' exports")
+    if Path(args.out).exists():
+        raise FileExistsError(f"--out {args.out} exists; choose a new folder")
+    path = Path(args.ckpt or args.workdir)
+    parse_gin([str(run_config_file(path))] + (args.gin_file or []), args.gin_param)
+    path, scope = run_folder(path)
+    with scoped(scope):
+        model_config, mesh = ModelConfig(), make_mesh(MeshConfig())
+        tokenizer = EvalConfig().tokenizer_dir or DataConfig().tokenizer_dir
+    abstract = abstract_params(Plan(model_config, ("llm",), [], None), mesh)
+    params, step = restore_params(path, unflatten_dict({tuple(k.split("/")): v
+                                                        for k, v in abstract.items()}),
+                                  only=("llm/.*",))
+    out = export_llama(model_config.llm, params, args.out, tokenizer or None, args.dtype)
+    print(f"wrote {out}: the LLM of {path} at step {step} as a Hugging Face LLaMA folder")
+    return 0
+
+
 def add_run_args(p, image_prompt: bool = False) -> None:
     """--workdir / --ckpt and gin overrides; with image_prompt, --image --prompt --m too."""
     where = p.add_mutually_exclusive_group()
@@ -271,6 +312,25 @@ def main(argv=None) -> int:
     cam_p.add_argument("--out", required=True, help="the picture (.png)")
     cam_p.add_argument("--max_new_tokens", type=int, default=16)
     cam_p.set_defaults(func=cmd_gradcam)
+    conv_p = sub.add_parser("convert", help="a Hugging Face checkpoint -> an orbax run folder")
+    conv_p.add_argument("--kind", required=True, choices=("clip-vision", "llama", "llava-1.5", "mqt-llava"))
+    conv_p.add_argument("--src", required=True, help="Hugging Face folder (config.json, safetensors)")
+    conv_p.add_argument("--out", required=True, help="output folder (must not exist)")
+    conv_p.add_argument("--vision", help="llava-1.5 / mqt-llava: the CLIP folder (mm_vision_tower) "
+                        "when the checkpoint holds no vision tower")
+    conv_p.add_argument("--param_dtype", default="float32", help="stored parameters' dtype")
+    conv_p.add_argument("--dtype", help="compute dtype written to config.gin (default: param_dtype)")
+    conv_p.add_argument("--safetensors_only", action="store_true",
+                        help="refuse PyTorch .bin files even when torch is installed")
+    conv_p.add_argument("--gin_param", action="append", default=[],
+                        help="e.g. 'MeshConfig.tensor = 1' (the mesh the weights are placed on)")
+    conv_p.set_defaults(func=cmd_convert)
+    exp_p = sub.add_parser("export", help="a run's LLM -> a Hugging Face LLaMA folder")
+    add_run_args(exp_p)
+    exp_p.add_argument("--kind", default="llama", help="what to export (llama)")
+    exp_p.add_argument("--out", required=True, help="output folder (must not exist)")
+    exp_p.add_argument("--dtype", help="e.g. bfloat16 (default: the parameters' dtype)")
+    exp_p.set_defaults(func=cmd_export)
     data_p = sub.add_parser("data", help="datasets").add_subparsers(dest="dataset", required=True)
     shapes_p = data_p.add_parser("shapes", help="generate the shapes-VQA dataset (LLaVA format)")
     shapes_p.add_argument("--out", required=True, help="output folder (must not exist)")

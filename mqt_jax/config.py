@@ -9,6 +9,9 @@ import dataclasses
 
 import gin
 
+VARIANTS = ("official", "qformer", "mlp2x_gelu")
+FIXED_TOKEN_VARIANTS = ("mlp2x_gelu",)  # the LLM always sees all M tokens: m = M only
+
 REMAT_POLICIES = (
     "none",  # no rematerialisation: keep every activation
     "nothing_saveable",  # recompute everything in the backward pass (least memory)
@@ -70,7 +73,8 @@ class QueryTransformerConfig:
 
     variant "official" is the released MQT-LLaVA resampler (one cross-attention whose keys
     carry position only); "qformer" is a stack of [query self-attention | cross-attention |
-    MLP] layers whose self-attention honours m through `query_mask`.
+    MLP] layers whose self-attention honours m through `query_mask`; "mlp2x_gelu" is the
+    LLaVA-1.5 projector, no queries: every patch is a token (M = the number of patches, m = M).
     """
 
     variant: str = "official"
@@ -84,9 +88,9 @@ class QueryTransformerConfig:
     query_mask: str = "prefix"  # "prefix": query i sees j < m; "causal": query i sees j <= i
 
     def __post_init__(self):
-        if self.variant not in ("official", "qformer"):
+        if self.variant not in VARIANTS:
             raise ValueError(
-                f"QueryTransformerConfig.variant={self.variant!r}: expected 'official' or 'qformer'"
+                f"QueryTransformerConfig.variant={self.variant!r}: expected one of {VARIANTS}"
             )
         if self.query_mask not in ("prefix", "causal"):
             raise ValueError(
@@ -151,7 +155,23 @@ class ModelConfig:
                 f"QueryTransformerConfig.width={self.query.width} != "
                 f"VisionConfig.width={self.vision.width}"
             )
+        if self.query.variant == "mlp2x_gelu" and self.query.num_queries != self.vision.num_patches:
+            raise ValueError(
+                f"the mlp2x_gelu projector makes one token per patch: "
+                f"QueryTransformerConfig.num_queries={self.query.num_queries} != "
+                f"{self.vision.num_patches} patches"
+            )
 
     @property
     def num_queries(self) -> int:
         return self.query.num_queries
+
+    def check_m(self, m):
+        """m as int32, or a ValueError: outside [1, M], or not M for a fixed-token projector."""
+        from mqt_jax.splice import check_m
+
+        m = check_m(m, self.num_queries)
+        if self.query.variant in FIXED_TOKEN_VARIANTS and (m != self.num_queries).any():
+            raise ValueError(f"m={sorted(set(m.reshape(-1).tolist()))}: the {self.query.variant} "
+                             f"projector has no m; it always gives all {self.num_queries} tokens")
+        return m

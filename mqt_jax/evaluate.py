@@ -21,12 +21,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mqt_jax import benchmarks, flops
-from mqt_jax.config import ModelConfig
+from mqt_jax.config import FIXED_TOKEN_VARIANTS, ModelConfig
 from mqt_jax.data.conversation import encode_prompt
 from mqt_jax.data.preprocess import clip_preprocess
 from mqt_jax.data.tokenizer import load_tokenizer
 from mqt_jax.generate import Generator, SamplingConfig
-from mqt_jax.splice import check_m
 from mqt_jax.train import write_atomic
 
 
@@ -47,9 +46,13 @@ class EvalConfig:
     limit: int = 0  # > 0: only the first `limit` questions (a quick look)
 
 
-def m_values_for(config: EvalConfig, num_queries: int) -> list[int]:
-    values = sorted({m for m in config.m_values if m <= num_queries} | {num_queries})
-    check_m(values, num_queries)
+def m_values_for(config: EvalConfig, model_config: ModelConfig) -> list[int]:
+    """The m to evaluate: EvalConfig.m_values up to M, and M (only M without an m)."""
+    big_m = model_config.num_queries
+    if model_config.query.variant in FIXED_TOKEN_VARIANTS:
+        return [big_m]
+    values = sorted({m for m in config.m_values if m <= big_m} | {big_m})
+    model_config.check_m(values)
     return values
 
 
@@ -76,7 +79,7 @@ def evaluate(model_config: ModelConfig, params, config: EvalConfig, mesh,
     """Score per m on config.questions; with out_dir, writes the files listed above.
     Returns eval.json's content."""
     bench = benchmarks.get(config.benchmark)
-    m_values = m_values_for(config, model_config.num_queries)
+    m_values = m_values_for(config, model_config)
     questions = bench.questions(config.questions)[: config.limit or None]
     if not questions:
         raise ValueError(f"{config.questions}: no questions")

@@ -140,7 +140,7 @@ class Generator:
     def batches(self, prompts: list[splice.Example], images: np.ndarray, m: int):
         """(row indices, placed batch) in order of prompt length; the last batch repeats its
         last request to fill `batch_size` rows."""
-        splice.check_m([m], self.model_config.num_queries)
+        self.model_config.check_m([m])
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
         lengths = np.array([splice.true_length(p, [m]) for p in prompts])

@@ -69,7 +69,7 @@ def gradcam_maps(model_config: ModelConfig, params, prompt: splice.Example, imag
     out = {}
     for m, ids in answers.items():
         example = answer_example(prompt, ids, eos_id)
-        m_rows = splice.check_m([[m]], model_config.num_queries)
+        m_rows = model_config.check_m([[m]])
         seq_len = -(-splice.true_length(example, [m]) // bucket) * bucket
         batch = splice.layout_rows([[example]], m_rows, model_config.num_queries, seq_len)
         batch.update(images=image[None, None].astype(np.float32), m=m_rows)

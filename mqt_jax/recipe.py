@@ -40,10 +40,11 @@ def run(workdir: str) -> dict | None:
     recipe, workdir = Recipe(), Path(workdir)
     for stage in recipe.stages or ("",):  # bad settings fail here, before any work
         with scoped(stage):
-            MSampler()
-            Trainer(ModelConfig(), TrainConfig(), sharding.make_mesh(sharding.MeshConfig()))
+            model_config = ModelConfig()
+            model_config.check_m(MSampler().support(model_config.num_queries))
+            Trainer(model_config, TrainConfig(), sharding.make_mesh(sharding.MeshConfig()))
     with scoped(recipe.stages[-1] if recipe.stages else ""):
-        m_values_for(EvalConfig(), ModelConfig().num_queries)
+        m_values_for(EvalConfig(), ModelConfig())
     say = print if jax.process_index() == 0 else (lambda *_: None)
     if recipe.shapes_dir and not Path(recipe.shapes_dir).exists():
         if jax.process_count() > 1:

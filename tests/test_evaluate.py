@@ -3,6 +3,7 @@ import json
 import pytest
 from PIL import Image
 
+from mqt_jax.config import ModelConfig, QueryTransformerConfig, VisionConfig
 from mqt_jax.evaluate import EvalConfig, m_values_for, sweep_tables, write_collection, write_sweep
 
 RESULTS = {"benchmark": "pope", "questions": 6, "rows": [
@@ -10,11 +11,26 @@ RESULTS = {"benchmark": "pope", "questions": 6, "rows": [
     {"m": 4, "score": 75.25, "random": {"f1": 80.0, "yes_ratio": 50.0}, "tflops": 1.0, "prefill_ms": 20.5}]}
 
 
+def with_m(num_queries: int, variant: str = "official") -> ModelConfig:
+    vision = VisionConfig(image_size=32, patch_size=8, width=32, num_layers=1, num_heads=4)
+    return ModelConfig(vision=vision, query=QueryTransformerConfig(
+        variant=variant, num_queries=num_queries, width=32, num_heads=4))
+
+
 def test_m_values_are_capped_at_M_and_include_it():
-    assert m_values_for(EvalConfig(m_values=(1, 4, 36, 64, 144)), 36) == [1, 4, 36]
-    assert m_values_for(EvalConfig(m_values=(2,)), 16) == [2, 16]
+    assert m_values_for(EvalConfig(m_values=(1, 4, 36, 64, 144)), with_m(36)) == [1, 4, 36]
+    assert m_values_for(EvalConfig(m_values=(2,)), with_m(16)) == [2, 16]
     with pytest.raises(ValueError, match=r"m=\[0\] outside \[1, 16\]"):
-        m_values_for(EvalConfig(m_values=(0, 2)), 16)
+        m_values_for(EvalConfig(m_values=(0, 2)), with_m(16))
+
+
+def test_a_projector_without_m_is_evaluated_at_M_only():
+    projector = with_m(16, "mlp2x_gelu")  # 4 x 4 patches: one token each
+    assert m_values_for(EvalConfig(m_values=(1, 4)), projector) == [16]
+    with pytest.raises(ValueError, match="projector has no m"):
+        projector.check_m([4, 16])
+    with pytest.raises(ValueError, match="one token per patch"):
+        with_m(9, "mlp2x_gelu")
 
 
 def test_sweep_tables():

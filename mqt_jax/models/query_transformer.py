@@ -159,6 +159,30 @@ class QFormer(nn.Module):
         return layers.constrain(out, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
 
 
+class MLPProjector(nn.Module):
+    """LLaVA-1.5's `mlp2x_gelu` projector (Linear, exact GELU, Linear): every patch becomes a
+    token, M = the number of patches, and nothing depends on m (the LLM sees all M)."""
+
+    config: QueryTransformerConfig
+    out_width: int
+    grid_size: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat_policy: str = "nothing_saveable"  # unused: nothing repeats
+
+    @nn.compact
+    def __call__(self, features, m=None, num_queries: int | None = None):
+        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = features[:, :num_queries or features.shape[1]].astype(self.dtype)
+        x = layers.dense(self.out_width, ("embed", "llm_embed"), name="fc1", **kw)(x)
+        x = jax.nn.gelu(x, approximate=False)  # torch nn.GELU()
+        x = layers.dense(self.out_width, ("mlp", "llm_embed"), name="fc2", **kw)(x)
+        return layers.constrain(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+
+
+VARIANTS = {"official": OfficialResampler, "qformer": QFormer, "mlp2x_gelu": MLPProjector}
+
+
 def QueryTransformer(config: QueryTransformerConfig, **kwargs) -> nn.Module:
     """The variant that `config.variant` names."""
-    return {"official": OfficialResampler, "qformer": QFormer}[config.variant](config, **kwargs)
+    return VARIANTS[config.variant](config, **kwargs)

@@ -1,0 +1,549 @@
+"""Hugging Face checkpoints <-> mqt_jax parameters.
+
+Import (`mqt-jax convert`): CLIP vision towers, LLaMA / Vicuna, LLaVA-1.5 (its `mlp2x_gelu`
+projector) and the released MQT-LLaVA (its resampler, `model.query_abstractor.*`). A table of
+`Rule`s says which Hugging Face tensor becomes which (slice of which) parameter; every key,
+shape and dtype is checked against it before any data is read. Tensors are then read one at a
+time and placed straight into their shardings on the mesh (a scanned layer stack is filled
+layer by layer), so host memory holds about one tensor, never the model. The result is an
+orbax checkpoint with a config.gin beside it, written under a temporary name and renamed into
+place when complete: `mqt-jax generate/eval --workdir OUT` opens it, and training starts from
+it with `TrainConfig.init_from = "OUT"`.
+
+Export (`mqt-jax export --kind llama`): a run's LLM as a Hugging Face LLaMA folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+from tqdm.auto import tqdm
+
+from mqt_jax import hf, sharding
+from mqt_jax.config import LLMConfig, ModelConfig, QueryTransformerConfig, VisionConfig
+from mqt_jax.models.llama import Llama
+from mqt_jax.models.vision_tower import VisionTower
+from mqt_jax.models.vlm import VisionLanguageModel
+
+KINDS = ("clip-vision", "llama", "llava-1.5", "mqt-llava")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Hugging Face tensor `hf_key` [hf_shape] -> parameter `param` ("/"-joined path), at
+    `layer` of a scanned stack. layout "same": a reshape; "linear": torch's [out, in] weight
+    transposed to [in, out]; "conv": OIHW -> HWIO. `rows`: a block of a packed tensor."""
+
+    hf_key: str
+    hf_shape: tuple[int, ...]
+    param: str
+    layer: int | None = None
+    layout: str = "same"
+    rows: tuple[int, int] | None = None
+
+    def to_ours(self, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if self.rows:
+            w = w[self.rows[0]:self.rows[1]]
+        if self.layout == "linear":
+            w = w.T
+        elif self.layout == "conv":
+            w = w.transpose(2, 3, 1, 0)
+        return w.reshape(shape)
+
+    def to_hf(self, p: np.ndarray) -> np.ndarray:
+        assert self.rows is None, "packed tensors are not exported"
+        if self.layout == "linear":
+            return p.reshape(self.hf_shape[1], self.hf_shape[0]).T
+        if self.layout == "conv":
+            return p.transpose(3, 2, 0, 1)
+        return p.reshape(self.hf_shape)
+
+
+def linear(key: str, n_in: int, n_out: int, param: str, layer=None, bias=True) -> list[Rule]:
+    rules = [Rule(f"{key}.weight", (n_out, n_in), f"{param}/kernel", layer, "linear")]
+    return rules + ([Rule(f"{key}.bias", (n_out,), f"{param}/bias", layer)] if bias else [])
+
+
+def norm(key: str, width: int, param: str, layer=None, bias=True) -> list[Rule]:
+    rules = [Rule(f"{key}.weight", (width,), f"{param}/scale", layer)]
+    return rules + ([Rule(f"{key}.bias", (width,), f"{param}/bias", layer)] if bias else [])
+
+
+def clip_rules(v: VisionConfig, p: str) -> list[Rule]:
+    """CLIPVisionModel under key prefix p; only the layers up to the selected one."""
+    d, ours = v.width, "vision_tower/"
+    rules = [Rule(p + "embeddings.patch_embedding.weight", (d, 3, v.patch_size, v.patch_size),
+                  ours + "patch_embed/kernel", layout="conv"),
+             Rule(p + "embeddings.class_embedding", (d,), ours + "class_embed"),
+             Rule(p + "embeddings.position_embedding.weight", (v.num_patches + 1, d),
+                  ours + "pos_embed"),
+             *norm(p + "pre_layrnorm", d, ours + "pre_ln")]
+    for i in range(v.num_layers_built):
+        k, layer = f"{p}encoder.layers.{i}.", ours + "layers/"
+        rules += norm(k + "layer_norm1", d, layer + "ln1", i) + norm(k + "layer_norm2", d, layer + "ln2", i)
+        for theirs, name in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"),
+                             ("out_proj", "out")):
+            rules += linear(f"{k}self_attn.{theirs}", d, d, f"{layer}attn/{name}", i)
+        rules += linear(k + "mlp.fc1", d, v.mlp_dim, layer + "mlp/fc1", i)
+        rules += linear(k + "mlp.fc2", v.mlp_dim, d, layer + "mlp/fc2", i)
+    return rules
+
+
+def clip_unused(v: VisionConfig, p: str) -> list[str]:
+    """Regexes of CLIP keys deliberately not read: layers after the selected one, the final
+    LayerNorm (features are a hidden state), and a full CLIPModel's text side."""
+    later = "|".join(str(i) for i in range(v.num_layers_built, v.num_layers)) or "-"
+    return [re.escape(p) + rf"encoder\.layers\.({later})\.", re.escape(p) + r"post_layernorm\.",
+            re.escape(p) + r"embeddings\.position_ids", r"text_model\.", r"visual_projection\.",
+            r"text_projection\.", r"logit_scale"]
+
+
+def llama_rules(c: LLMConfig, p: str, head: str) -> list[Rule]:
+    """LlamaForCausalLM: decoder under prefix p, output head at key `head` (the embedding's key
+    when the checkpoint ties them)."""
+    h, ours = c.hidden, "llm/"
+    rules = [Rule(p + "embed_tokens.weight", (c.vocab_size, h), ours + "embedding"),
+             Rule(p + "norm.weight", (h,), ours + "final_norm/scale"),
+             Rule(head, (c.vocab_size, h), ours + "lm_head/kernel", layout="linear")]
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    for i in range(c.num_layers):
+        k, layer = f"{p}layers.{i}.", ours + "layers/"
+        rules += norm(k + "input_layernorm", h, layer + "attn_norm", i, bias=False)
+        rules += norm(k + "post_attention_layernorm", h, layer + "mlp_norm", i, bias=False)
+        for theirs, name, n_in, n_out in (("q_proj", "query", h, q), ("k_proj", "key", h, kv),
+                                          ("v_proj", "value", h, kv), ("o_proj", "out", q, h)):
+            rules += linear(f"{k}self_attn.{theirs}", n_in, n_out, f"{layer}attn/{name}", i, bias=False)
+        for theirs, name, n_in, n_out in (("gate_proj", "fc1", h, c.mlp_dim),
+                                          ("up_proj", "up", h, c.mlp_dim),
+                                          ("down_proj", "fc2", c.mlp_dim, h)):
+            rules += linear(f"{k}mlp.{theirs}", n_in, n_out, f"{layer}mlp/{name}", i, bias=False)
+    return rules
+
+
+def resampler_rules(q: QueryTransformerConfig, hidden: int, p: str) -> list[Rule]:
+    """The released resampler (shared/reference/mqt.md): torch MultiheadAttention's packed
+    in_proj splits into our query / key / value; `proj` is stored [in, out] (x @ proj)."""
+    d, big_m, ours = q.width, q.num_queries, "query_transformer/"
+    rules = [Rule(p + "query", (big_m, d), ours + "query"),
+             Rule(p + "pos_embed", (big_m, d), ours + "pos_embed"),
+             Rule(p + "proj", (d, hidden), ours + "proj/kernel")]
+    for j, name in enumerate(("query", "key", "value")):
+        rows = (j * d, (j + 1) * d)
+        rules += [Rule(p + "attn.in_proj_weight", (3 * d, d), f"{ours}attn/{name}/kernel",
+                       layout="linear", rows=rows),
+                  Rule(p + "attn.in_proj_bias", (3 * d,), f"{ours}attn/{name}/bias", rows=rows)]
+    rules += linear(p + "attn.out_proj", d, d, ours + "attn/out")
+    for name in ("ln_q", "ln_k", "ln_v"):
+        rules += norm(p + name, d, ours + name)
+    return rules
+
+
+def projector_rules(vision_width: int, hidden: int, first: str, second: str) -> list[Rule]:
+    """LLaVA-1.5's mlp2x_gelu: Linear (first), GELU, Linear (second)."""
+    return (linear(first, vision_width, hidden, "query_transformer/fc1")
+            + linear(second, hidden, hidden, "query_transformer/fc2"))
+
+
+# ---- configs: config.json -> our dataclasses, refusing what the models here cannot run ----
+
+def unsupported(source, what: str) -> ValueError:
+    return ValueError(f"{source}: {what}; mqt_jax converts CLIP ViT vision towers and LLaMA "
+                      "decoders (LLaVA-1.5, MQT-LLaVA) only")
+
+
+def vision_config(cfg: dict, select_layer: int, source) -> VisionConfig:
+    if cfg.get("model_type") == "clip":
+        cfg = cfg.get("vision_config") or {}
+    if cfg.get("model_type", "clip_vision_model") != "clip_vision_model":
+        raise unsupported(source, f"model_type {cfg.get('model_type')!r} is not a CLIP vision model")
+    if cfg.get("hidden_act", "quick_gelu") != "quick_gelu":
+        raise unsupported(source, f"hidden_act {cfg['hidden_act']!r} (CLIP uses quick_gelu)")
+    # CLIPVisionConfig's defaults for what an older config.json leaves out.
+    return VisionConfig(
+        image_size=cfg.get("image_size", 224), patch_size=cfg.get("patch_size", 32),
+        width=cfg.get("hidden_size", 768), num_layers=cfg.get("num_hidden_layers", 12),
+        num_heads=cfg.get("num_attention_heads", 12), mlp_dim=cfg.get("intermediate_size", 3072),
+        layer_norm_eps=cfg.get("layer_norm_eps", 1e-5), select_layer=select_layer)
+
+
+def llm_config(cfg: dict, source) -> LLMConfig:
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise unsupported(source, f"hidden_act {cfg['hidden_act']!r} (LLaMA uses silu)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            raise unsupported(source, f"{flag} is set (LLaMA has no biases)")
+    rope = cfg.get("rope_parameters") or {}
+    if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        raise unsupported(source, f"RoPE scaling {cfg.get('rope_scaling') or rope}")
+    heads = cfg.get("num_attention_heads", 32)
+    return LLMConfig(
+        vocab_size=cfg["vocab_size"], hidden=cfg["hidden_size"],
+        num_layers=cfg["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        mlp_dim=cfg["intermediate_size"], rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta", 10000.0)))
+
+
+def find_prefix(keys, anchor: str, prefixes: tuple[str, ...]) -> str | None:
+    return next((p for p in prefixes if p + anchor in keys), None)
+
+
+CLIP_PREFIXES = ("", "vision_model.", "vision_tower.", "vision_tower.vision_model.",
+                 "model.vision_tower.", "model.vision_tower.vision_model.",
+                 "model.vision_tower.vision_tower.vision_model.")
+LLAMA_PREFIXES = ("model.", "language_model.model.", "model.language_model.")
+HEADS = ("lm_head.weight", "language_model.lm_head.weight")
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a conversion reads from where, and what it builds."""
+
+    model_config: ModelConfig
+    parts: tuple[str, ...]  # top-level parameter groups built: vision_tower, query_transformer, llm
+    sources: list[tuple[hf.CheckpointFolder, list[Rule], list[str]]]  # (folder, rules, unused)
+    tokenizer_dir: Path | None
+    template: str = "vicuna_v1"
+
+
+def plan(kind: str, src: Path, vision: Path | None = None, param_dtype: str = "float32",
+         dtype: str | None = None, allow_bin: bool = True) -> Plan:
+    """Everything a conversion needs, checked: configs parsed, weights' keys, shapes and
+    dtypes matched against the rules. Reads no tensor data."""
+    if kind not in KINDS:
+        raise ValueError(f"--kind {kind!r}: expected one of {KINDS}")
+    folder = hf.CheckpointFolder(src, allow_bin)
+    cfg = hf.read_config(src)
+    keys, source = set(folder.keys()), src / "config.json"
+    dtypes = dict(param_dtype=param_dtype, dtype=dtype or param_dtype)
+    small = dict(vision=VisionConfig(image_size=14, patch_size=14, width=64, num_layers=1, num_heads=1),
+                 query=QueryTransformerConfig(num_queries=1, width=64, num_heads=1),
+                 llm=LLMConfig(vocab_size=8, hidden=8, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,
+                               mlp_dim=8))  # placeholders for the parts a kind does not build
+    tokenizer = src if any((src / f).is_file() for f in TOKENIZER_FILES[:2]) else None
+
+    if kind == "clip-vision":
+        v = vision_config(cfg, -2, source)
+        p = find_prefix(keys, "embeddings.patch_embedding.weight", CLIP_PREFIXES[:2]) or ""
+        model = ModelConfig(**{**small, "vision": v, "query": dataclasses.replace(
+            small["query"], width=v.width)}, **dtypes)
+        return Plan(model, ("vision_tower",), [(folder, clip_rules(v, p), clip_unused(v, p))], None)
+
+    if kind == "llama":
+        if cfg.get("model_type") != "llama":
+            raise unsupported(source, f"model_type {cfg.get('model_type')!r} is not llama")
+        c = llm_config(cfg, source)
+        head = "lm_head.weight" if not cfg.get("tie_word_embeddings") else "model.embed_tokens.weight"
+        model = ModelConfig(**{**small, "llm": c}, **dtypes)
+        unused = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
+        return Plan(model, ("llm",), [(folder, llama_rules(c, "model.", head), unused)], tokenizer)
+
+    # LLaVA-1.5 / MQT-LLaVA: the Hugging Face layout (config.json with text_config and
+    # vision_config) or the original one (LLaMA fields at the top, mm_* fields, the CLIP tower
+    # named by mm_vision_tower: give its folder as `vision`).
+    nested = "text_config" in cfg
+    text = cfg["text_config"] if nested else cfg
+    if cfg.get("model_type") not in ("llava", "llava_llama", "mqt_llava", "llava_mqt"):
+        raise unsupported(source, f"model_type {cfg.get('model_type')!r} is not a LLaVA model")
+    if nested and text.get("model_type", "llama") != "llama":
+        raise unsupported(source, f"text_config.model_type {text.get('model_type')!r}")
+    c = llm_config(text, source)
+    select = cfg.get("vision_feature_layer", cfg.get("mm_vision_select_layer", -2))
+    strategy = cfg.get("vision_feature_select_strategy", "default")
+    if cfg.get("mm_vision_select_feature", "patch") != "patch" or strategy != "default":
+        raise unsupported(source, "image features with the class token (mqt_jax drops it)")
+    vision_source = vision or _local_tower(cfg)
+    clip_prefix = find_prefix(keys, "embeddings.patch_embedding.weight", CLIP_PREFIXES)
+    if "vision_config" in cfg:
+        v = vision_config({**cfg["vision_config"], "model_type": "clip_vision_model"}, select, source)
+    elif vision_source:
+        v = vision_config(hf.read_config(vision_source), select, vision_source / "config.json")
+    else:
+        raise ValueError(f"{source} describes no vision tower: give --vision, the CLIP folder "
+                         f"it names as mm_vision_tower ({cfg.get('mm_vision_tower')})")
+    llm_prefix = find_prefix(keys, "embed_tokens.weight", LLAMA_PREFIXES)
+    if llm_prefix is None:
+        raise ValueError(f"{src}: no LLaMA weights (looked for embed_tokens.weight under "
+                         f"{LLAMA_PREFIXES})")
+    head = find_prefix(keys, "", HEADS) if not text.get("tie_word_embeddings") else None
+    rules = llama_rules(c, llm_prefix, head or llm_prefix + "embed_tokens.weight")
+    unused = [re.escape(llm_prefix) + r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
+    if kind == "llava-1.5":
+        q = QueryTransformerConfig(variant="mlp2x_gelu", num_queries=v.num_patches, width=v.width,
+                                   num_heads=1)
+        if cfg.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu" or \
+                cfg.get("projector_hidden_act", "gelu") != "gelu":
+            raise unsupported(source, "a projector other than mlp2x_gelu")
+        pair = next((pair for pair in (("model.mm_projector.0", "model.mm_projector.2"),
+                                       ("multi_modal_projector.linear_1", "multi_modal_projector.linear_2"),
+                                       ("model.multi_modal_projector.linear_1",
+                                        "model.multi_modal_projector.linear_2"))
+                     if pair[0] + ".weight" in keys), ("model.mm_projector.0", "model.mm_projector.2"))
+        rules += projector_rules(v.width, c.hidden, *pair)
+    else:
+        query_key = "model.query_abstractor.query"
+        if query_key not in keys:
+            raise ValueError(f"{src}: no MQT resampler (no {query_key})")
+        big_m, width = folder.shape(query_key)
+        # The released resampler's heads are 64 wide (16 heads at width 1024).
+        q = QueryTransformerConfig(variant="official", num_queries=big_m, width=width,
+                                   num_heads=max(1, width // 64))
+        rules += resampler_rules(q, c.hidden, "model.query_abstractor.")
+    model = ModelConfig(vision=v, query=q, llm=c, **dtypes)
+    sources = [(folder, rules, unused)]
+    if clip_prefix is not None:
+        sources[0] = (folder, rules + clip_rules(v, clip_prefix), unused + clip_unused(v, clip_prefix))
+    elif vision_source:
+        tower = hf.CheckpointFolder(vision_source, allow_bin)
+        p = find_prefix(set(tower.keys()), "embeddings.patch_embedding.weight", CLIP_PREFIXES[:2]) or ""
+        sources.append((tower, clip_rules(v, p), clip_unused(v, p)))
+    else:
+        raise ValueError(f"{src} holds no vision tower weights: give --vision, the CLIP folder "
+                         f"({cfg.get('mm_vision_tower')})")
+    parts = ("vision_tower", "query_transformer", "llm")
+    return Plan(model, parts, sources, tokenizer, template="vicuna_v1")
+
+
+def _local_tower(cfg: dict) -> Path | None:
+    name = cfg.get("mm_vision_tower")
+    return Path(name) if name and Path(name, "config.json").is_file() else None
+
+
+def check_source(folder: hf.CheckpointFolder, rules: list[Rule], unused: list[str]) -> None:
+    """Missing keys, unexpected keys, shapes and dtypes: all checked before any read."""
+    wanted = {r.hf_key: r for r in rules}
+    have = set(folder.keys())
+    missing = sorted(set(wanted) - have)
+    if missing:
+        raise ValueError(f"{folder.folder} lacks {len(missing)} tensor(s): {missing[:5]}"
+                         + (" ..." if len(missing) > 5 else ""))
+    extra = sorted(k for k in have - set(wanted) if not any(re.match(u, k) for u in unused))
+    if extra:
+        raise ValueError(f"{folder.folder} has {len(extra)} tensor(s) this conversion does not "
+                         f"know: {extra[:5]}" + (" ..." if len(extra) > 5 else ""))
+    for key, rule in wanted.items():
+        if folder.shape(key) != rule.hf_shape:
+            raise ValueError(f"{folder.folder}: tensor {key} has shape {folder.shape(key)}; "
+                             f"config.json implies {rule.hf_shape}")
+        if folder.dtype(key) not in hf.FLOAT_DTYPES:
+            raise ValueError(f"{folder.folder}: tensor {key} is {folder.dtype(key)}, not a "
+                             f"floating-point weight")
+
+
+# ---- placing parameters on the mesh ----
+
+def abstract_params(plan_: Plan, mesh) -> dict:
+    """Flat {path: ShapeDtypeStruct with sharding} of the parameters the plan builds."""
+    cfg = plan_.model_config
+    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+    if plan_.parts == ("vision_tower",):
+        module, args = VisionTower(cfg.vision, **kw), (jnp.zeros((1, cfg.vision.image_size,
+                                                                  cfg.vision.image_size, 3)),)
+    elif plan_.parts == ("llm",):
+        z = jnp.zeros((1, 1), jnp.int32)
+        module, args = Llama(cfg.llm, **kw), (jnp.zeros((1, 1, cfg.llm.hidden)), z, z)
+    else:
+        module, args = VisionLanguageModel(cfg), None
+    with sharding.activate(mesh):
+        if args is None:
+            b = sharding.batch_divisor(mesh)
+            z = jnp.zeros((b, 4), jnp.int32)
+            args = (jnp.zeros((b, 1, cfg.vision.image_size, cfg.vision.image_size, 3)),
+                    jnp.ones((b, 1), jnp.int32), z, z - 1, z, z)
+        boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *args)["params"])
+    shardings = sharding.logical_to_shardings(boxed, mesh)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            nn.meta.unbox(boxed), shardings)
+    prefix = () if len(plan_.parts) > 1 else (plan_.parts[0],)
+    return {"/".join(prefix + k): v for k, v in flatten_dict(abstract).items()}
+
+
+def place(array: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
+    """A host array into its sharding: each process supplies only its own devices' shards."""
+    array = array.astype(target.dtype, copy=False)
+    return jax.make_array_from_callback(array.shape, target.sharding, lambda index: array[index])
+
+
+@functools.lru_cache(maxsize=None)
+def _set_layer(stack_sharding):
+    return jax.jit(lambda stack, x, i: jax.lax.dynamic_update_index_in_dim(stack, x, i, 0),
+                   donate_argnums=0, out_shardings=stack_sharding)
+
+
+def layer_target(target: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    spec = target.sharding.spec
+    if spec and spec[0] is not None:
+        raise ValueError(f"a stacked parameter sharded over its layer axis ({spec}) is not supported")
+    one = jax.sharding.NamedSharding(target.sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+    return jax.ShapeDtypeStruct(target.shape[1:], target.dtype, sharding=one)
+
+
+def load(plan_: Plan, mesh, progress: bool = True) -> dict:
+    """The plan's parameters as a nested dict of sharded arrays, read tensor by tensor."""
+    for folder, rules, unused in plan_.sources:
+        check_source(folder, rules, unused)
+    abstract = abstract_params(plan_, mesh)
+    for path, target in abstract.items():
+        try:
+            target.sharding.shard_shape(target.shape)
+        except ValueError:
+            raise ValueError(f"parameter {path} {target.shape} does not divide over the mesh "
+                             f"{dict(mesh.shape)} as {target.sharding.spec}; choose another "
+                             "MeshConfig (e.g. --gin_param 'MeshConfig.tensor = 1')") from None
+    by_param: dict[str, list[tuple[hf.CheckpointFolder, Rule]]] = {}
+    for folder, rules, _ in plan_.sources:
+        for rule in rules:
+            by_param.setdefault(rule.param, []).append((folder, rule))
+    assert set(by_param) == set(abstract), sorted(set(by_param) ^ set(abstract))
+    total = sum(len(v) for v in by_param.values())
+    params = {}
+    with tqdm(total=total, desc="convert", unit="tensor", disable=not progress) as bar:
+        for path, entries in by_param.items():
+            target = abstract[path]
+            if entries[0][1].layer is None:
+                folder, rule = entries[0]
+                params[path] = place(rule.to_ours(folder.read(rule.hf_key), target.shape), target)
+                bar.update()
+                continue
+            one = layer_target(target)
+            stack = jax.jit(lambda: jnp.zeros(target.shape, target.dtype),
+                            out_shardings=target.sharding)()
+            for folder, rule in entries:
+                layer = place(rule.to_ours(folder.read(rule.hf_key), one.shape), one)
+                stack = _set_layer(target.sharding)(stack, layer, rule.layer)
+                bar.update()
+            params[path] = stack
+    return unflatten_dict({tuple(k.split("/")): v for k, v in params.items()})
+
+
+# ---- writing the converted run ----
+
+def gin_text(plan_: Plan, tokenizer_dir: str | None) -> str:
+    """The bindings that rebuild this model (and find its tokenizer)."""
+    cfg, lines = plan_.model_config, ["# Written by `mqt-jax convert`."]
+    parts = {"vision_tower": ("vision", "VisionConfig"), "query_transformer": ("query", "QueryTransformerConfig"),
+             "llm": ("llm", "LLMConfig")}
+    for part in plan_.parts:
+        field, name = parts[part]
+        value = getattr(cfg, field)
+        lines += [f"{name}.{f.name} = {getattr(value, f.name)!r}" for f in dataclasses.fields(value)]
+        lines.append(f"ModelConfig.{field} = @{name}()")
+    lines += [f"ModelConfig.param_dtype = {cfg.param_dtype!r}", f"ModelConfig.dtype = {cfg.dtype!r}"]
+    if tokenizer_dir:
+        lines += [f"DataConfig.tokenizer_dir = {tokenizer_dir!r}",
+                  f"EvalConfig.tokenizer_dir = {tokenizer_dir!r}",
+                  f"DataConfig.template = {plan_.template!r}", f"EvalConfig.template = {plan_.template!r}"]
+    if plan_.model_config.query.variant == "mlp2x_gelu" and len(plan_.parts) == 3:
+        lines.append('MSampler.distribution = "constant"  # the projector has no m')
+    return "\n".join(lines) + "\n"
+
+
+def save_params(directory: Path, params: dict, config_text: str, step: int = 0) -> None:
+    """An orbax checkpoint of `params` in the layout a training run writes (restore_params
+    reads it), with config.gin beside checkpoints/."""
+    from mqt_jax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(directory / "checkpoints", max_to_keep=1)
+    ckpt.save(step, {"frozen": params}, {}, config_text)
+    ckpt.wait()
+    ckpt.close()
+    (directory / "config.gin").write_text(config_text)
+
+
+def convert(kind: str, src: str | os.PathLike, out: str | os.PathLike, vision: str | None = None,
+            param_dtype: str = "float32", dtype: str | None = None, mesh=None,
+            allow_bin: bool = True, progress: bool = True) -> dict:
+    """Convert and write OUT (a run folder); returns the parameters. OUT must not exist; it
+    appears only once everything is written."""
+    out = Path(out).absolute()
+    if out.exists():
+        raise FileExistsError(f"--out {out} exists; choose a new folder")
+    plan_ = plan(kind, Path(src), Path(vision) if vision else None, param_dtype, dtype, allow_bin)
+    mesh = mesh or sharding.make_mesh(sharding.MeshConfig())
+    params = load(plan_, mesh, progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        tokenizer_dir = None
+        if plan_.tokenizer_dir:
+            (work / "tokenizer").mkdir()
+            for name in TOKENIZER_FILES:
+                if (plan_.tokenizer_dir / name).is_file():
+                    shutil.copy2(plan_.tokenizer_dir / name, work / "tokenizer" / name)
+            tokenizer_dir = str(out / "tokenizer")
+        shutil.copy2(Path(src) / "config.json", work / "hf_config.json")
+        with sharding.activate(mesh):
+            save_params(work, params, gin_text(plan_, tokenizer_dir))
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return params
+
+
+# ---- export ----
+
+def hf_llama_config(c: LLMConfig, dtype: str) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": c.vocab_size, "hidden_size": c.hidden, "intermediate_size": c.mlp_dim,
+            "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+            "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+            "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
+            "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+            "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": dtype, "dtype": dtype}
+
+
+def export_llama(llm_config: LLMConfig, params: dict, out: str | os.PathLike,
+                 tokenizer_dir: str | None = None, dtype: str | None = None,
+                 max_shard_bytes: int = 5 << 30) -> Path:
+    """The LLM of `params` (a model's parameter tree, sharded or not) as a Hugging Face LLaMA
+    folder, streamed one layer's tensor at a time; written to a temporary name, then renamed."""
+    if jax.process_count() > 1:
+        raise ValueError("export runs in a single process (it reads every shard)")
+    out = Path(out).absolute()
+    if out.exists():
+        raise FileExistsError(f"--out {out} exists; choose a new folder")
+    flat = {"/".join(k): v for k, v in flatten_dict(params).items()}
+    rules = llama_rules(llm_config, "model.", "lm_head.weight")
+    missing = sorted({r.param for r in rules} - set(flat))
+    if missing:
+        raise ValueError(f"the parameters lack the LLM's {missing[:5]}")
+    out_dtype = np.dtype(jnp.dtype(dtype or flat[rules[0].param].dtype))
+    by_key = {r.hf_key: r for r in rules}
+
+    def produce(key):
+        rule = by_key[key]
+        value = flat[rule.param] if rule.layer is None else flat[rule.param][rule.layer]
+        return rule.to_hf(np.asarray(jax.device_get(value)).astype(out_dtype))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        entries = [(r.hf_key, r.hf_shape, out_dtype) for r in rules]
+        hf.write_weights(work, entries, produce, max_shard_bytes)
+        name = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(out_dtype, "bfloat16")
+        (work / "config.json").write_text(json.dumps(hf_llama_config(llm_config, name), indent=2))
+        if tokenizer_dir:
+            for file in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / file).is_file():
+                    shutil.copy2(Path(tokenizer_dir) / file, work / file)
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return out

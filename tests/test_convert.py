@@ -1,0 +1,414 @@
+"""Hugging Face checkpoints in and out (mqt_jax/convert.py, mqt_jax/hf.py).
+
+The equivalence tests build tiny random-weight models with torch + transformers (test-only
+extras; skipped without them), save them with `save_pretrained`, convert, and compare values.
+Every weight is re-drawn at random first, so a LayerNorm or bias mapped wrongly shows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from mqt_jax import convert, hf, sharding, splice
+from mqt_jax.cli import main
+from mqt_jax.config import LLMConfig
+from mqt_jax.models.llama import Llama
+from mqt_jax.models.query_transformer import sincos_2d
+from mqt_jax.models.vision_tower import VisionTower
+from mqt_jax.models.vlm import VisionLanguageModel
+
+MESH_SHAPE = sharding.MeshConfig(1, 8, 1)  # 3 query heads: tensor parallelism would not divide
+
+
+def mesh():
+    return sharding.make_mesh(MESH_SHAPE)
+
+
+def randomize(model, seed=0, std=0.2):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def relative_error(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def tiny_clip_config(image_size=28, width=32, heads=4):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
+                            num_attention_heads=heads, image_size=image_size, patch_size=7,
+                            projection_dim=16)
+
+
+def tiny_llama_config():
+    from transformers import LlamaConfig
+
+    # grouped-query attention with an odd head count: 3 query heads share 1 kv head
+    return LlamaConfig(vocab_size=100, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                       num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=128,
+                       rms_norm_eps=1e-6, rope_theta=500.0)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """Tiny CLIP, LLaMA and LLaVA-1.5 folders written by save_pretrained."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    clip = randomize(transformers.CLIPVisionModel(tiny_clip_config()), 1).eval()
+    clip.save_pretrained(root / "clip")
+    llama = randomize(transformers.LlamaForCausalLM(tiny_llama_config()), 2).eval()
+    llama.save_pretrained(root / "llama")
+    llava_config = transformers.LlavaConfig(
+        vision_config=tiny_clip_config(), text_config=tiny_llama_config(), image_token_index=99,
+        projector_hidden_act="gelu", vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_seq_length=16)
+    llava = randomize(transformers.LlavaForConditionalGeneration(llava_config), 3).eval()
+    llava.save_pretrained(root / "llava")
+    return {"root": root, "clip": clip, "llama": llama, "llava": llava}
+
+
+def test_clip_vision_tower_equals_transformers(hf_models, tmp_path):
+    import torch
+
+    params = convert.convert("clip-vision", hf_models["root"] / "clip", tmp_path / "out",
+                             mesh=mesh(), progress=False)
+    images = np.random.default_rng(0).normal(size=(8, 28, 28, 3)).astype(np.float32)
+    with torch.no_grad():
+        out = hf_models["clip"](torch.tensor(images).permute(0, 3, 1, 2), output_hidden_states=True)
+    want = out.hidden_states[-2][:, 1:].numpy()  # LLaVA's select layer -2, class token dropped
+    cfg = convert.plan("clip-vision", hf_models["root"] / "clip").model_config.vision
+    with sharding.activate(mesh()):
+        got = VisionTower(cfg).apply({"params": params["vision_tower"]}, jnp.asarray(images))
+    assert got.shape == want.shape == (8, 16, 32)
+    assert relative_error(got, want) < 1e-5
+
+
+def test_a_full_clip_model_converts_its_vision_side(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPConfig(
+        vision_config=tiny_clip_config().to_dict(),
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "vocab_size": 50}, projection_dim=8)
+    model = randomize(transformers.CLIPModel(config), 4).eval()
+    model.save_pretrained(tmp_path / "clip")
+    params = convert.convert("clip-vision", tmp_path / "clip", tmp_path / "out", mesh=mesh(),
+                             progress=False)
+    images = np.random.default_rng(1).normal(size=(8, 28, 28, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = model.vision_model(torch.tensor(images).permute(0, 3, 1, 2),
+                                  output_hidden_states=True).hidden_states[-2][:, 1:].numpy()
+    cfg = convert.plan("clip-vision", tmp_path / "clip").model_config.vision
+    with sharding.activate(mesh()):
+        got = VisionTower(cfg).apply({"params": params["vision_tower"]}, jnp.asarray(images))
+    assert relative_error(got, want) < 1e-5
+
+
+def llama_logits(cfg: LLMConfig, params: dict, ids: np.ndarray):
+    model, (b, t) = Llama(cfg), ids.shape
+    with sharding.activate(mesh()):
+        x = model.apply({"params": params}, jnp.asarray(ids), method=Llama.embed)
+        return model.apply({"params": params}, x, jnp.broadcast_to(jnp.arange(t), (b, t)),
+                           jnp.ones((b, t), jnp.int32))
+
+
+def greedy(cfg: LLMConfig, params: dict, ids: np.ndarray, steps: int) -> np.ndarray:
+    """Our cached decoding: prefill, then one token at a time from the KV cache."""
+    model, (b, t) = Llama(cfg), ids.shape
+    with sharding.activate(mesh()):
+        x = model.apply({"params": params}, jnp.asarray(ids), method=Llama.embed)
+        logits, cache = model.apply({"params": params}, x, jnp.broadcast_to(jnp.arange(t), (b, t)),
+                                    jnp.ones((b, t), jnp.int32), t + steps, method=Llama.prefill)
+        out = [jnp.argmax(logits[:, -1], -1)]
+        for _ in range(steps - 1):
+            logits, cache = model.apply({"params": params}, out[-1][:, None], cache,
+                                        method=Llama.decode)
+            out.append(jnp.argmax(logits[:, -1], -1))
+    return np.stack([np.asarray(o) for o in out], 1)
+
+
+def test_llama_logits_and_greedy_tokens_equal_transformers(hf_models, tmp_path):
+    import torch
+
+    params = convert.convert("llama", hf_models["root"] / "llama", tmp_path / "out", mesh=mesh(),
+                             progress=False)
+    cfg = convert.plan("llama", hf_models["root"] / "llama").model_config.llm
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.rope_theta) == (3, 1, 500.0)
+    ids = np.random.default_rng(0).integers(0, 100, (8, 12))
+    with torch.no_grad():
+        want = hf_models["llama"](torch.tensor(ids)).logits.numpy()
+        want_tokens = hf_models["llama"].generate(
+            torch.tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long),
+            max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)[:, 12:].numpy()
+    assert relative_error(llama_logits(cfg, params["llm"], ids), want) < 1e-5
+    np.testing.assert_array_equal(greedy(cfg, params["llm"], ids, 6), want_tokens)
+
+
+def test_llava_1_5_logits_equal_transformers(hf_models, tmp_path):
+    import torch
+
+    from PIL import Image
+
+    from mqt_jax.data.preprocess import clip_preprocess
+
+    out = tmp_path / "out"
+    params = convert.convert("llava-1.5", hf_models["root"] / "llava", out, mesh=mesh(),
+                             progress=False)
+    cfg = convert.plan("llava-1.5", hf_models["root"] / "llava").model_config
+    assert (cfg.query.variant, cfg.num_queries) == ("mlp2x_gelu", 16)
+    # The same preprocessing for both: a picture through mqt_jax's CLIP preprocessing.
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), np.uint8))
+    image = clip_preprocess(picture, 28, "pad")
+    text = [1, 5, 17, splice.IMAGE_TOKEN, 23, 42, 8]
+    batch = splice.layout_rows([[splice.Example(text, [splice.IGNORE] * len(text))]] * 8,
+                               np.full((8, 1), 16), 16, seq_len=22)
+    images = np.broadcast_to(image, (8, 1) + image.shape)
+    with sharding.activate(mesh()):
+        got = VisionLanguageModel(cfg).apply({"params": params}, jnp.asarray(images),
+                                             jnp.full((8, 1), 16),
+                                             *(jnp.asarray(batch[k]) for k in
+                                               ("token_ids", "visual_index", "positions", "segment_ids")))
+    ids = torch.tensor([[1, 5, 17] + [99] * 16 + [23, 42, 8]])
+    with torch.no_grad():
+        want = hf_models["llava"](input_ids=ids, pixel_values=torch.tensor(image[None]).permute(0, 3, 1, 2)).logits
+    assert relative_error(got[0], want[0].numpy()) < 1e-5
+    # The converted folder opens like a trained run: config.gin rebuilds the same model.
+    assert "QueryTransformerConfig.variant = 'mlp2x_gelu'" in (out / "config.gin").read_text()
+
+
+class TorchResampler:
+    """The released resampler written from shared/reference/mqt.md with torch's own
+    nn.MultiheadAttention, LayerNorm and F.interpolate(bicubic, align_corners=False)."""
+
+    def __init__(self, num_queries, width, heads, hidden, seed=0):
+        import torch
+
+        gen = torch.Generator().manual_seed(seed)
+        grid = int(num_queries ** 0.5)
+        self.torch = torch
+        self.query = torch.randn(num_queries, width, generator=gen) * 0.02
+        self.pos_embed = torch.tensor(sincos_2d(grid, width)).half()  # stored in fp16
+        self.attn = torch.nn.MultiheadAttention(width, heads)
+        self.ln = {n: torch.nn.LayerNorm(width, eps=1e-6) for n in ("ln_q", "ln_k", "ln_v")}
+        with torch.no_grad():
+            for module in [self.attn, *self.ln.values()]:
+                for p in module.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if p.ndim == 1 else 0.0))
+        self.proj = torch.randn(width, hidden, generator=gen) * width ** -0.5
+
+    def state_dict(self, prefix="model.query_abstractor."):
+        sd = {"query": self.query, "pos_embed": self.pos_embed, "proj": self.proj,
+              **{f"attn.{k}": v for k, v in self.attn.state_dict().items()},
+              **{f"{n}.{k}": v for n, m in self.ln.items() for k, v in m.state_dict().items()}}
+        return {prefix + k: v.detach().contiguous() for k, v in sd.items()}
+
+    def __call__(self, x, m):
+        torch, F = self.torch, self.torch.nn.functional
+        g, width = int(self.query.shape[0] ** 0.5), self.query.shape[1]
+        grid = int(x.shape[1] ** 0.5)
+        with torch.no_grad():
+            table = self.pos_embed.float().reshape(1, g, g, width).permute(0, 3, 1, 2)
+            keys = F.interpolate(table, size=(grid, grid), mode="bicubic", align_corners=False)
+            keys = keys.permute(0, 2, 3, 1).reshape(grid * grid, width)
+            q = self.ln["ln_q"](self.query[:m] + self.pos_embed[:m].float())
+            k, v = self.ln["ln_k"](keys), self.ln["ln_v"](x)
+            b = x.shape[0]
+            out = self.attn(q[:, None].expand(-1, b, -1), k[:, None].expand(-1, b, -1),
+                            v.permute(1, 0, 2), need_weights=False)[0]
+            return out.permute(1, 0, 2) @ self.proj
+
+
+def write_original_layout(folder: Path, tensors: dict, config: dict):
+    """A checkpoint folder as LLaVA's own code saves it (no transformers model class)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_mqt_llava_resampler_equals_a_torch_module_following_the_paper(hf_models, tmp_path):
+    """M = 16 queries (a 4 x 4 sin-cos table) over a 6 x 6 patch grid: the keys need the
+    PyTorch bicubic resize 4 -> 6, where jax.image.resize would differ."""
+    import torch
+    import transformers
+
+    clip = randomize(transformers.CLIPVisionModel(tiny_clip_config(42, 128, 2)), 5).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    llama = hf_models["llama"]
+    resampler = TorchResampler(16, 128, heads=2, hidden=48)
+    tensors = {**{k: v.detach().contiguous() for k, v in llama.state_dict().items()},
+               **resampler.state_dict()}
+    config = {**llama.config.to_dict(), "model_type": "llava_llama",
+              "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_vision_select_layer": -2,
+              "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad"}
+    write_original_layout(tmp_path / "mqt", tensors, config)
+    params = convert.convert("mqt-llava", tmp_path / "mqt", tmp_path / "out",
+                             vision=str(tmp_path / "clip"), mesh=mesh(), progress=False)
+    cfg = convert.plan("mqt-llava", tmp_path / "mqt", tmp_path / "clip").model_config
+    assert (cfg.num_queries, cfg.query.width, cfg.query.num_heads, cfg.vision.grid_size) == (16, 128, 2, 6)
+    features = np.random.default_rng(0).normal(size=(8, 36, 128)).astype(np.float32)
+    model = VisionLanguageModel(cfg)
+    with sharding.activate(mesh()):
+        for m in (1, 2, 16):
+            got = model.apply({"params": params}, jnp.asarray(features), jnp.full((8,), m),
+                              method=lambda mdl, x, m_: mdl.query_transformer(x, m_))[:, :m]
+            want = resampler(torch.tensor(features), m).numpy()
+            assert relative_error(got, want) < 1e-5, m
+    # the vision tower came from --vision, the LLM from the MQT checkpoint
+    ids = np.random.default_rng(1).integers(0, 100, (8, 5))
+    with torch.no_grad():
+        want = llama(torch.tensor(ids)).logits.numpy()
+    assert relative_error(llama_logits(cfg.llm, params["llm"], ids), want) < 1e-5
+
+
+def test_import_export_import_is_identical_and_transformers_reads_the_export(hf_models, tmp_path):
+    import torch
+    import transformers
+
+    first = convert.convert("llama", hf_models["root"] / "llama", tmp_path / "a", mesh=mesh(),
+                            progress=False)
+    assert main(["export", "--kind", "llama", "--workdir", str(tmp_path / "a"),
+                 "--gin_param", "MeshConfig.fsdp = 8", "--out", str(tmp_path / "exported")]) == 0
+    second = convert.convert("llama", tmp_path / "exported", tmp_path / "b", mesh=mesh(),
+                             progress=False)
+    a, b = flatten_dict(first), flatten_dict(second)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg="/".join(key))
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    ids = torch.tensor(np.random.default_rng(2).integers(0, 100, (2, 9)))
+    with torch.no_grad():
+        np.testing.assert_array_equal(reloaded(ids).logits.numpy(), hf_models["llama"](ids).logits.numpy())
+
+
+# ---- bad input: no torch needed, the folders are written with mqt_jax.hf ----
+
+SMALL = LLMConfig(vocab_size=16, hidden=8, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4,
+                  mlp_dim=16)
+
+
+def llama_folder(folder: Path, drop=(), add=(), reshape=None, dtype=None, shards=1) -> Path:
+    """A random LLaMA checkpoint folder written by mqt_jax.hf (optionally broken)."""
+    folder.mkdir(parents=True)
+    rules = [r for r in convert.llama_rules(SMALL, "model.", "lm_head.weight") if r.hf_key not in drop]
+    entries = [(r.hf_key, reshape if r.hf_key == "model.norm.weight" and reshape else r.hf_shape,
+                dtype if r.hf_key == "model.norm.weight" and dtype else np.dtype(ml_dtypes.bfloat16))
+               for r in rules] + [(k, (3,), np.dtype(np.float32)) for k in add]
+    rng = np.random.default_rng(0)
+    make = {k: rng.normal(size=s).astype(d) for k, s, d in entries}
+    total = sum(a.nbytes for a in make.values())
+    hf.write_weights(folder, entries, make.__getitem__, max_shard_bytes=total // shards + 1)
+    config = convert.hf_llama_config(SMALL, "bfloat16")
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def convert_error(src, tmp_path, kind="llama") -> str:
+    out = tmp_path / "out"
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        convert.convert(kind, src, out, mesh=mesh(), progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+    return str(e.value)
+
+
+def test_a_sharded_bfloat16_checkpoint_converts_and_matches(tmp_path):
+    src = llama_folder(tmp_path / "src", shards=3)
+    assert len(list(src.glob("model-*-of-*.safetensors"))) >= 3
+    params = convert.convert("llama", src, tmp_path / "out", mesh=mesh(), progress=False)
+    folder = hf.CheckpointFolder(src)
+    want = folder.read("model.layers.1.mlp.down_proj.weight").astype(np.float32).T
+    np.testing.assert_array_equal(np.asarray(params["llm"]["layers"]["mlp"]["fc2"]["kernel"][1]), want)
+    want = folder.read("model.layers.0.self_attn.o_proj.weight").astype(np.float32).T.reshape(2, 4, 8)
+    np.testing.assert_array_equal(np.asarray(params["llm"]["layers"]["attn"]["out"]["kernel"][0]), want)
+    # it opens like a trained run, its tokenizer-free config.gin included
+    assert (tmp_path / "out" / "config.gin").read_text().count("LLMConfig.") == len(
+        [f for f in LLMConfig.__dataclass_fields__])
+
+
+def test_missing_and_unknown_keys_are_named(tmp_path):
+    assert "lacks 1 tensor(s): ['model.layers.1.mlp.up_proj.weight']" in convert_error(
+        llama_folder(tmp_path / "a", drop=("model.layers.1.mlp.up_proj.weight",)), tmp_path)
+    assert "does not know: ['model.extra.weight']" in convert_error(
+        llama_folder(tmp_path / "b", add=("model.extra.weight",)), tmp_path)
+
+
+def test_wrong_shape_and_dtype_are_named(tmp_path):
+    message = convert_error(llama_folder(tmp_path / "a", reshape=(9,)), tmp_path)
+    assert "model.norm.weight has shape (9,)" in message and "(8,)" in message
+    message = convert_error(llama_folder(tmp_path / "b", dtype=np.dtype(np.int32)), tmp_path)
+    assert "model.norm.weight is I32, not a floating-point weight" in message
+
+
+def test_truncated_file_and_missing_shard_are_named(tmp_path):
+    src = llama_folder(tmp_path / "a")
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[:-100])
+    message = convert_error(src, tmp_path)
+    assert "model.safetensors is truncated: tensor" in message
+    src = llama_folder(tmp_path / "b", shards=2)
+    last = sorted(src.glob("model-*-of-*.safetensors"))[-1]
+    last.unlink()
+    assert f"names shard(s) ['{last.name}']" in convert_error(src, tmp_path)
+
+
+def test_unsupported_architectures_are_refused(tmp_path):
+    src = llama_folder(tmp_path / "a")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    assert "model_type 'mistral' is not llama" in convert_error(src, tmp_path)
+    (src / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "linear", "factor": 2.0}}))
+    assert "RoPE scaling" in convert_error(src, tmp_path)
+    assert "model_type 'llama' is not a LLaVA model" in convert_error(src, tmp_path, "llava-1.5")
+    with pytest.raises(ValueError, match="--kind 'gpt2'"):
+        convert.plan("gpt2", src)
+
+
+def test_a_failed_write_leaves_nothing_and_an_existing_output_is_kept(tmp_path, monkeypatch):
+    src = llama_folder(tmp_path / "src")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError, match="exists"):
+        convert.convert("llama", src, tmp_path / "taken", mesh=mesh(), progress=False)
+
+    def broken(*_, **__):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(convert, "save_params", broken)
+    with pytest.raises(OSError, match="disk full"):
+        convert.convert("llama", src, tmp_path / "out", mesh=mesh(), progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_cli_convert_reports_bad_input(tmp_path, capsys):
+    assert main(["convert", "--kind", "llama", "--src", str(tmp_path / "nowhere"),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_a_bin_file_is_refused_without_permission(tmp_path):
+    pytest.importorskip("torch")
+    import torch
+
+    src = tmp_path / "bin"
+    src.mkdir()
+    torch.save({"model.norm.weight": torch.ones(8)}, src / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        hf.CheckpointFolder(src, allow_bin=False)
+    folder = hf.CheckpointFolder(src)  # weights_only=True: tensors only, nothing else unpickled
+    np.testing.assert_array_equal(folder.read("model.norm.weight"), np.ones(8, np.float32))
