@@ -19,14 +19,21 @@ ITEMS = ("state", "data", "config")
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, max_to_keep: int = 3):
+    """`host_gb`: copy at most this many GB off the devices at a time while saving (saves then
+    return once written; for a model that fits the host only once, e.g. converting on CPU).
+    None: asynchronous saves, which copy the whole state to the host first."""
+
+    def __init__(self, directory: str | Path, max_to_keep: int = 3, host_gb: int | None = None):
         self.directory = Path(directory).absolute()
         self._warn_about_partial_saves()
+        self.bounded = host_gb is not None
+        handlers = {"state": ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=host_gb),
+                    "data": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, enable_async_checkpointing=True, create=True),
-            item_names=ITEMS,
+                max_to_keep=max_to_keep, enable_async_checkpointing=not self.bounded, create=True),
+            **({"item_handlers": handlers} if self.bounded else {"item_names": ITEMS}),
         )
 
     def _warn_about_partial_saves(self) -> None:
@@ -41,9 +48,10 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, config_text: str) -> None:
-        """Asynchronous: returns once the arrays are copied off the devices."""
+        """Asynchronous: returns once the arrays are copied off the devices (bounded: once
+        written)."""
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
+            state=(ocp.args.PyTreeSave if self.bounded else ocp.args.StandardSave)(state),
             data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave({"gin": config_text}),
         ), force=True)

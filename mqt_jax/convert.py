@@ -458,7 +458,7 @@ def save_params(directory: Path, params: dict, config_text: str, step: int = 0) 
     reads it), with config.gin beside checkpoints/."""
     from mqt_jax.checkpoint import Checkpointer
 
-    ckpt = Checkpointer(directory / "checkpoints", max_to_keep=1)
+    ckpt = Checkpointer(directory / "checkpoints", max_to_keep=1, host_gb=1)
     ckpt.save(step, {"frozen": params}, {}, config_text)
     ckpt.wait()
     ckpt.close()
