@@ -426,6 +426,9 @@ def load(plan_: Plan, mesh, progress: bool = True) -> dict:
             for folder, rule in entries:
                 layer = place(rule.to_ours(folder.read(rule.hf_key), one.shape), one)
                 stack = _set_layer(target.sharding)(stack, layer, rule.layer)
+                # Dispatch is asynchronous: without waiting, reading races ahead and queued
+                # layers pile up in host memory.
+                stack.block_until_ready()
                 bar.update()
             params[path] = stack
     return unflatten_dict({tuple(k.split("/")): v for k, v in params.items()})

@@ -118,8 +118,8 @@ def evaluate(model_config: ModelConfig, params, config: EvalConfig, mesh,
 
 def prefill_tflops(model_config: ModelConfig, m: int, text_tokens: int) -> float | None:
     """Analytical TFLOPs of one request's prefill at m (vision tower, query transformer, LLM)."""
-    if model_config.query.variant != "official":
-        return None  # flops.query_flops covers the released resampler only
+    if model_config.query.variant == "qformer":
+        return None  # flops counts the released resampler and the LLaVA-1.5 projector
     return flops.inference_flops(model_config, m, text_tokens)["total"] / 1e12
 
 

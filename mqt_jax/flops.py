@@ -79,7 +79,10 @@ def llm_flops(llm, tokens: int, context: int | None = None) -> float:
 
 def inference_flops(model_config, m: int, text_tokens: int, new_tokens: int = 0) -> dict:
     """One image at m visual tokens plus `text_tokens` of prompt, then `new_tokens` decoded
-    with a KV cache. The query transformer computes only m tokens (truncation)."""
+    with a KV cache. The query transformer computes only m tokens (truncation). The
+    mlp2x_gelu projector has no m: LLaVA-1.5's count."""
+    if model_config.query.variant == "mlp2x_gelu":
+        return llava_flops(model_config, text_tokens, new_tokens)
     v, llm = model_config.vision, model_config.llm
     compressor = {"query": query_flops(model_config.query, v, llm.hidden, m)}
     return _with_towers(model_config, compressor, m + text_tokens, new_tokens)

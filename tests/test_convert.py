@@ -412,3 +412,48 @@ def test_a_bin_file_is_refused_without_permission(tmp_path):
         hf.CheckpointFolder(src, allow_bin=False)
     folder = hf.CheckpointFolder(src)  # weights_only=True: tensors only, nothing else unpickled
     np.testing.assert_array_equal(folder.read("model.norm.weight"), np.ones(8, np.float32))
+
+
+def word_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer.json (ids below vocab_size) beside the weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>", "USER", "ASSISTANT", ":", "what", "colour", "?", "red"]
+    vocab = {w: i for i, w in enumerate(words + [f"w{i}" for i in range(vocab_size - len(words) - 1)])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+
+
+def test_a_converted_llava_opens_for_generation_and_training(hf_models, tmp_path, capsys):
+    """OUT works as a run folder: `mqt-jax generate --workdir OUT` answers at m = M (the
+    projector has no other m), and TrainConfig.init_from = OUT starts training from it."""
+    import shutil
+
+    from PIL import Image
+
+    from mqt_jax.checkpoint import restore_params
+    from mqt_jax.train import TrainConfig, Trainer, merge_params
+
+    src = tmp_path / "llava"
+    shutil.copytree(hf_models["root"] / "llava", src)
+    word_tokenizer(src, 99)
+    out = tmp_path / "converted"
+    assert main(["convert", "--kind", "llava-1.5", "--src", str(src), "--out", str(out)]) == 0
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(tmp_path / "x.png")
+    args = ["generate", "--workdir", str(out), "--image", str(tmp_path / "x.png"),
+            "--prompt", "what colour ?", "--max_new_tokens", "3"]
+    capsys.readouterr()
+    assert main(args + ["--m", "16"]) == 0
+    assert len(capsys.readouterr().out.split()) == 3  # three words from the word-level vocabulary
+    assert main(args + ["--m", "4"]) == 2
+    assert "projector has no m" in capsys.readouterr().err
+
+    cfg = convert.plan("llava-1.5", src).model_config
+    trainer = Trainer(cfg, TrainConfig(batch_size=8, init_from=str(out)), mesh())
+    state = trainer.init_state(init_from=out / "checkpoints")
+    converted, _ = restore_params(out, trainer.abstract_params())
+    started = flatten_dict(merge_params(state.trainable, state.frozen))
+    for key, value in flatten_dict(converted).items():
+        np.testing.assert_array_equal(np.asarray(started[key]), np.asarray(value))
