@@ -27,7 +27,8 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self._warn_about_partial_saves()
         self.bounded = host_gb is not None
-        handlers = {"state": ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=host_gb),
+        handlers = {"state": ocp.PyTreeCheckpointHandler(
+            save_concurrent_gb=host_gb, save_device_host_concurrent_gb=host_gb),
                     "data": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(
             self.directory,
