@@ -19,8 +19,9 @@ ITEMS = ("state", "data", "config")
 
 
 class Checkpointer:
-    """`host_gb`: copy at most this many GB off the devices at a time while saving (saves then
-    return once written; for a model that fits the host only once, e.g. converting on CPU).
+    """`host_gb`: copy at most this many GB off the devices, and have at most this many in
+    flight to disk, at a time while saving (saves then return once written; for a model that
+    fits the host only once, e.g. converting on CPU). At least the largest array's size.
     None: asynchronous saves, which copy the whole state to the host first."""
 
     def __init__(self, directory: str | Path, max_to_keep: int = 3, host_gb: int | None = None):

@@ -210,10 +210,17 @@ def cmd_convert(args) -> int:
     from mqt_jax.sharding import MeshConfig, make_mesh
 
     parse_gin([], args.gin_param)  # only MeshConfig bindings matter here
-    convert(args.kind, args.src, args.out, vision=args.vision, param_dtype=args.param_dtype,
-            dtype=args.dtype, mesh=make_mesh(MeshConfig()), allow_bin=not args.safetensors_only)
-    print(f"wrote {args.out}: open it with `mqt-jax generate --workdir {args.out} ...`, or start "
-          f"training from it with --gin_param 'TrainConfig.init_from = \"{args.out}\"'")
+    params = convert(args.kind, args.src, args.out, vision=args.vision,
+                     param_dtype=args.param_dtype, dtype=args.dtype, mesh=make_mesh(MeshConfig()),
+                     allow_bin=not args.safetensors_only)
+    init = f"--gin_param 'TrainConfig.init_from = \"{args.out}\"'"
+    if len(params) == 3:  # the whole model
+        print(f"wrote {args.out}: `mqt-jax generate/eval --workdir {args.out}` opens it; "
+              f"training starts from it with {init}")
+    else:
+        part = next(iter(params))
+        print(f"wrote {args.out} ({part} only): training starts from it with {init} "
+              f"--gin_param 'TrainConfig.init_from_params = (\"{part}/.*\",)'")
     return 0
 
 

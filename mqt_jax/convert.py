@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -461,7 +462,9 @@ def save_params(directory: Path, params: dict, config_text: str, step: int = 0) 
     reads it), with config.gin beside checkpoints/."""
     from mqt_jax.checkpoint import Checkpointer
 
-    ckpt = Checkpointer(directory / "checkpoints", max_to_keep=1, host_gb=1)
+    # Bound the bytes in flight to the largest array (orbax cannot write one above its limit).
+    largest = max(x.nbytes for x in jax.tree.leaves(params))
+    ckpt = Checkpointer(directory / "checkpoints", max_to_keep=1, host_gb=math.ceil(largest / 1e9))
     ckpt.save(step, {"frozen": params}, {}, config_text)
     ckpt.wait()
     ckpt.close()
