@@ -104,3 +104,17 @@ def test_qformer_causal_tokens_do_not_depend_on_m():
     np.testing.assert_allclose(np.asarray(run([1, 3, 9])), full, rtol=1e-6, atol=1e-6)
     for n in (1, 4, 16):
         np.testing.assert_allclose(np.asarray(run([n] * 3, n)), full[:, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_mlp2x_gelu_projector_is_linear_exact_gelu_linear_on_every_patch():
+    from math import erf
+
+    base = tiny_config()  # 4 x 4 patches of width 32
+    cfg = base.__class__(vision=base.vision, llm=base.llm, query=QueryTransformerConfig(
+        variant="mlp2x_gelu", num_queries=16, width=32, num_heads=4))
+    _, params, features, run = make(cfg)
+    p = jax.tree.map(np.asarray, nn.meta.unbox(params))
+    h = features.astype(np.float64) @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+    h = h * 0.5 * (1 + np.vectorize(erf)(h / np.sqrt(2)))  # torch nn.GELU(): the exact one
+    want = h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+    np.testing.assert_allclose(run(np.full(3, 16)), want, rtol=2e-5, atol=2e-5)

@@ -176,7 +176,7 @@ class MLPProjector(nn.Module):
         x = features[:, :num_queries or features.shape[1]].astype(self.dtype)
         x = layers.dense(self.out_width, ("embed", "llm_embed"), name="fc1", **kw)(x)
         x = jax.nn.gelu(x, approximate=False)  # torch nn.GELU()
-        x = layers.dense(self.out_width, ("mlp", "llm_embed"), name="fc2", **kw)(x)
+        x = layers.dense(self.out_width, ("embed", "llm_embed"), name="fc2", **kw)(x)
         return layers.constrain(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
 
 
