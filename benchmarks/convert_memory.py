@@ -60,9 +60,10 @@ def write_checkpoint(folder: Path, num_layers: int) -> tuple[int, int]:
     entries = [(r.hf_key, r.hf_shape, bf16) for r in rules]
     rng = np.random.default_rng(0)
 
+    shapes = {key: shape for key, shape, _ in entries}
+
     def produce(key):
-        shape = next(s for k, s, _ in entries if k == key)
-        return (rng.standard_normal(shape, np.float32) * 0.02).astype(bf16)
+        return (rng.standard_normal(shapes[key], np.float32) * 0.02).astype(bf16)
 
     folder.mkdir(parents=True)
     hf.write_weights(folder, entries, produce)

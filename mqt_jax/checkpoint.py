@@ -28,14 +28,17 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self._warn_about_partial_saves()
         self.bounded = host_gb is not None
-        handlers = {"state": ocp.PyTreeCheckpointHandler(
-            save_concurrent_gb=host_gb, save_device_host_concurrent_gb=host_gb),
-                    "data": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+        items = {"item_names": ITEMS}
+        if self.bounded:
+            items = {"item_handlers": {
+                "state": ocp.PyTreeCheckpointHandler(save_concurrent_gb=host_gb,
+                                                     save_device_host_concurrent_gb=host_gb),
+                "data": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}}
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, enable_async_checkpointing=not self.bounded, create=True),
-            **({"item_handlers": handlers} if self.bounded else {"item_names": ITEMS}),
+            **items,
         )
 
     def _warn_about_partial_saves(self) -> None:

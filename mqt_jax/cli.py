@@ -225,11 +225,9 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from flax.traverse_util import unflatten_dict
-
     from mqt_jax.checkpoint import restore_params
     from mqt_jax.config import ModelConfig
-    from mqt_jax.convert import Plan, abstract_params, export_llama
+    from mqt_jax.convert import abstract_params, export_llama
     from mqt_jax.data.pipeline import DataConfig
     from mqt_jax.evaluate import EvalConfig
     from mqt_jax.recipe import run_config_file, run_folder, scoped
@@ -245,9 +243,7 @@ def cmd_export(args) -> int:
     with scoped(scope):
         model_config, mesh = ModelConfig(), make_mesh(MeshConfig())
         tokenizer = EvalConfig().tokenizer_dir or DataConfig().tokenizer_dir
-    abstract = abstract_params(Plan(model_config, ("llm",), [], None), mesh)
-    params, step = restore_params(path, unflatten_dict({tuple(k.split("/")): v
-                                                        for k, v in abstract.items()}),
+    params, step = restore_params(path, abstract_params(model_config, ("llm",), mesh),
                                   only=("llm/.*",))
     out = export_llama(model_config.llm, params, args.out, tokenizer or None, args.dtype)
     print(f"wrote {out}: the LLM of {path} at step {step} as a Hugging Face LLaMA folder")

@@ -166,12 +166,17 @@ class ModelConfig:
     def num_queries(self) -> int:
         return self.query.num_queries
 
+    @property
+    def has_m(self) -> bool:
+        """False for a fixed-token projector: the LLM always sees all M tokens."""
+        return self.query.variant not in FIXED_TOKEN_VARIANTS
+
     def check_m(self, m):
         """m as int32, or a ValueError: outside [1, M], or not M for a fixed-token projector."""
         from mqt_jax.splice import check_m
 
         m = check_m(m, self.num_queries)
-        if self.query.variant in FIXED_TOKEN_VARIANTS and (m != self.num_queries).any():
+        if not self.has_m and (m != self.num_queries).any():
             raise ValueError(f"m={sorted(set(m.reshape(-1).tolist()))}: the {self.query.variant} "
                              f"projector has no m; it always gives all {self.num_queries} tokens")
         return m

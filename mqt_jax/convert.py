@@ -33,10 +33,11 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from tqdm.auto import tqdm
 
 from mqt_jax import hf, sharding
+from mqt_jax.checkpoint import abstract_like
 from mqt_jax.config import LLMConfig, ModelConfig, QueryTransformerConfig, VisionConfig
 from mqt_jax.models.llama import Llama
 from mqt_jax.models.vision_tower import VisionTower
-from mqt_jax.models.vlm import VisionLanguageModel
+from mqt_jax.train import abstract_model_params
 
 KINDS = ("clip-vision", "llama", "llava-1.5", "mqt-llava")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
@@ -232,17 +233,14 @@ def plan(kind: str, src: Path, vision: Path | None = None, param_dtype: str = "f
     cfg = hf.read_config(src)
     keys, source = set(folder.keys()), src / "config.json"
     dtypes = dict(param_dtype=param_dtype, dtype=dtype or param_dtype)
-    small = dict(vision=VisionConfig(image_size=14, patch_size=14, width=64, num_layers=1, num_heads=1),
-                 query=QueryTransformerConfig(num_queries=1, width=64, num_heads=1),
-                 llm=LLMConfig(vocab_size=8, hidden=8, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,
-                               mlp_dim=8))  # placeholders for the parts a kind does not build
     tokenizer = src if any((src / f).is_file() for f in TOKENIZER_FILES[:2]) else None
 
     if kind == "clip-vision":
         v = vision_config(cfg, -2, source)
         p = find_prefix(keys, "embeddings.patch_embedding.weight", CLIP_PREFIXES[:2]) or ""
-        model = ModelConfig(**{**small, "vision": v, "query": dataclasses.replace(
-            small["query"], width=v.width)}, **dtypes)
+        # The parts not built keep their defaults; the official resampler must match the width.
+        model = ModelConfig(vision=v, query=QueryTransformerConfig(width=v.width, num_heads=1),
+                            **dtypes)
         return Plan(model, ("vision_tower",), [(folder, clip_rules(v, p), clip_unused(v, p))], None)
 
     if kind == "llama":
@@ -250,7 +248,7 @@ def plan(kind: str, src: Path, vision: Path | None = None, param_dtype: str = "f
             raise unsupported(source, f"model_type {cfg.get('model_type')!r} is not llama")
         c = llm_config(cfg, source)
         head = "lm_head.weight" if not cfg.get("tie_word_embeddings") else "model.embed_tokens.weight"
-        model = ModelConfig(**{**small, "llm": c}, **dtypes)
+        model = ModelConfig(llm=c, **dtypes)  # the parts not built keep their defaults
         unused = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
         return Plan(model, ("llm",), [(folder, llama_rules(c, "model.", head), unused)], tokenizer)
 
@@ -348,30 +346,22 @@ def check_source(folder: hf.CheckpointFolder, rules: list[Rule], unused: list[st
 
 # ---- placing parameters on the mesh ----
 
-def abstract_params(plan_: Plan, mesh) -> dict:
-    """Flat {path: ShapeDtypeStruct with sharding} of the parameters the plan builds."""
-    cfg = plan_.model_config
+def abstract_params(model_config: ModelConfig, parts: tuple[str, ...], mesh) -> dict:
+    """ShapeDtypeStructs, with shardings on `mesh`, of the parts built: the whole model, or
+    one tower (nested under its name)."""
+    if len(parts) > 1:
+        return abstract_model_params(model_config, mesh)
+    (part,), cfg = parts, model_config
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-    if plan_.parts == ("vision_tower",):
-        module, args = VisionTower(cfg.vision, **kw), (jnp.zeros((1, cfg.vision.image_size,
-                                                                  cfg.vision.image_size, 3)),)
-    elif plan_.parts == ("llm",):
+    if part == "vision_tower":
+        size = cfg.vision.image_size
+        module, args = VisionTower(cfg.vision, **kw), (jnp.zeros((1, size, size, 3)),)
+    else:
         z = jnp.zeros((1, 1), jnp.int32)
         module, args = Llama(cfg.llm, **kw), (jnp.zeros((1, 1, cfg.llm.hidden)), z, z)
-    else:
-        module, args = VisionLanguageModel(cfg), None
     with sharding.activate(mesh):
-        if args is None:
-            b = sharding.batch_divisor(mesh)
-            z = jnp.zeros((b, 4), jnp.int32)
-            args = (jnp.zeros((b, 1, cfg.vision.image_size, cfg.vision.image_size, 3)),
-                    jnp.ones((b, 1), jnp.int32), z, z - 1, z, z)
         boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *args)["params"])
-    shardings = sharding.logical_to_shardings(boxed, mesh)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            nn.meta.unbox(boxed), shardings)
-    prefix = () if len(plan_.parts) > 1 else (plan_.parts[0],)
-    return {"/".join(prefix + k): v for k, v in flatten_dict(abstract).items()}
+    return {part: abstract_like(nn.meta.unbox(boxed), sharding.logical_to_shardings(boxed, mesh))}
 
 
 def place(array: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
@@ -398,7 +388,8 @@ def load(plan_: Plan, mesh, progress: bool = True) -> dict:
     """The plan's parameters as a nested dict of sharded arrays, read tensor by tensor."""
     for folder, rules, unused in plan_.sources:
         check_source(folder, rules, unused)
-    abstract = abstract_params(plan_, mesh)
+    abstract = {"/".join(k): v for k, v in flatten_dict(
+        abstract_params(plan_.model_config, plan_.parts, mesh)).items()}
     for path, target in abstract.items():
         try:
             target.sharding.shard_shape(target.shape)
@@ -452,7 +443,7 @@ def gin_text(plan_: Plan, tokenizer_dir: str | None) -> str:
         lines += [f"DataConfig.tokenizer_dir = {tokenizer_dir!r}",
                   f"EvalConfig.tokenizer_dir = {tokenizer_dir!r}",
                   f"DataConfig.template = {plan_.template!r}", f"EvalConfig.template = {plan_.template!r}"]
-    if plan_.model_config.query.variant == "mlp2x_gelu" and len(plan_.parts) == 3:
+    if not plan_.model_config.has_m and len(plan_.parts) == 3:
         lines.append('MSampler.distribution = "constant"  # the projector has no m')
     return "\n".join(lines) + "\n"
 

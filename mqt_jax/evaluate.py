@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mqt_jax import benchmarks, flops
-from mqt_jax.config import FIXED_TOKEN_VARIANTS, ModelConfig
+from mqt_jax.config import ModelConfig
 from mqt_jax.data.conversation import encode_prompt
 from mqt_jax.data.preprocess import clip_preprocess
 from mqt_jax.data.tokenizer import load_tokenizer
@@ -49,7 +49,7 @@ class EvalConfig:
 def m_values_for(config: EvalConfig, model_config: ModelConfig) -> list[int]:
     """The m to evaluate: EvalConfig.m_values up to M, and M (only M without an m)."""
     big_m = model_config.num_queries
-    if model_config.query.variant in FIXED_TOKEN_VARIANTS:
+    if not model_config.has_m:
         return [big_m]
     values = sorted({m for m in config.m_values if m <= big_m} | {big_m})
     model_config.check_m(values)

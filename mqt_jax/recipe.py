@@ -16,7 +16,7 @@ from mqt_jax.config import ModelConfig
 from mqt_jax.data.shapes import write_shapes
 from mqt_jax.evaluate import EvalConfig, evaluate, m_values_for, sweep_tables, write_collection
 from mqt_jax.m_sampler import MSampler
-from mqt_jax.train import TrainConfig, Trainer, train
+from mqt_jax.train import TrainConfig, Trainer, abstract_model_params, train
 
 
 @gin.configurable
@@ -92,11 +92,7 @@ def open_run(path: str | Path, scope: str | None = None, step: int | None = None
         path, scope = run_folder(path)
     with scoped(scope):
         model_config, mesh = ModelConfig(), sharding.make_mesh(sharding.MeshConfig())
-        # Parameter shapes do not depend on the batch: any batch this mesh divides will do
-        # (the training batch may not divide a smaller inference host).
-        train_config = TrainConfig(batch_size=sharding.batch_divisor(mesh), grad_accum_steps=1)
-        abstract = Trainer(model_config, train_config, mesh).abstract_params()
-        params, step = restore_params(path, abstract, step)
+        params, step = restore_params(path, abstract_model_params(model_config, mesh), step)
         return TrainedRun(path, step, model_config, EvalConfig(), mesh, params)
 
 

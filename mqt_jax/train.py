@@ -293,6 +293,14 @@ class Trainer:
             return self._jit_step(state, device_batch)
 
 
+def abstract_model_params(model_config: ModelConfig, mesh: jax.sharding.Mesh) -> dict:
+    """ShapeDtypeStructs of the model's parameters with their shardings on `mesh`. Shapes do
+    not depend on the batch: any batch this mesh divides will do (a training batch may not
+    divide a smaller inference host)."""
+    config = TrainConfig(batch_size=sharding.batch_divisor(mesh), grad_accum_steps=1)
+    return Trainer(model_config, config, mesh).abstract_params()
+
+
 def m_ranges(num_queries: int) -> list[tuple[int, int]]:
     """(lo, hi] buckets at powers of 4 up to M: (0, 4], (4, 16], (16, 64], ..."""
     edges = [0]
