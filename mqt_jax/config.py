@@ -9,8 +9,10 @@ import dataclasses
 
 import gin
 
-VARIANTS = ("official", "qformer", "mlp2x_gelu")
-FIXED_TOKEN_VARIANTS = ("mlp2x_gelu",)  # the LLM always sees all M tokens: m = M only
+VARIANTS = ("official", "qformer", "mlp2x_gelu", "avgpool", "victor", "quecc")
+# Compressors without a Matryoshka m: the LLM always sees all M tokens (m = M only); one model
+# per token budget.
+FIXED_TOKEN_VARIANTS = ("mlp2x_gelu", "avgpool", "victor", "quecc")
 
 REMAT_POLICIES = (
     "none",  # no rematerialisation: keep every activation
@@ -49,11 +51,16 @@ class VisionConfig:
     @property
     def num_layers_built(self) -> int:
         """Layers actually run: those up to and including the selected one."""
-        n = self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
+        return self.layer_index(self.select_layer)
+
+    def layer_index(self, layer: int) -> int:
+        """A hidden state counted like `select_layer` (negative from the end) -> 0..num_layers."""
+        n = layer if layer >= 0 else self.num_layers + 1 + layer
         if not 0 <= n <= self.num_layers:
             raise ValueError(
-                f"VisionConfig.select_layer={self.select_layer} is outside "
-                f"[-{self.num_layers + 1}, {self.num_layers}] for a {self.num_layers}-layer tower"
+                f"vision layer {layer} is outside [-{self.num_layers + 1}, {self.num_layers}] "
+                f"for a {self.num_layers}-layer tower (VisionConfig.select_layer="
+                f"{self.select_layer})"
             )
         return n
 
@@ -69,12 +76,22 @@ class VisionConfig:
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class QueryTransformerConfig:
-    """The Matryoshka query transformer: M latent queries -> M visual tokens.
+    """The compressor between the vision tower and the LLM (one gin binding picks it):
+    patch features -> M visual tokens at the LLM width.
 
-    variant "official" is the released MQT-LLaVA resampler (one cross-attention whose keys
-    carry position only); "qformer" is a stack of [query self-attention | cross-attention |
-    MLP] layers whose self-attention honours m through `query_mask`; "mlp2x_gelu" is the
-    LLaVA-1.5 projector, no queries: every patch is a token (M = the number of patches, m = M).
+    - "official": the released MQT-LLaVA resampler (one cross-attention whose keys carry
+      position only); "qformer": [query self-attention | cross-attention | MLP] layers whose
+      self-attention honours m through `query_mask`. Both Matryoshka: any m <= M.
+    - "mlp2x_gelu": the LLaVA-1.5 projector, no queries: every patch is a token (M = patches).
+    - "avgpool": the patch grid average-pooled to the smallest square grid of >= M cells, the
+      first M kept, then the mlp2x_gelu projector.
+    - "victor": the mlp2x_gelu projector's patch tokens, then M learnable registers in the
+      LLM's input space; the LLM drops the patch tokens at layer `drop_layer` (shared/reference/
+      baselines.md). M = registers: the visual tokens that outlive the drop.
+    - "quecc": text-guided queries from a depthwise strided convolution over the grid
+      (stride s = grid / sqrt(M)), local cross-attention to the hidden states of
+      `vision_layers`, then the mlp2x_gelu projector.
+    The last four have no m: one model per budget M.
     """
 
     variant: str = "official"
@@ -86,6 +103,11 @@ class QueryTransformerConfig:
     num_layers: int = 2
     mlp_dim: int = 4096
     query_mask: str = "prefix"  # "prefix": query i sees j < m; "causal": query i sees j <= i
+    # victor only: the first LLM layer that no longer sees the patch tokens (k).
+    drop_layer: int = 3
+    # quecc only: the vision layers whose hidden states (concatenated) give keys and values,
+    # counted like VisionConfig.select_layer.
+    vision_layers: tuple[int, ...] = (12, 16, 22, 23)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -102,10 +124,12 @@ class QueryTransformerConfig:
                 f"QueryTransformerConfig.width={self.width} is not divisible by "
                 f"num_heads={self.num_heads}"
             )
-        if self.variant == "official" and int(self.num_queries**0.5) ** 2 != self.num_queries:
+        if self.num_queries < 1:
+            raise ValueError(f"QueryTransformerConfig.num_queries={self.num_queries} must be >= 1")
+        if self.variant in ("official", "quecc") and int(self.num_queries**0.5) ** 2 != self.num_queries:
             raise ValueError(
-                f"QueryTransformerConfig.num_queries={self.num_queries}: the official variant's "
-                "2-D sin-cos positions need a square number of queries"
+                f"QueryTransformerConfig.num_queries={self.num_queries}: the {self.variant} "
+                "variant needs a square number of queries (a square grid of tokens)"
             )
 
 
@@ -149,22 +173,56 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.remat_policy={self.remat_policy!r}: expected one of {REMAT_POLICIES}"
             )
-        if self.query.variant == "official" and self.query.width != self.vision.width:
+        if self.query.variant in ("official", "quecc") and self.query.width != self.vision.width:
             raise ValueError(
-                f"the official query transformer attends at the vision width: "
+                f"the {self.query.variant} query transformer attends at the vision width: "
                 f"QueryTransformerConfig.width={self.query.width} != "
                 f"VisionConfig.width={self.vision.width}"
             )
-        if self.query.variant == "mlp2x_gelu" and self.query.num_queries != self.vision.num_patches:
+        q, v, patches = self.query, self.vision, self.vision.num_patches
+        if q.variant == "mlp2x_gelu" and q.num_queries != patches:
             raise ValueError(
                 f"the mlp2x_gelu projector makes one token per patch: "
-                f"QueryTransformerConfig.num_queries={self.query.num_queries} != "
-                f"{self.vision.num_patches} patches"
+                f"QueryTransformerConfig.num_queries={q.num_queries} != {patches} patches"
             )
+        if q.variant == "avgpool" and q.num_queries > patches:
+            raise ValueError(f"avgpool: QueryTransformerConfig.num_queries={q.num_queries} is "
+                             f"more than the {patches} patches it pools")
+        if q.variant == "victor" and not 1 <= q.drop_layer < self.llm.num_layers:
+            raise ValueError(f"victor: QueryTransformerConfig.drop_layer={q.drop_layer} must be "
+                             f"in [1, {self.llm.num_layers - 1}] for a {self.llm.num_layers}-layer LLM")
+        if q.variant == "quecc":
+            side = int(q.num_queries**0.5)
+            if v.grid_size % side:
+                raise ValueError(f"quecc: sqrt(QueryTransformerConfig.num_queries)={side} does not "
+                                 f"divide the {v.grid_size}x{v.grid_size} patch grid")
+            for layer in q.vision_layers:
+                if v.layer_index(layer) > v.num_layers_built:
+                    raise ValueError(
+                        f"quecc: vision layer {layer} is after VisionConfig.select_layer="
+                        f"{v.select_layer}, which is the last layer built")
 
     @property
     def num_queries(self) -> int:
+        """M: the visual tokens per image in the LLM's input (victor: patches + registers)."""
+        if self.query.variant == "victor":
+            return self.vision.num_patches + self.query.num_queries
         return self.query.num_queries
+
+    @property
+    def drop_layer(self) -> int:
+        """The LLM layer at which visual tokens leave (victor), else 0."""
+        return self.query.drop_layer if self.query.variant == "victor" else 0
+
+    @property
+    def dropped_per_image(self) -> int:
+        """Visual tokens per image that leave the LLM at drop_layer (victor: the patches)."""
+        return self.vision.num_patches if self.query.variant == "victor" else 0
+
+    def visual_tokens(self, m: int) -> int:
+        """The visual tokens per image that the LLM carries at m: m, except for victor, whose
+        patch tokens leave at drop_layer and only the registers stay."""
+        return self.query.num_queries if self.query.variant == "victor" else m
 
     @property
     def has_m(self) -> bool:

@@ -99,7 +99,7 @@ def prompt_batch(examples: list[splice.Example], images: np.ndarray, m: int, num
         raise ValueError(f"a prompt of {max(lengths)} tokens at m={m} does not fit seq_len={seq_len}")
     laid = splice.layout_rows([[e] for e in examples], m_rows, num_queries, seq_len)
     return {"images": images[:, None].astype(np.float32), "m": m_rows,
-            **{k: laid[k] for k in MODEL_INPUTS[2:]}}  # token_ids ... segment_ids
+            **{k: laid[k] for k in MODEL_INPUTS[2:]}}  # token_ids ... question_end
 
 
 def cut_at_eos(ids: np.ndarray, eos_id: int) -> list[list[int]]:
@@ -152,6 +152,9 @@ class Generator:
             seq_len = -(-lengths[idx].max() // self.bucket) * self.bucket
             batch = prompt_batch([prompts[i] for i in idx], images[idx], m,
                                  self.model_config.num_queries, seq_len)
+            if self.model_config.dropped_per_image:
+                splice.check_survivors(batch, self.model_config.num_queries,
+                                       self.model_config.dropped_per_image)
             yield idx, {k: jax.make_array_from_process_local_data(self.batch_sharding, v[rows])
                         for k, v in batch.items()}
 

@@ -23,8 +23,8 @@ IMAGE_TOKEN = -200  # LLaVA's placeholder id for `<image>`; never a real vocabul
 IGNORE = -100  # label of positions without loss (LLaVA's IGNORE_INDEX)
 
 BATCH_KEYS = (
-    "images", "m", "token_ids", "visual_index", "positions", "segment_ids", "targets",
-    "loss_mask",
+    "images", "m", "token_ids", "visual_index", "positions", "segment_ids", "question_end",
+    "targets", "loss_mask",
 )
 
 
@@ -101,7 +101,10 @@ def layout_rows(
     m: [B, I] per-image token counts; a row's examples consume its I image slots in order.
     Returns token_ids, visual_index (-1 = text, else image_slot * M + q), positions,
     segment_ids (0 = padding, k = k-th example of the row), targets (the next token) and
-    loss_mask, each [B, seq_len]. Examples longer than the room left are truncated.
+    loss_mask, each [B, seq_len]; and question_end [B, I]: per image slot, the position of
+    the last token before the first answer token after the image (the end of its question;
+    a prompt's last token when nothing after it is labelled), 0 for unused slots (QueCC's
+    text guidance). Examples longer than the room left are truncated.
     """
     m = check_m(m, num_queries)
     if m.ndim != 2 or m.shape[0] != len(rows):
@@ -113,6 +116,7 @@ def layout_rows(
         "segment_ids": np.zeros((len(rows), seq_len), np.int32),
         "targets": np.zeros((len(rows), seq_len), np.int32),
         "loss_mask": np.zeros((len(rows), seq_len), np.float32),
+        "question_end": np.zeros(m.shape, np.int32),
     }
     for b, row in enumerate(rows):
         cursor, slot = 0, 0
@@ -135,14 +139,20 @@ def layout_rows(
             nxt = np.append(lab[1:n], IGNORE)
             out["targets"][b, span] = np.maximum(nxt, 0)
             out["loss_mask"][b, span] = nxt != IGNORE
+            for k in range(n_img):
+                after = np.flatnonzero(vis // num_queries == slot + k).max() + 1
+                answer = np.flatnonzero(lab[after:] != IGNORE)
+                end = after + answer[0] - 1 if answer.size else len(tok) - 1
+                out["question_end"][b, slot + k] = cursor + min(end, n - 1)
             cursor, slot = cursor + n, slot + n_img
             if cursor == seq_len:
                 break
     return out
 
 
-def validate_batch(batch: dict, num_queries: int, image_size: int) -> None:
-    """Host-side checks of a batch, before anything is compiled or sent to devices."""
+def validate_batch(batch: dict, num_queries: int, image_size: int, dropped_per_image: int = 0) -> None:
+    """Host-side checks of a batch, before anything is compiled or sent to devices.
+    dropped_per_image: see `check_survivors`."""
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
         raise ValueError(f"batch lacks {missing}; a batch holds {list(BATCH_KEYS)}")
@@ -161,6 +171,34 @@ def validate_batch(batch: dict, num_queries: int, image_size: int) -> None:
     if np.any(slot >= m.shape[1]) or np.any(q >= m[rows, np.minimum(slot, m.shape[1] - 1)]):
         raise ValueError("visual_index points past an image's m: the batch was not laid out "
                          "with its own m (use splice.layout_rows)")
+    if dropped_per_image:
+        check_survivors(batch, num_queries, dropped_per_image)
+
+
+def dropped_positions(visual_index, num_queries: int, dropped_per_image: int):
+    """[B, T] bool: the visual tokens that leave the LLM mid-way (Victor: each image's first
+    `dropped_per_image` tokens, its patches; the registers after them stay). numpy or jax."""
+    return (visual_index >= 0) & (visual_index % num_queries < dropped_per_image)
+
+
+def kept_length(seq_len: int, images_per_row: int, dropped_per_image: int) -> int:
+    """The static length of the sequence after the drop: room for every row that holds
+    `images_per_row` images."""
+    return seq_len - images_per_row * dropped_per_image
+
+
+def check_survivors(batch: dict, num_queries: int, dropped_per_image: int) -> None:
+    """Every row's survivors of the drop fit the compacted length (a row with fewer images
+    than the batch's image slots may not: it holds more text)."""
+    vis, seg = np.asarray(batch["visual_index"]), np.asarray(batch["segment_ids"])
+    survivors = ((seg > 0) & ~dropped_positions(vis, num_queries, dropped_per_image)).sum(1)
+    room = kept_length(seg.shape[1], np.asarray(batch["m"]).shape[1], dropped_per_image)
+    over = np.flatnonzero(survivors > room)
+    if over.size:
+        raise ValueError(
+            f"rows {over.tolist()} keep {survivors[over].tolist()} tokens after the visual "
+            f"tokens leave, more than the {room} the compacted sequence holds (seq_len - image "
+            f"slots x {dropped_per_image} patches): give every row its images, or shorter text")
 
 
 def splice(text_embeds: jax.Array, visual_tokens: jax.Array, visual_index: jax.Array):

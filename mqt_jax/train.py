@@ -141,6 +141,12 @@ class Trainer:
                 f"grad_accum_steps={config.grad_accum_steps} x the mesh's data x fsdp = "
                 f"{sharding.batch_divisor(mesh)} devices"
             )
+        dropped = config.images_per_row * model_config.dropped_per_image
+        if dropped and config.seq_len <= dropped:
+            raise ValueError(
+                f"TrainConfig.seq_len={config.seq_len} leaves no room after the visual tokens "
+                f"leave the LLM: {config.images_per_row} image(s) x "
+                f"{model_config.dropped_per_image} patches = {dropped}")
         self.model_config, self.config, self.mesh = model_config, config, mesh
         self.model = VisionLanguageModel(model_config)
         self.tx, self.schedule = make_optimizer(config)
@@ -156,11 +162,12 @@ class Trainer:
     def dummy_batch(self) -> dict[str, jax.Array]:
         """Zeros shaped like a batch (for init: parameter shapes do not depend on values)."""
         cfg, v = self.config, self.model_config.vision
-        b, t = sharding.batch_divisor(self.mesh), self.config.seq_len
+        b, i = sharding.batch_divisor(self.mesh), cfg.images_per_row
+        t = max(cfg.seq_len, i * self.model_config.dropped_per_image + 1)  # room after a drop
         ints = jnp.zeros((b, t), jnp.int32)
         return {
-            "images": jnp.zeros((b, cfg.images_per_row, v.image_size, v.image_size, 3)),
-            "m": jnp.ones((b, cfg.images_per_row), jnp.int32),
+            "images": jnp.zeros((b, i, v.image_size, v.image_size, 3)),
+            "m": jnp.ones((b, i), jnp.int32), "question_end": jnp.zeros((b, i), jnp.int32),
             "token_ids": ints, "visual_index": ints - 1, "positions": ints, "segment_ids": ints,
         }
 
@@ -274,7 +281,8 @@ class Trainer:
     def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Validate on the host (clear errors before any compilation), then place the batch."""
         v = self.model_config.vision
-        splice.validate_batch(batch, self.model_config.num_queries, v.image_size)
+        splice.validate_batch(batch, self.model_config.num_queries, v.image_size,
+                              self.model_config.dropped_per_image)
         local = self.config.batch_size // jax.process_count()  # this host's rows
         if batch["token_ids"].shape != (local, self.config.seq_len):
             raise ValueError(
@@ -298,6 +306,8 @@ def abstract_model_params(model_config: ModelConfig, mesh: jax.sharding.Mesh) ->
     not depend on the batch: any batch this mesh divides will do (a training batch may not
     divide a smaller inference host)."""
     config = TrainConfig(batch_size=sharding.batch_divisor(mesh), grad_accum_steps=1)
+    room = config.images_per_row * model_config.dropped_per_image + 1  # Victor's drop
+    config = dataclasses.replace(config, seq_len=max(config.seq_len, room))
     return Trainer(model_config, config, mesh).abstract_params()
 
 

@@ -42,7 +42,7 @@ def random_batch(cfg: ModelConfig, m, seq_len=48, seed=0, examples=None) -> dict
     return {"images": images, "m": m, **arrays}
 
 
-def init_params(module, *args, method=None, seed=0) -> dict:
+def init_params(module, *args, method=None, seed=0, **kwargs) -> dict:
     """Unboxed parameters, initialised under jit (eager init compiles op by op: slow)."""
     from functools import partial
 
@@ -50,4 +50,4 @@ def init_params(module, *args, method=None, seed=0) -> dict:
     from flax import linen as nn
 
     init = jax.jit(partial(module.init, method=method))
-    return nn.meta.unbox(init(jax.random.key(seed), *args)["params"])
+    return nn.meta.unbox(init(jax.random.key(seed), *args, **kwargs)["params"])

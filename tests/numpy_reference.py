@@ -91,14 +91,23 @@ def rope_hf(x, positions, theta):
     return x * np.cos(emb) + rotate_half * np.sin(emb)
 
 
-def llama(params, embeddings, positions, segment_ids, cfg):
-    """LLaMA decoder on input embeddings -> logits. Causal within equal segment ids."""
+def llama(params, embeddings, positions, segment_ids, cfg, drop_at=None, keep=None):
+    """LLaMA decoder on input embeddings -> logits. Causal within equal segment ids.
+    drop_at=k, keep [T] bool: the positions not kept are deleted from the sequence (states,
+    positions, segments) before layer k, really; returns the kept positions' logits."""
     p = f64(params)
     h = np.asarray(embeddings, np.float64)
-    t = h.shape[1]
-    seg = np.asarray(segment_ids)
-    mask = (np.tril(np.ones((t, t), bool))[None] & (seg[:, :, None] == seg[:, None, :]))[:, None]
+    seg, positions = np.asarray(segment_ids), np.asarray(positions)
+
+    def causal(seg):
+        t = seg.shape[1]
+        return (np.tril(np.ones((t, t), bool))[None] & (seg[:, :, None] == seg[:, None, :]))[:, None]
+
+    mask = causal(seg)
     for i in range(cfg.num_layers):
+        if i == drop_at:
+            h, positions, seg = h[:, keep], positions[:, keep], seg[:, keep]
+            mask = causal(seg)
         lp = layer(p["layers"], i)
         a = rms_norm(h, lp["attn_norm"]["scale"], cfg.rms_norm_eps)
         q, k, v = qkv(a, a, a, lp["attn"])

@@ -74,3 +74,59 @@ def test_scanned_layers_keep_the_program_size_independent_of_depth():
         return len(jax.jit(jax.grad(loss)).lower(params, emb, ints).as_text().splitlines())
 
     assert program_lines(2) == program_lines(12)  # one scanned body, whatever the depth
+
+
+def victor_setup(drop_layer, seed=0):
+    cfg = LLMConfig(vocab_size=64, hidden=48, num_layers=3, num_heads=6, num_kv_heads=2,
+                    head_dim=8, mlp_dim=80, rope_theta=500.0)
+    model = Llama(cfg, drop_layer=drop_layer)
+    rng = np.random.default_rng(seed)
+    t = 14
+    emb = rng.normal(size=(2, t, cfg.hidden)).astype(np.float32)
+    pos = np.tile(np.arange(t), (2, 1))
+    seg = np.ones((2, t), np.int32)
+    seg[1, 12:] = 0  # row 1 ends in padding
+    dropped = np.zeros((2, t), bool)
+    dropped[0, 2:8] = True  # 6 visual tokens, different places per row
+    dropped[1, 4:10] = True
+    kept_len = t - 6
+    params = init_params(model, emb, pos, seg, dropped, seed=seed,
+                         method=lambda mdl, *a: mdl(*a, kept_len=kept_len))
+    return cfg, model, params, emb, pos, seg, dropped, kept_len
+
+
+@pytest.mark.parametrize("drop_layer", [1, 2])
+def test_victor_logits_equal_deleting_the_visual_states_at_the_drop_layer(drop_layer):
+    cfg, model, params, emb, pos, seg, dropped, kept_len = victor_setup(drop_layer)
+    got = np.asarray(jax.jit(lambda *a: model.apply({"params": params}, *a, kept_len))(
+        emb, pos, seg, dropped))
+    for row in range(2):
+        keep = ~dropped[row] & (seg[row] > 0)
+        want = llama_reference(params, emb[row:row + 1], pos[row:row + 1], seg[row:row + 1], cfg,
+                               drop_at=drop_layer, keep=keep)[0]
+        np.testing.assert_allclose(got[row][keep], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        assert not got[row][~keep].any()  # no logits where nothing is left
+    # The drop matters: the same layers without it give other logits after the visual tokens.
+    plain = np.asarray(Llama(cfg).apply({"params": params}, emb, pos, seg))
+    assert np.abs(plain[0, 8:] - got[0, 8:]).max() > 1e-3
+
+
+def test_victor_decode_with_the_cache_equals_the_full_forward():
+    """Prefill keeps every position's keys in the layers before the drop and the survivors'
+    after it; decoding continues each layer from its own cache."""
+    cfg, model, params, emb, pos, seg, dropped, kept_len = victor_setup(drop_layer=2)
+    prompt_len, new = 12, 2  # both rows: a 12-token prompt, then two tokens fed one by one
+    seg = np.ones((2, prompt_len), np.int32)
+    emb, pos, dropped = emb[:, :prompt_len], pos[:, :prompt_len], dropped[:, :prompt_len]
+    tokens = np.array([[5, 9], [17, 3]], np.int32)
+    apply = lambda *a, **k: model.apply({"params": params}, *a, **k)  # noqa: E731
+    _, cache = apply(emb, pos, seg, prompt_len + new, dropped, prompt_len - 6, method="prefill")
+    steps = []
+    for i in range(new):
+        logits, cache = apply(tokens[:, i:i + 1], cache, method="decode")
+        steps.append(np.asarray(logits[:, 0]))
+    full_emb = np.concatenate([emb, np.asarray(apply(tokens, method="embed"))], axis=1)
+    full_pos = np.tile(np.arange(prompt_len + new), (2, 1))
+    full = np.asarray(apply(full_emb, full_pos, np.ones((2, prompt_len + new), np.int32),
+                            np.pad(dropped, ((0, 0), (0, new))), prompt_len + new - 6))
+    np.testing.assert_allclose(np.stack(steps, 1), full[:, prompt_len:], rtol=1e-5, atol=1e-5)

@@ -7,7 +7,8 @@ from flax import linen as nn
 from helpers import init_params, tiny_config
 from mqt_jax.config import QueryTransformerConfig
 from mqt_jax.models.query_transformer import (
-    QueryTransformer, resize_grid_torch_bicubic, sincos_2d, torch_bicubic_matrix)
+    QueryTransformer, adaptive_pool_matrix, resize_grid_torch_bicubic, sincos_2d,
+    torch_bicubic_matrix)
 from numpy_reference import bicubic_resize_torch, official_resampler
 
 
@@ -118,3 +119,76 @@ def test_mlp2x_gelu_projector_is_linear_exact_gelu_linear_on_every_patch():
     h = h * 0.5 * (1 + np.vectorize(erf)(h / np.sqrt(2)))  # torch nn.GELU(): the exact one
     want = h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
     np.testing.assert_allclose(run(np.full(3, 16)), want, rtol=2e-5, atol=2e-5)
+
+
+def fixed_token_config(variant, num_queries, **query_kw):
+    base = tiny_config()  # 4 x 4 patches of width 32, LLM width 48
+    return base.__class__(vision=base.vision, llm=base.llm, query=QueryTransformerConfig(
+        variant=variant, num_queries=num_queries, width=32, num_heads=4, **query_kw))
+
+
+def test_adaptive_pool_matrix_hand_computed():
+    # 5 -> 3 cells: [0, 2), [1, 4), [3, 5) (overlapping, as torch's adaptive pooling)
+    want = np.array([[1 / 2, 1 / 2, 0, 0, 0], [0, 1 / 3, 1 / 3, 1 / 3, 0], [0, 0, 0, 1 / 2, 1 / 2]])
+    np.testing.assert_allclose(adaptive_pool_matrix(5, 3), want, rtol=1e-7)
+
+
+@pytest.mark.parametrize("num_queries", [1, 3, 4, 9, 16])
+def test_avgpool_equals_torch_adaptive_avg_pool_then_the_mlp(num_queries):
+    torch = pytest.importorskip("torch")
+    cfg = fixed_token_config("avgpool", num_queries)
+    _, params, features, run = make(cfg)
+    side = int(np.ceil(np.sqrt(num_queries)))  # 1, 2, 2, 3, 4: the nearest square grid
+    grid = torch.tensor(features.reshape(3, 4, 4, 32)).permute(0, 3, 1, 2)  # NCHW
+    pooled = torch.nn.functional.adaptive_avg_pool2d(grid, side).permute(0, 2, 3, 1)
+    pooled = pooled.reshape(3, side * side, 32)[:, :num_queries].double().numpy()
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.meta.unbox(params))
+    h = torch.nn.functional.gelu(torch.tensor(pooled @ p["fc1"]["kernel"] + p["fc1"]["bias"]))
+    want = h.numpy() @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+    got = run(np.full(3, num_queries))
+    assert got.shape == (3, num_queries, 48)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_victor_gives_every_patch_then_the_same_registers():
+    cfg = fixed_token_config("victor", 3, drop_layer=1)
+    _, params, features, run = make(cfg)
+    out = np.asarray(run(np.full(3, cfg.num_queries)))
+    assert cfg.num_queries == 16 + 3 and out.shape == (3, 19, 48)
+    registers = np.asarray(nn.meta.unbox(params)["registers"])
+    np.testing.assert_array_equal(out[:, 16:], np.broadcast_to(registers, (3, 3, 48)))
+    mlp = fixed_token_config("mlp2x_gelu", 16)
+    plain = QueryTransformer(mlp.query, out_width=48, grid_size=4)
+    p = {k: v for k, v in nn.meta.unbox(params).items() if k != "registers"}
+    np.testing.assert_allclose(out[:, :16], plain.apply({"params": p}, features), rtol=1e-5, atol=1e-6)
+
+
+def quecc_setup(seed=0):
+    cfg = fixed_token_config("quecc", 4, vision_layers=(1, 2))  # 4 x 4 grid -> 2 x 2 windows
+    module = QueryTransformer(cfg.query, out_width=48, grid_size=4)
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(2, 16, 32)).astype(np.float32)
+    multi = rng.normal(size=(2, 16, 64)).astype(np.float32)
+    guidance = rng.normal(size=(2, 48)).astype(np.float32)
+    params = init_params(module, features, None, None, seed=seed, multi=multi, guidance=guidance)
+    run = jax.jit(lambda f, mu, g: module.apply({"params": params}, f, multi=mu, guidance=g))
+    return features, multi, guidance, lambda *a: np.asarray(run(*a))
+
+
+def test_quecc_query_depends_only_on_the_patches_of_its_window():
+    features, multi, guidance, run = quecc_setup()
+    base = run(features, multi, guidance)
+    assert base.shape == (2, 4, 48)
+    # Patch (row 1, column 2) of the 4 x 4 grid lies in window (0, 1): token 1.
+    patch, window = 1 * 4 + 2, 1
+    others = [t for t in range(4) if t != window]
+    for name in ("features", "multi"):
+        f, mu = features.copy(), multi.copy()
+        (f if name == "features" else mu)[0, patch] += 1.0
+        out = run(f, mu, guidance)
+        np.testing.assert_array_equal(out[:, others], base[:, others], err_msg=name)
+        np.testing.assert_array_equal(out[1], base[1], err_msg=name)  # the other image
+        assert np.abs(out[0, window] - base[0, window]).max() > 1e-4, name
+    # The text guidance is global: every token moves.
+    changed = run(features, multi, guidance + 1.0)
+    assert (np.abs(changed - base).max(axis=-1) > 1e-4).all()

@@ -43,6 +43,27 @@ def test_packing_two_examples_in_one_row():
     np.testing.assert_array_equal(out["targets"], [[0, 0, 0, 0, 12, 0, 0, 0, 0, 20, 21, 0, 0, 0]])
     np.testing.assert_array_equal(out["loss_mask"], [[0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0]])
     assert splice.true_length(EX1, [2]) + splice.true_length(EX2, [3]) == 12
+    # Each image's question ends right before its answer: token 11 (position 4), token 20's
+    # predecessor, the last visual token (position 9).
+    np.testing.assert_array_equal(out["question_end"], [[4, 9]])
+
+
+def test_question_end_of_a_prompt_is_its_last_token():
+    prompt = Example([1, 10, IMAGE_TOKEN, 11, 12, 13], [X] * 6)
+    out = splice.layout_rows([[prompt], [EX1]], np.array([[3, 0], [1, 0]]).clip(1), 4, 9)
+    np.testing.assert_array_equal(out["question_end"], [[7, 0], [3, 0]])  # unused slot: 0
+
+
+def test_survivors_of_a_drop_must_fit_the_compacted_row():
+    # M = 4 tokens per image, of which the first 3 (patches) leave; seq_len 8 -> room 5.
+    fits = splice.layout_rows([[EX1]], np.array([[4]]), num_queries=4, seq_len=8)
+    np.testing.assert_array_equal(splice.dropped_positions(fits["visual_index"], 4, 3),
+                                  [[0, 0, 1, 1, 1, 0, 0, 0]])
+    splice.check_survivors({**fits, "m": np.array([[4]])}, 4, 3)  # 5 survivors: fits
+    text = Example([1, 2, 3, 4, 5, 6, 7], [X] * 7)
+    row = splice.layout_rows([[text]], np.array([[4]]), num_queries=4, seq_len=8)
+    with pytest.raises(ValueError, match=r"rows \[0\] keep \[7\] tokens .* than the 5"):
+        splice.check_survivors({**row, "m": np.array([[4]])}, 4, 3)
 
 
 def test_truncation_keeps_the_first_tokens_and_drops_the_cut_target():

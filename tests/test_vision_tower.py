@@ -30,6 +30,20 @@ def test_matches_numpy_reference(select_layer):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+def test_extra_layers_are_the_hidden_states_of_those_layers():
+    cfg = VisionConfig(**{**tiny_config().vision.__dict__, "select_layer": -1})  # 3 layers
+    images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    tower = VisionTower(cfg)
+    params = init_params(tower, images, seed=1)
+    out, extra = jax.jit(lambda p, x: tower.apply({"params": p}, x, (1, 0, -2)))(params, images)
+    assert extra.shape == (2, 16, 3 * 32)
+    for j, layer in enumerate((1, 0, 2)):  # hidden state -2 of 3 layers: layer 2's output
+        want = clip_vit(params, images, VisionConfig(**{**cfg.__dict__, "select_layer": layer}))
+        np.testing.assert_allclose(extra[..., 32 * j:32 * (j + 1)], want, rtol=1e-5, atol=1e-5,
+                                   err_msg=f"layer {layer}")
+    np.testing.assert_allclose(out, clip_vit(params, images, cfg), rtol=1e-5, atol=1e-5)
+
+
 def test_vit_l_14_336_shapes_and_parameter_count():
     cfg = VisionConfig()  # defaults: ViT-L/14 at 336 px, select layer -2
     tower = VisionTower(cfg)

@@ -94,3 +94,36 @@ def test_visual_tokens_beyond_m_do_not_reach_the_llm():
     query = params["query_transformer"]["query"]
     params["query_transformer"]["query"] = query.at[3:].set(query[3:] * -5 + 1)
     np.testing.assert_array_equal(np.asarray(logits(params)), base)
+
+
+def test_quecc_guidance_is_the_llms_own_reading_of_the_question_alone_without_gradient():
+    base = tiny_config()  # 4 x 4 patches -> 2 x 2 windows
+    cfg = base.__class__(vision=base.vision, llm=base.llm, query=base.query.__class__(
+        variant="quecc", num_queries=4, width=32, num_heads=4, vision_layers=(1, 2)))
+    model = VisionLanguageModel(cfg)
+    rng = np.random.default_rng(0)
+    examples = [conversation(rng, cfg.llm.vocab_size, before=2, after=4) for _ in range(2)]
+    batch = random_batch(cfg, [4, 4], seq_len=24, examples=examples)
+    params = init_params(model, batch, method="logits")
+    inputs = [jnp.asarray(batch[k]) for k in
+              ("token_ids", "visual_index", "positions", "segment_ids", "question_end")]
+
+    def guidance(p, *a):
+        return model.apply({"params": p}, model.apply({"params": p}, a[0], method=lambda m, t:
+                           m.llm.embed(t)), *a[1:], method="question_states")
+
+    got = np.asarray(jax.jit(guidance)(params, *inputs))  # [B, 1, hidden]
+    for row, example in enumerate(examples):
+        # The question alone: the example's tokens before its answer, the image deleted.
+        tokens = np.asarray(example.tokens)
+        at = int(np.flatnonzero(tokens == splice.IMAGE_TOKEN)[0])
+        end = len(tokens) - 3  # 3 answer tokens
+        text = np.concatenate([tokens[:at], tokens[at + 1:end]])
+        positions = np.concatenate([np.arange(at), at + 4 + np.arange(end - at - 1)])  # m = 4
+        want = model.apply({"params": params}, text[None], positions[None],
+                           np.ones((1, len(text)), np.int32), method=lambda m, t, p, s:
+                           m.llm.hidden_states(m.llm.embed(t), p, s))[0, -1]
+        assert batch["question_end"][row, 0] == at + 4 + (end - at - 1) - 1
+        np.testing.assert_allclose(got[row, 0], want, rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda p: guidance(p, *inputs).sum())(params)
+    assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads))  # no gradient

@@ -24,6 +24,28 @@ def causal_segment_mask(segment_ids: jax.Array) -> jax.Array:
     return (causal[None] & same)[:, None]
 
 
+def decoder_block(cfg: LLMConfig, kw: dict, x, mask, positions, cache):
+    """One pre-norm LLaMA layer (its parameters created in the calling module). mask None:
+    decoding, where each layer's own cache index says which slots its token sees."""
+    if mask is None:
+        slots = cache["k"].shape[1]
+        mask = (jnp.arange(slots)[None, :] <= cache["index"][:, None])[:, None, None, :]
+    h = layers.RMSNorm(cfg.rms_norm_eps, name="attn_norm", **kw)(x)
+    attended = layers.Attention(
+        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        out_features=cfg.hidden, rope_theta=cfg.rope_theta, name="attn", **kw,
+    )(h, h, mask=mask, positions=positions, cache=cache)
+    if cache is not None:
+        attended, cache = attended
+    x = x + attended
+    h = layers.RMSNorm(cfg.rms_norm_eps, name="mlp_norm", **kw)(x)
+    x = x + layers.MLP(
+        cfg.mlp_dim, cfg.hidden, activation=jax.nn.silu, gated=True, use_bias=False,
+        name="mlp", **kw,
+    )(h)
+    return layers.constrain(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED)), cache
+
+
 class DecoderLayer(nn.Module):
     config: LLMConfig
     dtype: jnp.dtype
@@ -31,28 +53,70 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, positions, cache=None):
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = layers.RMSNorm(cfg.rms_norm_eps, name="attn_norm", **kw)(x)
-        attended = layers.Attention(
-            num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-            out_features=cfg.hidden, rope_theta=cfg.rope_theta, name="attn", **kw,
-        )(h, h, mask=mask, positions=positions, cache=cache)
-        if cache is not None:
-            attended, cache = attended
-        x = x + attended
-        h = layers.RMSNorm(cfg.rms_norm_eps, name="mlp_norm", **kw)(x)
-        x = x + layers.MLP(
-            cfg.mlp_dim, cfg.hidden, activation=jax.nn.silu, gated=True, use_bias=False,
-            name="mlp", **kw,
-        )(h)
-        return layers.constrain(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED)), cache
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        return decoder_block(self.config, kw, x, mask, positions, cache)
+
+
+class DroppingDecoderLayer(nn.Module):
+    """Victor's layer (the same parameters as DecoderLayer): layers before `drop_layer` run on
+    the whole sequence `full`; the last of them also gathers the surviving positions into the
+    compacted sequence `kept`, which the later layers run on alone (a conditional, so only
+    one branch computes: the dropped tokens cost nothing after the drop)."""
+
+    config: LLMConfig
+    drop_layer: int
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, carry, ctx, layer, cache=None):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def early(_, carry, cache):
+            full, kept = carry
+            full, cache = decoder_block(self.config, kw, full, ctx["mask"], ctx["positions"], cache)
+            gathered = jnp.take_along_axis(full, ctx["kept_index"][..., None], axis=1)
+            kept = jnp.where(layer == self.drop_layer - 1, gathered, kept)
+            return (full, kept), cache
+
+        def late(_, carry, cache):
+            full, kept = carry
+            kept, cache = decoder_block(self.config, kw, kept, ctx["kept_mask"],
+                                        ctx["kept_positions"], cache)
+            return (full, kept), cache
+
+        return nn.cond(layer < self.drop_layer, early, late, self, carry, cache)
+
+
+def compaction(dropped: jax.Array, segment_ids: jax.Array, kept_len: int):
+    """The positions that survive a drop, in order, as a static-length index: (index [B, K],
+    valid [B, K]: False on the slots after a row's last survivor). Padding never survives."""
+    survives = (segment_ids > 0) & ~dropped
+    index = jnp.argsort(~survives, axis=1, stable=True)[:, :kept_len].astype(jnp.int32)
+    valid = jnp.arange(kept_len)[None, :] < survives.sum(1, keepdims=True)
+    return index, valid
+
+
+def unpack(y: jax.Array, placement, length: int) -> jax.Array:
+    """Per-survivor values [B, K, ...] back at their positions [B, length, ...], zeros at the
+    dropped ones (identity without a drop, placement None)."""
+    if placement is None:
+        return y
+    index, valid = placement
+    rows = jnp.arange(y.shape[0])[:, None]
+    zeros = jnp.zeros((y.shape[0], length) + y.shape[2:], y.dtype)
+    return zeros.at[rows, index].set(jnp.where(valid.reshape(valid.shape + (1,) * (y.ndim - 2)), y, 0))
 
 
 class Llama(nn.Module):
+    """`drop_layer` > 0 (Victor): positions marked `dropped` leave the sequence at that layer;
+    the rest run on, compacted to `kept_len` slots (a static shape: one graph)."""
+
     config: LLMConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "nothing_saveable"
+    drop_layer: int = 0
 
     def setup(self):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -60,8 +124,12 @@ class Llama(nn.Module):
             "embedding", layers.partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
             (cfg.vocab_size, cfg.hidden), self.param_dtype,
         )
-        blocks = layers.scan_blocks(DecoderLayer, cfg.num_layers, self.remat_policy, 2, 1)
-        self.layers = blocks(cfg, **kw)
+        if self.drop_layer:
+            blocks = layers.scan_blocks(DroppingDecoderLayer, cfg.num_layers, self.remat_policy, 1, 2)
+            self.layers = blocks(cfg, self.drop_layer, **kw)
+        else:
+            blocks = layers.scan_blocks(DecoderLayer, cfg.num_layers, self.remat_policy, 2, 1)
+            self.layers = blocks(cfg, **kw)
         self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, **kw)
         self.lm_head = layers.dense(cfg.vocab_size, ("embed", "vocab"), init_std=0.02, **kw)
 
@@ -72,36 +140,84 @@ class Llama(nn.Module):
         x = jnp.take(table, token_ids, axis=0)
         return layers.constrain(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
 
-    def __call__(self, embeddings, positions, segment_ids):
-        """embeddings [B, T, hidden], positions / segment_ids [B, T] -> logits [B, T, vocab]."""
+    def __call__(self, embeddings, positions, segment_ids, dropped=None, kept_len=None):
+        """embeddings [B, T, hidden], positions / segment_ids [B, T] -> logits [B, T, vocab].
+        Victor: `dropped` [B, T] bool and the static `kept_len`; the dropped positions' logits
+        are 0."""
         if self.is_initializing():  # `init` through here must create the embedding table too
             self.embed(jnp.zeros((1, 1), jnp.int32))
-        return self._run(embeddings, causal_segment_mask(segment_ids), positions, None)[0]
+        x, _, placement = self._layers(embeddings, positions, segment_ids, None, dropped, kept_len)
+        return unpack(self._logits(x), placement, segment_ids.shape[1])
 
-    def _run(self, embeddings, mask, positions, cache):
-        x = layers.constrain(embeddings.astype(self.dtype), (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
-        x, cache = self.layers(x, mask, positions, cache)
+    def hidden_states(self, embeddings, positions, segment_ids):
+        """The last layer's normalised hidden states [B, T, hidden] (QueCC's text guidance)."""
+        x, _, _ = self._layers(embeddings, positions, segment_ids, None)
+        return self.final_norm(x)
+
+    def _logits(self, x):
         logits = self.lm_head(self.final_norm(x))
-        return layers.constrain(logits, (ACT_BATCH, ACT_LENGTH, "activation_vocab")), cache
+        return layers.constrain(logits, (ACT_BATCH, ACT_LENGTH, "activation_vocab"))
 
-    def prefill(self, embeddings, positions, segment_ids, cache_len: int):
+    def _layers(self, embeddings, positions, segment_ids, cache, dropped=None, kept_len=None):
+        """Every layer over right-padded rows; with a cache of S slots, their keys and values
+        go to slots 0.. and each layer's index to its row's length (prefill). Returns (the last
+        layer's states, cache, placement): states [B, T, hidden] and placement None, or, with a
+        drop, the survivors' states [B, K, hidden] and their (index, valid) for `unpack`."""
+        x = layers.constrain(embeddings.astype(self.dtype), (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+        slots = segment_ids.shape[1] if cache is None else cache["k"].shape[2]
+        mask = self._mask(segment_ids, slots)
+        n, lengths = self.config.num_layers, (segment_ids > 0).sum(1).astype(jnp.int32)
+        if not self.drop_layer:
+            x, cache = self.layers(x, mask, positions, cache)
+            if cache is not None:
+                cache["index"] = jnp.broadcast_to(lengths, (n, x.shape[0]))
+            return x, cache, None
+        if dropped is None or kept_len is None:
+            raise ValueError("this LLM drops visual tokens at a layer: give `dropped` and `kept_len`")
+        index, valid = compaction(dropped, segment_ids, kept_len)
+        take = lambda a: jnp.take_along_axis(a, index, axis=1)  # noqa: E731
+        kept_segments = jnp.where(valid, take(segment_ids), 0)
+        ctx = {"mask": mask, "positions": positions, "kept_index": index,
+               "kept_mask": self._mask(kept_segments, kept_len if cache is None else slots),
+               "kept_positions": take(positions)}
+        kept = jnp.zeros((x.shape[0], kept_len, x.shape[2]), x.dtype)
+        (_, kept), cache = self.layers((x, kept), ctx, jnp.arange(n), cache)
+        if cache is not None:  # the later layers' caches hold the survivors only
+            late = jnp.arange(n)[:, None] >= self.drop_layer
+            cache["index"] = jnp.where(late, valid.sum(1).astype(jnp.int32), lengths)
+        return kept, cache, (index, valid)
+
+    @staticmethod
+    def _mask(segment_ids, slots: int):
+        """[B, 1, T, slots]: causal within each segment, over `slots` (>= T) cache slots."""
+        padded = jnp.pad(segment_ids, ((0, 0), (0, slots - segment_ids.shape[1])))
+        return causal_segment_mask(padded)[:, :, : segment_ids.shape[1]]
+
+    def prefill(self, embeddings, positions, segment_ids, cache_len: int, dropped=None,
+                kept_len=None):
         """Run right-padded prompts (one per row; segment_ids 1 on the prompt, 0 after) and
         return (logits [B, T, vocab], a KV cache of `cache_len` slots whose per-row index is
         the prompt's length: decoding continues right after each row's last real token)."""
-        b, t = segment_ids.shape
+        b, _ = segment_ids.shape
         cfg, n = self.config, self.config.num_layers
         shape = (n, b, cache_len, cfg.num_kv_heads, cfg.head_dim)
         cache = {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype),
                  "index": jnp.zeros((n, b), jnp.int32)}
-        padded = jnp.pad(segment_ids, ((0, 0), (0, cache_len - t)))
-        mask = causal_segment_mask(padded)[:, :, :t]  # [B, 1, T, S]
-        logits, cache = self._run(embeddings, mask, positions, cache)
-        lengths = (segment_ids > 0).sum(1).astype(jnp.int32)
-        return logits, {**cache, "index": jnp.broadcast_to(lengths, (n, b))}
+        x, cache, placement = self._layers(embeddings, positions, segment_ids, cache, dropped,
+                                           kept_len)
+        return unpack(self._logits(x), placement, segment_ids.shape[1]), cache
 
     def decode(self, token_ids, cache):
-        """One token per row [B, 1] at its row's cache index -> (logits [B, 1, vocab], cache)."""
-        index = cache["index"][0]  # [B]: the slot this token goes to (= its position)
-        slots = cache["k"].shape[2]
-        mask = (jnp.arange(slots)[None, :] <= index[:, None])[:, None, None, :]
-        return self._run(self.embed(token_ids), mask, index[:, None], cache)
+        """One token per row [B, 1] at its row's cache index -> (logits [B, 1, vocab], cache).
+        Each layer attends to its own cache up to its own index (Victor's later layers hold
+        fewer slots); the position is the first layer's index, the row's true length."""
+        x = layers.constrain(self.embed(token_ids), (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+        positions = cache["index"][0][:, None]
+        if self.drop_layer:  # one token: the compaction is the identity
+            zeros = jnp.zeros_like(token_ids)
+            ctx = {"mask": None, "positions": positions, "kept_index": zeros, "kept_mask": None,
+                   "kept_positions": positions}
+            (_, x), cache = self.layers((x, x), ctx, jnp.arange(self.config.num_layers), cache)
+        else:
+            x, cache = self.layers(x, None, positions, cache)
+        return self._logits(x), cache

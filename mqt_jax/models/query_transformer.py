@@ -159,9 +159,19 @@ class QFormer(nn.Module):
         return layers.constrain(out, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
 
 
+def mlp2x_gelu(x, out_width: int, kw: dict):
+    """LLaVA-1.5's projector (Linear, exact GELU as torch nn.GELU, Linear), its parameters
+    fc1 / fc2 created in the calling module."""
+    kw = dict(use_bias=True, **kw)
+    x = layers.dense(out_width, ("embed", "llm_embed"), name="fc1", **kw)(x)
+    x = jax.nn.gelu(x, approximate=False)
+    x = layers.dense(out_width, ("embed", "llm_embed"), name="fc2", **kw)(x)
+    return layers.constrain(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+
+
 class MLPProjector(nn.Module):
-    """LLaVA-1.5's `mlp2x_gelu` projector (Linear, exact GELU, Linear): every patch becomes a
-    token, M = the number of patches, and nothing depends on m (the LLM sees all M)."""
+    """LLaVA-1.5's `mlp2x_gelu` projector: every patch becomes a token, M = the number of
+    patches, and nothing depends on m (the LLM sees all M)."""
 
     config: QueryTransformerConfig
     out_width: int
@@ -172,15 +182,130 @@ class MLPProjector(nn.Module):
 
     @nn.compact
     def __call__(self, features, m=None, num_queries: int | None = None):
-        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
         x = features[:, :num_queries or features.shape[1]].astype(self.dtype)
-        x = layers.dense(self.out_width, ("embed", "llm_embed"), name="fc1", **kw)(x)
-        x = jax.nn.gelu(x, approximate=False)  # torch nn.GELU()
-        x = layers.dense(self.out_width, ("embed", "llm_embed"), name="fc2", **kw)(x)
-        return layers.constrain(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+        return mlp2x_gelu(x, self.out_width, dict(dtype=self.dtype, param_dtype=self.param_dtype))
 
 
-VARIANTS = {"official": OfficialResampler, "qformer": QFormer, "mlp2x_gelu": MLPProjector}
+def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out_size, in_size] averaging matrix of torch's adaptive_avg_pool along one axis: cell
+    i averages inputs floor(i * in / out) .. ceil((i + 1) * in / out) - 1."""
+    matrix = np.zeros((out_size, in_size), np.float32)
+    for i in range(out_size):
+        lo, hi = (i * in_size) // out_size, -(-(i + 1) * in_size // out_size)
+        matrix[i, lo:hi] = 1.0 / (hi - lo)
+    return matrix
+
+
+def pool_grid(features: jax.Array, grid_size: int, out_grid: int) -> jax.Array:
+    """[N, grid**2, D] patch features -> [N, out_grid**2, D], adaptively average-pooled
+    (separable: a 2-D adaptive average is the row average of the column averages)."""
+    w = jnp.asarray(adaptive_pool_matrix(grid_size, out_grid), features.dtype)
+    grid = features.reshape(features.shape[0], grid_size, grid_size, -1)
+    pooled = jnp.einsum("ih,nhwd,jw->nijd", w, grid, w, precision="highest")
+    return pooled.reshape(features.shape[0], out_grid * out_grid, -1)
+
+
+class AvgPoolProjector(nn.Module):
+    """The patch grid pooled to the smallest square grid of at least M cells, the first M
+    cells (row-major) kept, then the mlp2x_gelu projector."""
+
+    config: QueryTransformerConfig
+    out_width: int
+    grid_size: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat_policy: str = "nothing_saveable"
+
+    @nn.compact
+    def __call__(self, features, m=None, num_queries: int | None = None):
+        big_m = self.config.num_queries
+        side = int(np.ceil(big_m**0.5 - 1e-9))
+        x = pool_grid(features.astype(self.dtype), self.grid_size, side)[:, :big_m]
+        return mlp2x_gelu(x, self.out_width, dict(dtype=self.dtype, param_dtype=self.param_dtype))
+
+
+class VictorProjector(nn.Module):
+    """Victor's visual input: the mlp2x_gelu projector's patch tokens, then M = R learnable
+    registers in the LLM's input-embedding space (the same for every image; initialised like
+    token embeddings, normal(0.02)). The LLM drops the patch tokens at `drop_layer`."""
+
+    config: QueryTransformerConfig
+    out_width: int
+    grid_size: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat_policy: str = "nothing_saveable"
+
+    @nn.compact
+    def __call__(self, features, m=None, num_queries: int | None = None):
+        registers = self.param(
+            "registers", layers.partitioned(nn.initializers.normal(0.02), ("queries", "embed")),
+            (self.config.num_queries, self.out_width), self.param_dtype,
+        )
+        x = mlp2x_gelu(features.astype(self.dtype), self.out_width,
+                       dict(dtype=self.dtype, param_dtype=self.param_dtype))
+        registers = jnp.broadcast_to(registers.astype(self.dtype), (x.shape[0],) + registers.shape)
+        return jnp.concatenate([x, registers], axis=1)
+
+
+def windows(grid: jax.Array, side: int) -> jax.Array:
+    """[N, G, G, D] -> [N, side**2, (G / side)**2, D]: window (i, j) of the side x side
+    grid of windows holds its s x s cells (s = G / side), row-major both times."""
+    n, g, _, d = grid.shape
+    s = g // side
+    x = grid.reshape(n, side, s, side, s, d).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, side * side, s * s, d)
+
+
+class QueCC(nn.Module):
+    """QueCC (shared/reference/baselines.md), in the vision width d:
+    text = LN(Linear(guidance)) is added to every patch feature x; queries = depthwise
+    s x s convolution with stride s over LN(MLP(x + text)) on the grid: (G / s)**2 = M;
+    keys / values = LN(MLP(multi-layer features)); each query attends only to the s x s patches
+    under its window (no residual, no FFN); then the mlp2x_gelu projector."""
+
+    config: QueryTransformerConfig
+    out_width: int
+    grid_size: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat_policy: str = "nothing_saveable"
+
+    @nn.compact
+    def __call__(self, features, m=None, num_queries: int | None = None, *, multi, guidance):
+        """features [N, G*G, d]; multi [N, G*G, layers * d]; guidance [N, llm hidden]."""
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        n, d, g = features.shape[0], features.shape[-1], self.grid_size
+        side = int(round(cfg.num_queries**0.5))
+        ln = lambda name: layers.layer_norm(cfg.layer_norm_eps, name=name, **kw)  # noqa: E731
+
+        def mlp(x, name):  # Linear, GELU, Linear, LayerNorm
+            x = layers.dense(d, ("embed", "mlp"), use_bias=True, name=f"{name}_fc1", **kw)(x)
+            x = layers.dense(d, ("mlp", "embed"), use_bias=True, name=f"{name}_fc2",
+                             **kw)(jax.nn.gelu(x, approximate=False))
+            return ln(f"{name}_norm")(x)
+
+        text = layers.dense(d, ("llm_embed", "embed"), use_bias=True, name="text_proj", **kw)(
+            guidance.astype(self.dtype))
+        x = features.astype(self.dtype) + ln("text_norm")(text)[:, None]
+        queries = mlp(x, "query").reshape(n, g, g, d)
+        s = g // side
+        queries = nn.Conv(
+            d, (s, s), strides=(s, s), padding="VALID", feature_group_count=d, name="query_conv",
+            kernel_init=layers.partitioned(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+            bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)), **kw,
+        )(queries).reshape(n * side * side, 1, d)
+        keys, values = (windows(mlp(multi.astype(self.dtype), name).reshape(n, g, g, d), side)
+                        .reshape(n * side * side, s * s, d) for name in ("key", "value"))
+        out = layers.Attention(
+            num_heads=cfg.num_heads, head_dim=d // cfg.num_heads, out_features=d, use_bias=True,
+            name="attn", **kw,
+        )(queries, keys, values)
+        return mlp2x_gelu(out.reshape(n, side * side, d), self.out_width, kw)
+
+
+VARIANTS = {"official": OfficialResampler, "qformer": QFormer, "mlp2x_gelu": MLPProjector,
+            "avgpool": AvgPoolProjector, "victor": VictorProjector, "quecc": QueCC}
 
 
 def QueryTransformer(config: QueryTransformerConfig, **kwargs) -> nn.Module:

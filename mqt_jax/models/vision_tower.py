@@ -17,6 +17,7 @@ class EncoderLayer(nn.Module):
     config: VisionConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    emit: bool = False  # also return the output as the scan's per-layer result
 
     @nn.compact
     def __call__(self, x, _=None):
@@ -30,11 +31,14 @@ class EncoderLayer(nn.Module):
         x = x + layers.MLP(
             cfg.mlp_dim, cfg.width, activation=layers.quick_gelu, name="mlp", **kw
         )(h)
-        return layers.constrain(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED)), None
+        x = layers.constrain(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+        return x, (x if self.emit else None)
 
 
 class VisionTower(nn.Module):
-    """images [N, H, W, 3] (CLIP-normalised) -> features [N, num_patches, width]."""
+    """images [N, H, W, 3] (CLIP-normalised) -> features [N, num_patches, width] of the
+    selected layer; with `extra_layers`, also those layers' hidden states concatenated along
+    the width, [N, num_patches, len(extra_layers) * width] (QueCC's multi-layer features)."""
 
     config: VisionConfig
     dtype: jnp.dtype = jnp.float32
@@ -42,7 +46,7 @@ class VisionTower(nn.Module):
     remat_policy: str = "nothing_saveable"
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, extra_layers: tuple[int, ...] = ()):
         cfg = self.config
         if images.ndim != 4 or images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
             raise ValueError(
@@ -72,7 +76,12 @@ class VisionTower(nn.Module):
         x = jnp.concatenate([cls, patches], axis=1) + pos.astype(self.dtype)
         x = layers.layer_norm(cfg.layer_norm_eps, name="pre_ln", **kw)(x)
         x = layers.constrain(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+        first, hidden = x, None
         if cfg.num_layers_built:
             blocks = layers.scan_blocks(EncoderLayer, cfg.num_layers_built, self.remat_policy, 1)
-            x, _ = blocks(cfg, name="layers", **kw)(x, None)
-        return x[:, 1:]  # drop the class token
+            x, hidden = blocks(cfg, emit=bool(extra_layers), name="layers", **kw)(x, None)
+        if not extra_layers:
+            return x[:, 1:]  # drop the class token
+        states = [first] + ([] if hidden is None else list(hidden))  # hidden state i: after layer i
+        extra = [states[cfg.layer_index(i)][:, 1:] for i in extra_layers]
+        return x[:, 1:], jnp.concatenate(extra, axis=-1)

@@ -1,4 +1,4 @@
-"""The vision-language model: vision tower -> query transformer -> splice -> LLM."""
+"""The vision-language model: vision tower -> compressor (query transformer) -> splice -> LLM."""
 
 from __future__ import annotations
 
@@ -26,30 +26,61 @@ class VisionLanguageModel(nn.Module):
         self.query_transformer = QueryTransformer(
             cfg.query, out_width=cfg.llm.hidden, grid_size=cfg.vision.grid_size, **kw
         )
-        self.llm = Llama(cfg.llm, **kw)
+        self.llm = Llama(cfg.llm, drop_layer=cfg.drop_layer, **kw)
 
-    def visual_tokens(self, images, m, num_queries: int | None = None):
+    def visual_tokens(self, images, m, num_queries: int | None = None, guidance=None):
         """images [N, H, W, 3], m [N] -> all M visual tokens [N, M, hidden] (or, with a static
-        `num_queries=n`, the really truncated computation's n tokens)."""
-        return self.query_transformer(self.vision_tower(images), m, num_queries)
+        `num_queries=n`, the really truncated computation's n tokens). QueCC also takes its
+        text guidance [N, hidden]."""
+        q = self.config.query
+        if q.variant != "quecc":
+            return self.query_transformer(self.vision_tower(images), m, num_queries)
+        features, multi = self.vision_tower(images, q.vision_layers)
+        return self.query_transformer(features, m, num_queries, multi=multi, guidance=guidance)
 
-    def embed(self, images, m, token_ids, visual_index):
+    def question_states(self, text, visual_index, positions, segment_ids, question_end):
+        """QueCC's guidance [B, I, hidden]: the LLM's own last-layer state at the end of each
+        image's question, over the text alone (visual slots hidden), without gradient."""
+        hidden = self.llm.hidden_states(text, positions, jnp.where(visual_index >= 0, 0, segment_ids))
+        picked = jnp.take_along_axis(hidden, question_end[..., None], axis=1)
+        return jax.lax.stop_gradient(picked)
+
+    def embed(self, images, m, token_ids, visual_index, positions, segment_ids, question_end):
         """The LLM's input embeddings [B, T, hidden]: text embeddings with visual tokens
         spliced in where visual_index >= 0."""
         b, i = m.shape
-        tokens = self.visual_tokens(images.reshape((b * i,) + images.shape[2:]), m.reshape(-1))
+        text = self.llm.embed(token_ids)
+        guidance = None
+        if self.config.query.variant == "quecc":
+            guidance = self.question_states(text, visual_index, positions, segment_ids, question_end)
+            guidance = guidance.reshape(b * i, -1)
+        tokens = self.visual_tokens(images.reshape((b * i,) + images.shape[2:]), m.reshape(-1),
+                                    guidance=guidance)
         tokens = tokens.reshape(b, i * tokens.shape[1], tokens.shape[2])
-        return splice.splice(self.llm.embed(token_ids), tokens, visual_index)
+        return splice.splice(text, tokens, visual_index)
 
-    def __call__(self, images, m, token_ids, visual_index, positions, segment_ids):
-        """images [B, I, H, W, 3], m [B, I]; the rest [B, T] from splice.layout_rows.
-        Returns logits [B, T, vocab]."""
-        return self.llm(self.embed(images, m, token_ids, visual_index), positions, segment_ids)
+    def _drop(self, visual_index, images_per_row: int) -> dict:
+        """Victor: which positions leave the LLM at its drop layer, and the static length left."""
+        n = self.config.dropped_per_image
+        if not n:
+            return {}
+        return {"dropped": splice.dropped_positions(visual_index, self.config.num_queries, n),
+                "kept_len": splice.kept_length(visual_index.shape[1], images_per_row, n)}
 
-    def prefill(self, images, m, token_ids, visual_index, positions, segment_ids, cache_len):
+    def __call__(self, images, m, token_ids, visual_index, positions, segment_ids,
+                 question_end=None):
+        """images [B, I, H, W, 3], m and question_end [B, I]; the rest [B, T] from
+        splice.layout_rows. Returns logits [B, T, vocab]."""
+        question_end = jnp.zeros(m.shape, jnp.int32) if question_end is None else question_end
+        x = self.embed(images, m, token_ids, visual_index, positions, segment_ids, question_end)
+        return self.llm(x, positions, segment_ids, **self._drop(visual_index, m.shape[1]))
+
+    def prefill(self, images, m, token_ids, visual_index, positions, segment_ids, question_end,
+                cache_len):
         """Prompts (one per row, right-padded) -> (logits, KV cache); see Llama.prefill."""
-        x = self.embed(images, m, token_ids, visual_index)
-        return self.llm.prefill(x, positions, segment_ids, cache_len)
+        x = self.embed(images, m, token_ids, visual_index, positions, segment_ids, question_end)
+        return self.llm.prefill(x, positions, segment_ids, cache_len,
+                                **self._drop(visual_index, m.shape[1]))
 
     def decode(self, token_ids, cache):
         return self.llm.decode(token_ids, cache)
@@ -59,4 +90,5 @@ class VisionLanguageModel(nn.Module):
         return self(*(batch[k] for k in MODEL_INPUTS))
 
 
-MODEL_INPUTS = ("images", "m", "token_ids", "visual_index", "positions", "segment_ids")
+MODEL_INPUTS = ("images", "m", "token_ids", "visual_index", "positions", "segment_ids",
+                "question_end")
