@@ -250,6 +250,31 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from mqt_jax import sweep
+
+    if args.print_commands:
+        spec, runs = sweep.load_sweep(args.sweep)
+        todo = [r for r in runs if not sweep.is_complete(Path(args.workdir) / r.name)]
+        for r in todo:
+            print(sweep.launch_command(r, spec, Path(args.workdir), args.launcher))
+        print(f"# {len(todo)} of {len(runs)} runs to launch; then collect with: mqt-jax sweep "
+              f"--sweep {args.sweep} --workdir {args.workdir} --collect", file=sys.stderr)
+        return 0
+    if args.collect:
+        sweep.collect(args.sweep, args.workdir)
+        return 0
+    sweep.run_all(args.sweep, args.workdir, args.only)
+    return 0
+
+
+def cmd_scaling_fit(args) -> int:
+    from mqt_jax import scaling
+
+    scaling.main(args.results, args.out, [b * 1e12 for b in args.budget_tflops], args.text_tokens)
+    return 0
+
+
 def add_run_args(p, image_prompt: bool = False) -> None:
     """--workdir / --ckpt and gin overrides; with image_prompt, --image --prompt --m too."""
     where = p.add_mutually_exclusive_group()
@@ -334,6 +359,29 @@ def main(argv=None) -> int:
     exp_p.add_argument("--out", required=True, help="output folder (must not exist)")
     exp_p.add_argument("--dtype", help="e.g. bfloat16 (default: the parameters' dtype)")
     exp_p.set_defaults(func=cmd_export)
+    sweep_p = sub.add_parser("sweep", help="train and evaluate a grid of gin bindings; one "
+                             "table and plot of score against tokens and TFLOPs")
+    sweep_p.add_argument("--sweep", required=True, help="a sweep gin file, e.g. "
+                         "configs/sweeps/compressors_shapes.gin")
+    sweep_p.add_argument("--workdir", required=True, help="runs go to WORKDIR/<run>/, results "
+                         "to WORKDIR/results.{csv,md,png}")
+    sweep_p.add_argument("--print_commands", action="store_true", help="print one launch command "
+                         "per incomplete run instead of running them here")
+    sweep_p.add_argument("--launcher", default="", help="with --print_commands: a launch script "
+                         "prefix, e.g. 'launch/tpu_vm.sh --name N --zone Z --type v5p-8 --'")
+    sweep_p.add_argument("--collect", action="store_true",
+                         help="only collect the results of the runs complete so far")
+    sweep_p.add_argument("--only", action="append", default=[], help="run only this run (repeatable)")
+    sweep_p.set_defaults(func=cmd_sweep)
+    fit_p = sub.add_parser("scaling-fit", help="fit err(N, V) = A N^-alpha V^-beta + D to a "
+                           "sweep's results; the inference-optimal number of visual tokens")
+    fit_p.add_argument("results", help="a results.csv with columns llm_params (or a run's "
+                       "bindings giving them), tokens, score")
+    fit_p.add_argument("--out", help="the PNG (default: next to RESULTS, scaling_fit.png)")
+    fit_p.add_argument("--budget_tflops", type=float, action="append", default=[],
+                       help="inference budget(s) for the optimal V (default: a range)")
+    fit_p.add_argument("--text_tokens", type=int, default=50, help="Q, the text tokens per request")
+    fit_p.set_defaults(func=cmd_scaling_fit)
     data_p = sub.add_parser("data", help="datasets").add_subparsers(dest="dataset", required=True)
     shapes_p = data_p.add_parser("shapes", help="generate the shapes-VQA dataset (LLaVA format)")
     shapes_p.add_argument("--out", required=True, help="output folder (must not exist)")

@@ -100,7 +100,8 @@ def evaluate(model_config: ModelConfig, params, config: EvalConfig, mesh,
     for m in tqdm(m_values, desc=f"eval {bench.name}", unit="m"):
         answers = generator.texts(prompts, images, m, tokenizer)
         predictions = {q.question_id: a for q, a in zip(questions, answers)}
-        row = {"m": m, **bench.score(predictions, questions, refs)}
+        row = {"m": m, **bench.score(predictions, questions, refs),
+               "tokens": model_config.visual_tokens(m)}  # what the LLM carries (Victor: R)
         row["tflops"] = prefill_tflops(model_config, m, text_tokens)
         row["prefill_ms"] = 1e3 * generator.prefill_seconds(prompts, images, m)
         results["rows"].append(row)
@@ -116,10 +117,8 @@ def evaluate(model_config: ModelConfig, params, config: EvalConfig, mesh,
     return results
 
 
-def prefill_tflops(model_config: ModelConfig, m: int, text_tokens: int) -> float | None:
-    """Analytical TFLOPs of one request's prefill at m (vision tower, query transformer, LLM)."""
-    if model_config.query.variant == "qformer":
-        return None  # flops counts the released resampler and the LLaVA-1.5 projector
+def prefill_tflops(model_config: ModelConfig, m: int, text_tokens: int) -> float:
+    """Analytical TFLOPs of one request's prefill at m (vision tower, compressor, LLM)."""
     return flops.inference_flops(model_config, m, text_tokens)["total"] / 1e12
 
 
@@ -140,7 +139,7 @@ def columns(rows: list[dict]) -> list[str]:
     for row in rows:
         names += [k for k in row if k not in names]
     first = ["m", "score"]
-    last = ["tflops", "prefill_ms"]
+    last = ["tokens", "tflops", "prefill_ms"]
     return [c for c in first if c in names] + [c for c in names if c not in first + last] + last
 
 

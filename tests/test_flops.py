@@ -85,3 +85,54 @@ def test_the_papers_claim_on_the_7b_config():
     assert 1 / 9 < llm(at[16]) / llm(llava) < 1 / 7
     # by hand: 23 built ViT-L layers x 2 x 577 x (4 x 1024^2 + 2 x 1024 x 4096) + attention
     assert llava["vision"] == at[16]["vision"] == pytest.approx(0.366e12, rel=0.01)
+
+
+@pytest.mark.parametrize("variant,num_queries", [
+    ("qformer", 16), ("avgpool", 9), ("mlp2x_gelu", 16), ("quecc", 4)])
+def test_other_compressors_flops_match_xla(one_layer, variant, num_queries):
+    from mqt_jax.config import ModelConfig, QueryTransformerConfig
+    from mqt_jax.models.query_transformer import QueryTransformer
+
+    base = one_layer[0]  # 4 x 4 patches; widths where matmuls dominate (an exact GELU costs
+    # XLA about 70 FLOPs per element):
+    vision = dataclasses.replace(base.vision, width=128, mlp_dim=256)
+    q = QueryTransformerConfig(variant=variant, num_queries=num_queries, width=128, num_heads=4,
+                               num_layers=1, mlp_dim=256, vision_layers=(0, 1))
+    cfg = ModelConfig(vision=vision, query=q, llm=dataclasses.replace(base.llm, hidden=512))
+    module = QueryTransformer(q, out_width=cfg.llm.hidden, grid_size=cfg.vision.grid_size)
+    feats = jnp.zeros((1, cfg.vision.num_patches, cfg.vision.width))
+    kw = {"multi": jnp.zeros((1, 16, 256)), "guidance": jnp.zeros((1, 512))} if variant == "quecc" else {}
+    params = init_params(module, feats, jnp.full((1,), num_queries, jnp.int32), **kw)
+    xla = xla_flops(lambda p, f: module.apply({"params": p}, f, jnp.full((1,), num_queries), **kw),
+                    params, feats)
+    parts = flops.inference_flops(cfg, num_queries, text_tokens=0)
+    close(xla, parts.get("query", parts.get("projector")))
+
+
+def test_victor_prefill_flops_on_the_7b_config():
+    """Vicuna-7B, 576 patches + 8 registers, drop at layer 3 of 32, 64 text tokens: the LLM
+    runs 3 layers on 648 tokens and 29 on 72, about a fifth of LLaVA-1.5's 32 on 640."""
+    from mqt_jax import cli
+    from mqt_jax.config import ModelConfig
+
+    cli.parse_gin(["mqt_llava_7b_model.gin"], ["QueryTransformerConfig.variant = 'victor'",
+                                                 "QueryTransformerConfig.num_queries = 8"])
+    cfg = ModelConfig()
+    victor, llava = flops.inference_flops(cfg, cfg.num_queries, 64), flops.llava_flops(cfg, 64)
+    assert victor["projector"] == llava["projector"]  # every patch is projected
+    ratio = victor["llm_prefill"] / llava["llm_prefill"]
+    assert ratio == pytest.approx((3 * 648 + 29 * 72) / (32 * 640), rel=0.05)
+
+
+@pytest.mark.parametrize("which", ["tiny", "7b"])
+def test_llm_parameters_counts_the_built_model(which):
+    from mqt_jax.config import LLMConfig
+    from mqt_jax.models.llama import Llama
+
+    llm = tiny_config().llm if which == "tiny" else LLMConfig()
+    x, ids = jnp.zeros((1, 4, llm.hidden)), jnp.zeros((1, 4), jnp.int32)
+    shapes = jax.eval_shape(lambda: Llama(llm).init(jax.random.key(0), x, ids, ids))
+    built = sum(a.size for a in jax.tree.leaves(shapes))
+    assert flops.llm_parameters(llm) == built
+    if which == "7b":
+        assert built == 6_738_415_616  # LLaMA-2-7B

@@ -84,7 +84,7 @@ def test_prefill_logits_equal_the_training_forward():
     batch = prompt_batch(examples, images, 6, cfg.num_queries, seq_len=32)
     params = init_params(model, batch, method="logits")
     full = jax.jit(model.apply)({"params": params}, *(batch[k] for k in MODEL_INPUTS))
-    prefill = jax.jit(functools.partial(model.apply, method="prefill"), static_argnums=7)
+    prefill = jax.jit(functools.partial(model.apply, method="prefill"), static_argnums=8)
     pre, cache = prefill({"params": params}, *(batch[k] for k in MODEL_INPUTS), 40)
     real = batch["segment_ids"] > 0
     np.testing.assert_allclose(np.asarray(pre)[real], np.asarray(full)[real], rtol=1e-5, atol=1e-5)

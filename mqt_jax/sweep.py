@@ -1,0 +1,229 @@
+"""Ablation sweeps: a gin file of bindings expanded into runs, trained and evaluated one after
+another (or printed as launch commands), collected into one table and one plot.
+
+A sweep file (configs/sweeps/*.gin) binds `Sweep`: the gin files every run starts from,
+bindings common to all, and per method the bindings that make it; a binding whose value is
+a Python list is swept (the product of all lists of a method gives its runs):
+
+    Sweep.methods = {
+        "avgpool": {"QueryTransformerConfig.variant": "avgpool",
+                    "QueryTransformerConfig.num_queries": [1, 4, 16]},
+    }
+
+Each run lives in W/<run>/ (a `mqt-jax train` workdir: resumable) and is complete once its
+W/<run>/eval/<benchmark>/eval.json exists; complete runs are skipped. The collection goes to
+W/results.csv, results.md and results.png: score against visual tokens and against TFLOPs,
+one line per method (an MQT model contributes one point per evaluated m).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import re
+import shlex
+import time
+from pathlib import Path
+
+import gin
+
+from mqt_jax.train import write_atomic
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    base: tuple[str, ...] = ("tiny_two_stage.gin",)  # gin files of every run
+    common: tuple[str, ...] = ()  # bindings of every run, e.g. "stage2/TrainConfig.steps = 100"
+    methods: dict = dataclasses.field(default_factory=dict)  # method -> {binding: value | [values]}
+
+    def __post_init__(self):
+        if not self.methods:
+            raise ValueError("Sweep.methods is empty: bind the methods to compare")
+        for method, spec in self.methods.items():
+            if not isinstance(spec, dict):
+                raise ValueError(f"Sweep.methods[{method!r}] must map bindings to values, "
+                                 f"got {type(spec).__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str  # its folder under the sweep's workdir
+    method: str  # its line in the plot
+    bindings: tuple[str, ...]
+
+
+def gin_value(value) -> str:
+    """A Python value as gin text; strings starting with @ or % are references, kept as is."""
+    if isinstance(value, str) and value[:1] in ("@", "%"):
+        return value
+    return repr(value)
+
+
+def expand(sweep: Sweep) -> list[Run]:
+    """One Run per method and combination of its swept (list-valued) bindings."""
+    runs = []
+    for method, spec in sweep.methods.items():
+        swept = {k: v for k, v in spec.items() if isinstance(v, list)}
+        fixed = [f"{k} = {gin_value(v)}" for k, v in spec.items() if k not in swept]
+        for combo in itertools.product(*swept.values()):
+            chosen = dict(zip(swept, combo))
+            suffix = "".join(f"_{k.split('.')[-1]}{v}" for k, v in chosen.items())
+            name = re.sub(r"[^a-z0-9.]+", "-", method.lower()).strip("-") + suffix.lower()
+            runs.append(Run(name, method, tuple(sweep.common) + tuple(fixed) + tuple(
+                f"{k} = {gin_value(v)}" for k, v in chosen.items())))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two runs share a folder name: {sorted(n for n in names if names.count(n) > 1)}")
+    return runs
+
+
+def load_sweep(sweep_file: str) -> tuple[Sweep, list[Run]]:
+    from mqt_jax.cli import parse_gin
+
+    parse_gin([sweep_file], [])
+    sweep = Sweep()
+    return sweep, expand(sweep)
+
+
+def is_complete(run_dir: Path) -> bool:
+    return any(run_dir.glob("eval/*/eval.json"))
+
+
+def launch_command(run: Run, sweep: Sweep, workdir: Path, launcher: str = "") -> str:
+    """The shell command that trains and evaluates one run (behind a launch script's prefix,
+    e.g. "launch/tpu_vm.sh --name N --zone Z --type T --")."""
+    args = ["mqt-jax", "train"]
+    for f in sweep.base:
+        args += ["--gin_file", f]
+    for b in run.bindings:
+        args += ["--gin_param", b]
+    args += ["--workdir", str(workdir / run.name)]
+    return (launcher + " " if launcher else "") + " ".join(shlex.quote(a) for a in args)
+
+
+def run_all(sweep_file: str, workdir: str | Path, only: list[str] = ()) -> list[dict]:
+    """Train and evaluate every incomplete run in this process, one after another, then
+    collect. The persistent compilation cache in W/.jax_cache lets runs (and reruns) whose
+    programs agree reuse each other's compiled functions; m is data, so no run compiles per m."""
+    import jax
+
+    from mqt_jax.cli import parse_gin
+    from mqt_jax.recipe import run as run_recipe
+
+    workdir = Path(workdir)
+    sweep, runs = load_sweep(sweep_file)
+    unknown = sorted(set(only) - {r.name for r in runs})
+    if unknown:
+        raise ValueError(f"--only {unknown}: not runs of this sweep ({[r.name for r in runs]})")
+    jax.config.update("jax_compilation_cache_dir", str(workdir / ".jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    todo = [r for r in runs if (not only or r.name in only) and not is_complete(workdir / r.name)]
+    print(f"sweep {sweep_file}: {len(runs)} runs, {len(runs) - len(todo)} complete, "
+          f"{len(todo)} to run in {workdir}")
+    for i, r in enumerate(todo, 1):
+        print(f"=== [{i}/{len(todo)}] {r.name}: " + "; ".join(r.bindings))
+        parse_gin(list(sweep.base), list(r.bindings))
+        start = time.perf_counter()
+        run_recipe(str(workdir / r.name))
+        record = {"method": r.method, "bindings": list(r.bindings),
+                  "wall_s": round(time.perf_counter() - start, 1)}
+        write_atomic(workdir / r.name / "sweep_run.json", json.dumps(record, indent=1))
+    return collect(sweep_file, workdir)
+
+
+# ------------------------------------------------------------------------------ collection
+COLUMNS = ("method", "run", "m", "tokens", "score", "tflops", "prefill_ms", "llm_params", "wall_s")
+
+
+def llm_params(sweep: Sweep, run: Run) -> int:
+    """The run's LLM parameters (from its gin bindings: the scaling law's N)."""
+    from mqt_jax.cli import parse_gin
+    from mqt_jax.config import ModelConfig
+    from mqt_jax.flops import llm_parameters
+
+    parse_gin(list(sweep.base), list(run.bindings))
+    return llm_parameters(ModelConfig().llm)
+
+
+def collect(sweep_file: str, workdir: str | Path) -> list[dict]:
+    """W/results.csv, results.md and results.png over the runs complete so far."""
+    workdir = Path(workdir)
+    sweep, runs = load_sweep(sweep_file)
+    rows, missing = [], []
+    for r in runs:
+        found = sorted((workdir / r.name).glob("eval/*/eval.json"))
+        if not found:
+            missing.append(r.name)
+            continue
+        results = json.loads(found[0].read_text())
+        meta = workdir / r.name / "sweep_run.json"
+        wall = json.loads(meta.read_text()).get("wall_s") if meta.is_file() else None
+        n = llm_params(sweep, r)
+        for row in results["rows"]:
+            rows.append({"method": r.method, "run": r.name, "m": row["m"],
+                         "tokens": row.get("tokens", row["m"]), "score": row.get("score"),
+                         "tflops": row.get("tflops"), "prefill_ms": row.get("prefill_ms"),
+                         "llm_params": n, "wall_s": wall, "benchmark": results["benchmark"],
+                         "majority": results.get("majority_baseline", {}).get("score")})
+    if rows:
+        write_results(rows, workdir)
+    print(f"collected {len(rows)} rows from {len(runs) - len(missing)} of {len(runs)} runs"
+          + (f"; not complete: {missing}" if missing else "") + f"; tables in {workdir}")
+    return rows
+
+
+def write_results(rows: list[dict], workdir: Path) -> None:
+    from mqt_jax.evaluate import fmt
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(COLUMNS)
+    writer.writerows([row[c] if row[c] is not None else "" for c in COLUMNS] for row in rows)
+    write_atomic(workdir / "results.csv", buf.getvalue())
+    # Markdown: score by method (rows) and visual tokens (columns), then every row.
+    tokens = sorted({r["tokens"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], r["tokens"]): r["score"] for r in rows}
+    lines = [f"Score (%) on {rows[0]['benchmark']} by visual tokens in the LLM:", "",
+             "| method | " + " | ".join(map(str, tokens)) + " |", "|---" * (len(tokens) + 1) + "|"]
+    lines += ["| " + m + " | " + " | ".join(fmt(cell.get((m, t))) for t in tokens) + " |"
+              for m in methods]
+    if rows[0]["majority"] is not None:
+        lines += ["", f"Majority-answer baseline: {fmt(rows[0]['majority'])}"]
+    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
+    lines += ["| " + " | ".join(fmt(r[c]) if not isinstance(r[c], str) else r[c] for c in COLUMNS)
+              + " |" for r in rows]
+    write_atomic(workdir / "results.md", "\n".join(lines) + "\n")
+    plot_results(rows, workdir / "results.png")
+
+
+def plot_results(rows: list[dict], path: Path) -> None:
+    """Score against visual tokens and against prefill TFLOPs (log axes), a line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mqt_jax.evaluate import save_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120, sharey=True)
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["tokens"])
+        style = dict(marker="os^vDP*Xhp"[i % 10], label=method, color=f"C{i % 10}")
+        axes[0].plot([r["tokens"] for r in mine], [r["score"] for r in mine], "-", **style)
+        have = [r for r in mine if r["tflops"] is not None]
+        axes[1].plot([r["tflops"] for r in have], [r["score"] for r in have], "-", **style)
+    for ax, label in zip(axes, ("visual tokens in the LLM", "prefill TFLOPs per request")):
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+        if rows[0]["majority"] is not None:
+            ax.axhline(rows[0]["majority"], color="grey", ls=":", label="majority baseline")
+    axes[0].set_ylabel(f"{rows[0]['benchmark']} score (%)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    save_figure(fig, path)

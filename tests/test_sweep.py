@@ -1,0 +1,85 @@
+"""Sweep files expand into runs; complete runs are skipped; results collect into one table."""
+
+import csv
+import json
+
+import pytest
+
+from mqt_jax import cli, sweep
+
+SWEEP = """
+Sweep.base = ["tiny_two_stage.gin"]
+Sweep.common = ["stage2/TrainConfig.steps = 3"]
+Sweep.methods = {
+    "MQT (one model)": {"QueryTransformerConfig.variant": "official"},
+    "avgpool": {"QueryTransformerConfig.variant": "avgpool", "M": [1, 4],
+                "MSampler.distribution": "constant"},
+}
+"""
+
+
+@pytest.fixture
+def sweep_file(tmp_path):
+    path = tmp_path / "s.gin"
+    path.write_text(SWEEP)
+    return str(path)
+
+
+def test_a_list_valued_binding_is_swept(sweep_file):
+    spec, runs = sweep.load_sweep(sweep_file)
+    assert [r.name for r in runs] == ["mqt-one-model", "avgpool_m1", "avgpool_m4"]
+    assert [r.method for r in runs] == ["MQT (one model)", "avgpool", "avgpool"]
+    assert runs[2].bindings == ("stage2/TrainConfig.steps = 3",
+                                "QueryTransformerConfig.variant = 'avgpool'",
+                                "MSampler.distribution = 'constant'", "M = 4")
+    assert sweep.gin_value("@VisionConfig()") == "@VisionConfig()" and sweep.gin_value("a") == "'a'"
+
+
+def test_bad_sweeps_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="Sweep.methods is empty"):
+        sweep.Sweep()
+    with pytest.raises(ValueError, match=r"methods\['x'\] must map bindings"):
+        sweep.Sweep(methods={"x": ["M = 1"]})
+    with pytest.raises(ValueError, match="two runs share a folder name"):
+        sweep.expand(sweep.Sweep(methods={"a b": {"M": 1}, "a-b": {"M": 2}}))
+
+
+def fake_eval(run_dir, rows, majority=20.0):
+    out = run_dir / "eval" / "shapes"
+    out.mkdir(parents=True)
+    (out / "eval.json").write_text(json.dumps(
+        {"benchmark": "shapes", "questions": 10, "majority_baseline": {"score": majority},
+         "rows": rows}))
+
+
+def test_print_commands_lists_the_incomplete_runs(sweep_file, tmp_path, capsys):
+    fake_eval(tmp_path / "w" / "avgpool_m1", [{"m": 1, "tokens": 1, "score": 30.0, "tflops": 1e-4}])
+    assert cli.main(["sweep", "--sweep", sweep_file, "--workdir", str(tmp_path / "w"),
+                     "--print_commands", "--launcher", "launch/tpu_vm.sh --name n --"]) == 0
+    out = capsys.readouterr()
+    lines = out.out.strip().splitlines()
+    assert len(lines) == 2 and "2 of 3 runs to launch" in out.err
+    assert lines[1].startswith("launch/tpu_vm.sh --name n -- mqt-jax train --gin_file tiny_two_stage.gin")
+    assert "--gin_param 'M = 4'" in lines[1] and lines[1].endswith("/w/avgpool_m4")
+
+
+def test_complete_runs_are_skipped_and_collected(sweep_file, tmp_path, capsys):
+    w = tmp_path / "w"
+    fake_eval(w / "mqt-one-model", [{"m": m, "tokens": m, "score": s, "tflops": t}
+                                    for m, s, t in [(1, 40.0, 1e-4), (4, 50.0, 2e-4), (64, 60.0, 9e-4)]])
+    fake_eval(w / "avgpool_m1", [{"m": 1, "tokens": 1, "score": 30.0, "tflops": 1e-4}])
+    fake_eval(w / "avgpool_m4", [{"m": 4, "tokens": 4, "score": 45.5, "tflops": 2e-4}])
+    rows = sweep.run_all(sweep_file, w)  # nothing left to train
+    assert "3 complete, 0 to run" in capsys.readouterr().out
+    assert [(r["run"], r["tokens"], r["score"]) for r in rows] == [
+        ("mqt-one-model", 1, 40.0), ("mqt-one-model", 4, 50.0), ("mqt-one-model", 64, 60.0),
+        ("avgpool_m1", 1, 30.0), ("avgpool_m4", 4, 45.5)]
+    with open(w / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert table[4]["method"] == "avgpool" and table[4]["score"] == "45.5"
+    assert int(table[0]["llm_params"]) == 2 * 512 * 256 + 4 * (256 * 2 * (256 + 128) + 3 * 256 * 688 + 512) + 256
+    md = (w / "results.md").read_text()
+    assert "| method | 1 | 4 | 64 |" in md
+    assert "| MQT (one model) | 40.0 | 50.0 | 60.0 |" in md and "| avgpool | 30.0 | 45.5 |  |" in md
+    assert "Majority-answer baseline: 20.0" in md
+    assert (w / "results.png").stat().st_size > 10_000
