@@ -83,3 +83,22 @@ def test_complete_runs_are_skipped_and_collected(sweep_file, tmp_path, capsys):
     assert "| MQT (one model) | 40.0 | 50.0 | 60.0 |" in md and "| avgpool | 30.0 | 45.5 |  |" in md
     assert "Majority-answer baseline: 20.0" in md
     assert (w / "results.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("name,runs", [("compressors_shapes", 15), ("m_distribution", 5),
+                                       ("llm_size", 3)])
+def test_shipped_sweeps_expand_into_valid_models(name, runs):
+    """Every run of a shipped sweep parses and builds its model and training settings."""
+    from mqt_jax.cli import parse_gin
+    from mqt_jax.config import ModelConfig
+    from mqt_jax.m_sampler import MSampler
+    from mqt_jax.recipe import scoped
+
+    spec, expanded = sweep.load_sweep(f"sweeps/{name}.gin")
+    assert len(expanded) == runs
+    for r in expanded:
+        parse_gin(list(spec.base), list(r.bindings))
+        for stage in ("stage1", "stage2"):
+            with scoped(stage):
+                model = ModelConfig()
+                model.check_m(MSampler().support(model.num_queries))
