@@ -140,7 +140,8 @@ def columns(rows: list[dict]) -> list[str]:
         names += [k for k in row if k not in names]
     first = ["m", "score"]
     last = ["tokens", "tflops", "prefill_ms"]
-    return [c for c in first if c in names] + [c for c in names if c not in first + last] + last
+    return ([c for c in first if c in names] + [c for c in names if c not in first + last]
+            + [c for c in last if c in names])
 
 
 def fmt(value) -> str:
