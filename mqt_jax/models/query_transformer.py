@@ -7,6 +7,8 @@ computation with only the first n queries: the reference that the masked graph m
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -65,17 +67,21 @@ def resize_grid_torch_bicubic(table: jax.Array, out_grid: int) -> jax.Array:
     return resized.reshape(out_grid * out_grid, -1)
 
 
-class OfficialResampler(nn.Module):
-    """The released MQT-LLaVA resampler (shared/reference/mqt.md), one cross-attention:
-    q = ln_q(query + pos_embed), k = ln_k(pos_embed resized to the patch grid), v = ln_v(x),
-    tokens = attn(q, k, v) @ proj. Token i does not depend on m."""
+class Compressor(nn.Module):
+    """What every compressor is built with: patch features -> tokens at `out_width`."""
 
     config: QueryTransformerConfig
-    out_width: int
+    out_width: int  # the LLM's width
     grid_size: int  # patch grid of the vision tower (24 for ViT-L/14 at 336 px)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    remat_policy: str = "nothing_saveable"  # unused: nothing repeats
+    remat_policy: str = "nothing_saveable"  # for the repeated layers (qformer)
+
+
+class OfficialResampler(Compressor):
+    """The released MQT-LLaVA resampler (shared/reference/mqt.md), one cross-attention:
+    q = ln_q(query + pos_embed), k = ln_k(pos_embed resized to the patch grid), v = ln_v(x),
+    tokens = attn(q, k, v) @ proj. Token i does not depend on m."""
 
     @nn.compact
     def __call__(self, features, m=None, num_queries: int | None = None):
@@ -128,17 +134,10 @@ class QFormerLayer(nn.Module):
         return layers.constrain(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED)), None
 
 
-class QFormer(nn.Module):
+class QFormer(Compressor):
     """L layers of [query self-attention | cross-attention to image features | MLP].
 
     The self-attention honours each image's m (`config.query_mask`, see splice.query_mask)."""
-
-    config: QueryTransformerConfig
-    out_width: int
-    grid_size: int
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    remat_policy: str = "nothing_saveable"
 
     @nn.compact
     def __call__(self, features, m, num_queries: int | None = None):
@@ -169,16 +168,9 @@ def mlp2x_gelu(x, out_width: int, kw: dict):
     return layers.constrain(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
 
 
-class MLPProjector(nn.Module):
+class MLPProjector(Compressor):
     """LLaVA-1.5's `mlp2x_gelu` projector: every patch becomes a token, M = the number of
     patches, and nothing depends on m (the LLM sees all M)."""
-
-    config: QueryTransformerConfig
-    out_width: int
-    grid_size: int
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    remat_policy: str = "nothing_saveable"  # unused: nothing repeats
 
     @nn.compact
     def __call__(self, features, m=None, num_queries: int | None = None):
@@ -205,36 +197,22 @@ def pool_grid(features: jax.Array, grid_size: int, out_grid: int) -> jax.Array:
     return pooled.reshape(features.shape[0], out_grid * out_grid, -1)
 
 
-class AvgPoolProjector(nn.Module):
+class AvgPoolProjector(Compressor):
     """The patch grid pooled to the smallest square grid of at least M cells, the first M
     cells (row-major) kept, then the mlp2x_gelu projector."""
-
-    config: QueryTransformerConfig
-    out_width: int
-    grid_size: int
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    remat_policy: str = "nothing_saveable"
 
     @nn.compact
     def __call__(self, features, m=None, num_queries: int | None = None):
         big_m = self.config.num_queries
-        side = int(np.ceil(big_m**0.5 - 1e-9))
+        side = math.isqrt(big_m - 1) + 1  # the smallest side with side**2 >= M
         x = pool_grid(features.astype(self.dtype), self.grid_size, side)[:, :big_m]
         return mlp2x_gelu(x, self.out_width, dict(dtype=self.dtype, param_dtype=self.param_dtype))
 
 
-class VictorProjector(nn.Module):
+class VictorProjector(Compressor):
     """Victor's visual input: the mlp2x_gelu projector's patch tokens, then M = R learnable
     registers in the LLM's input-embedding space (the same for every image; initialised like
     token embeddings, normal(0.02)). The LLM drops the patch tokens at `drop_layer`."""
-
-    config: QueryTransformerConfig
-    out_width: int
-    grid_size: int
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    remat_policy: str = "nothing_saveable"
 
     @nn.compact
     def __call__(self, features, m=None, num_queries: int | None = None):
@@ -257,19 +235,12 @@ def windows(grid: jax.Array, side: int) -> jax.Array:
     return x.reshape(n, side * side, s * s, d)
 
 
-class QueCC(nn.Module):
+class QueCC(Compressor):
     """QueCC (shared/reference/baselines.md), in the vision width d:
     text = LN(Linear(guidance)) is added to every patch feature x; queries = depthwise
     s x s convolution with stride s over LN(MLP(x + text)) on the grid: (G / s)**2 = M;
     keys / values = LN(MLP(multi-layer features)); each query attends only to the s x s patches
     under its window (no residual, no FFN); then the mlp2x_gelu projector."""
-
-    config: QueryTransformerConfig
-    out_width: int
-    grid_size: int
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    remat_policy: str = "nothing_saveable"
 
     @nn.compact
     def __call__(self, features, m=None, num_queries: int | None = None, *, multi, guidance):

@@ -82,6 +82,6 @@ class VisionTower(nn.Module):
             x, hidden = blocks(cfg, emit=bool(extra_layers), name="layers", **kw)(x, None)
         if not extra_layers:
             return x[:, 1:]  # drop the class token
-        states = [first] + ([] if hidden is None else list(hidden))  # hidden state i: after layer i
-        extra = [states[cfg.layer_index(i)][:, 1:] for i in extra_layers]
+        state = lambda i: first if i == 0 else hidden[i - 1]  # noqa: E731  (i: after layer i)
+        extra = [state(cfg.layer_index(i))[:, 1:] for i in extra_layers]
         return x[:, 1:], jnp.concatenate(extra, axis=-1)
