@@ -36,7 +36,8 @@ def abstract_batch(trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:
     cfg, v = trainer.config, trainer.model_config.vision
     b, t, i = cfg.batch_size, cfg.seq_len, cfg.images_per_row
     shapes = {"images": ((b, i, v.image_size, v.image_size, 3), np.float32),
-              "m": ((b, i), np.int32), "question_end": ((b, i), np.int32), "loss_mask": ((b, t), np.float32)}
+              "m": ((b, i), np.int32), "question_end": ((b, i), np.int32),
+              "loss_mask": ((b, t), np.float32)}
     return {k: jax.ShapeDtypeStruct(*shapes.get(k, ((b, t), np.int32)),
                                     sharding=trainer.batch_shardings[k])
             for k in splice.BATCH_KEYS}

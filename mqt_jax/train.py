@@ -163,8 +163,7 @@ class Trainer:
         """Zeros shaped like a batch (for init: parameter shapes do not depend on values)."""
         cfg, v = self.config, self.model_config.vision
         b, i = sharding.batch_divisor(self.mesh), cfg.images_per_row
-        t = max(cfg.seq_len, i * self.model_config.dropped_per_image + 1)  # room after a drop
-        ints = jnp.zeros((b, t), jnp.int32)
+        ints = jnp.zeros((b, cfg.seq_len), jnp.int32)  # __init__ checked the room after a drop
         return {
             "images": jnp.zeros((b, i, v.image_size, v.image_size, 3)),
             "m": jnp.ones((b, i), jnp.int32), "question_end": jnp.zeros((b, i), jnp.int32),

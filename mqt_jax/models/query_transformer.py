@@ -247,7 +247,7 @@ class QueCC(Compressor):
         """features [N, G*G, d]; multi [N, G*G, layers * d]; guidance [N, llm hidden]."""
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         n, d, g = features.shape[0], features.shape[-1], self.grid_size
-        side = int(round(cfg.num_queries**0.5))
+        side = math.isqrt(cfg.num_queries)  # a square: checked by the config
         ln = lambda name: layers.layer_norm(cfg.layer_norm_eps, name=name, **kw)  # noqa: E731
 
         def mlp(x, name):  # Linear, GELU, Linear, LayerNorm
