@@ -91,6 +91,11 @@ def report(result: Fit, optima: list[dict]) -> str:
              f"(N in billions; residual std {result.residual_std:.4f}):"]
     lines += [f"  {k:5s} = {result.values[k]:.4g}  (95% CI {lo:.4g} .. {hi:.4g})"
               for k, (lo, hi) in result.ci95.items()]
+    undetermined = [k for k in ("alpha", "beta") if result.ci95[k][0] <= 0]
+    if undetermined:
+        lines.append(f"  warning: the 95% CI of {' and '.join(undetermined)} reaches 0 or below: "
+                     "these points do not determine how the error falls, so V* below is not "
+                     "supported by them")
     lines += [f"  budget {o['budget_flops']:.3g} FLOPs, Q = {o['text_tokens']}: V* = {o['tokens']} "
               f"with a {o['llm_billions']:.3g}B LLM (err {o['err']:.3f})" for o in optima]
     return "\n".join(lines)

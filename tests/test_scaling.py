@@ -55,9 +55,22 @@ def test_scaling_fit_command_on_a_results_table(tmp_path, capsys):
         writer.writerows(["mqt", int(a * 1e9), int(b), 100 * (1 - e)] for a, b, e in zip(n, v, err))
     assert cli.main(["scaling-fit", str(path), "--budget_tflops", "10", "--text_tokens", "50"]) == 0
     out = capsys.readouterr().out
-    assert "alpha = 0.07" in out and "V* = 12 " in out
+    assert "alpha = 0.07" in out and "V* = 12 " in out and "warning" not in out
     assert (tmp_path / "scaling_fit.png").stat().st_size > 10_000
     bad = tmp_path / "bad.csv"
     bad.write_text("tokens,score\n1,50\n")
     assert cli.main(["scaling-fit", str(bad)]) == 2
     assert "no column(s) ['llm_params']" in capsys.readouterr().err
+
+
+def test_a_fit_the_points_do_not_determine_is_flagged():
+    """Error that falls with V but not with N (noise around it): alpha's interval spans 0, and
+    the report says the optimal V is unsupported."""
+    n = np.repeat([0.5e-3, 1.3e-3, 3e-3], 4)
+    v = np.tile([1.0, 4.0, 16.0, 64.0], 3)
+    err = 0.5 * v**-0.05 + np.random.default_rng(0).normal(0, 0.01, n.size)
+    result = scaling.fit(n, v, err)
+    assert result.ci95["alpha"][0] < 0 < result.ci95["alpha"][1]
+    text = scaling.report(result, [scaling.optimal_tokens(result, 1e9, 50)])
+    assert "warning: the 95% CI of alpha" in text
+    assert "warning" not in scaling.report(scaling.fit(*synthetic()), [])

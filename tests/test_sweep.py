@@ -86,7 +86,7 @@ def test_complete_runs_are_skipped_and_collected(sweep_file, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name,runs", [("compressors_shapes", 15), ("m_distribution", 5),
-                                       ("llm_size", 3)])
+                                       ("llm_size", 4)])
 def test_shipped_sweeps_expand_into_valid_models(name, runs):
     """Every run of a shipped sweep parses and builds its model and training settings."""
     from mqt_jax.cli import parse_gin
