@@ -72,5 +72,5 @@ def test_a_fit_the_points_do_not_determine_is_flagged():
     result = scaling.fit(n, v, err)
     assert result.ci95["alpha"][0] < 0 < result.ci95["alpha"][1]
     text = scaling.report(result, [scaling.optimal_tokens(result, 1e9, 50)])
-    assert "warning: the 95% CI of alpha" in text
+    assert "warning: 95% CI not above 0 for alpha" in text
     assert "warning" not in scaling.report(scaling.fit(*synthetic()), [])
