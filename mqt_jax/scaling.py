@@ -93,8 +93,8 @@ def report(result: Fit, optima: list[dict]) -> str:
               for k, (lo, hi) in result.ci95.items()]
     undetermined = [k for k in ("alpha", "beta") if result.ci95[k][0] <= 0]
     if undetermined:
-        lines.append(f"  warning: 95% CI not above 0 for {', '.join(undetermined)}: these points do "
-                     "not determine how the error falls, so V* below rests on nothing")
+        lines.append(f"  warning: 95% CI not above 0 for {', '.join(undetermined)}: these points "
+                     "do not determine how the error falls, so V* below rests on nothing")
     lines += [f"  budget {o['budget_flops']:.3g} FLOPs, Q = {o['text_tokens']}: V* = {o['tokens']} "
               f"with a {o['llm_billions']:.3g}B LLM (err {o['err']:.3f})" for o in optima]
     return "\n".join(lines)
