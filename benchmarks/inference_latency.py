@@ -5,10 +5,11 @@ as a table (Markdown; --out also writes JSON).
 
 For each m the prefill (vision tower + query transformer + LLM over prompt and m visual
 tokens) is timed on a batch of prompts laid out at m (bucketed lengths, so a smaller m is a
-shorter sequence); decode tokens/s come from generating `--new_tokens` greedy tokens with no
-EOS, less the prefill. "time / FLOPs" is (prefill time at m / at M) / (prefill FLOPs at m /
-at M): 1.0 means time falls exactly as FLOPs do; above 1, fixed costs (dispatch, the vision
-tower, small matrices that use the hardware poorly) keep small m from saving all it could.
+shorter sequence); decode tokens/s are the extra tokens over the extra time of generating
+`--new_tokens` greedy tokens (no EOS) instead of one, so prefill and dispatch cancel.
+"time / FLOPs" is (prefill time at m / at M) / (prefill FLOPs at m / at M): 1.0 means time
+falls exactly as FLOPs do; above 1, fixed costs (dispatch, the vision tower, small matrices
+that use the hardware poorly) keep small m from saving all it could.
 
 Configs (random weights: timing does not depend on training): "tiny" is the default run's
 model (configs/tiny.gin: 64 px, M = 64); "mid" a 224 px / M = 256 model with a 12-layer,
@@ -62,6 +63,17 @@ def requests(cfg: ModelConfig, n: int, text_tokens: int, seed: int = 0):
     return prompts, rng.normal(size=(n, size, size, 3)).astype(np.float32)
 
 
+def generation_seconds(generator: Generator, prompts, images, m: int, repeats: int) -> float:
+    """Median wall time of generating for every prompt at m, after a call that compiles."""
+    generator(prompts, images, m)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        generator(prompts, images, m)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
 def measure(name: str, m_values: list[int], batch: int, text_tokens: int, new_tokens: int,
             repeats: int) -> list[dict]:
     cfg = model_config(name)
@@ -69,17 +81,13 @@ def measure(name: str, m_values: list[int], batch: int, text_tokens: int, new_to
     state = Trainer(cfg, TrainConfig(batch_size=batch), mesh).init_state(seed=0)
     params = merge_params(state.trainable, state.frozen)  # random, in training's shardings
     prompts, images = requests(cfg, batch, text_tokens)
-    generator = Generator(cfg, params, mesh, eos_id=-1, batch_size=batch, bucket=16,
-                          sampling=SamplingConfig(max_new_tokens=new_tokens))
+    generators = {n: Generator(cfg, params, mesh, eos_id=-1, batch_size=batch, bucket=16,
+                               sampling=SamplingConfig(max_new_tokens=n)) for n in (1, new_tokens)}
     rows, big_m = [], cfg.num_queries
     for m in [v for v in m_values if v <= big_m]:
-        prefill = generator.prefill_seconds(prompts, images, m, repeats)
-        generator(prompts, images, m)  # compile
-        start = time.perf_counter()
-        for _ in range(repeats):
-            generator(prompts, images, m)
-        total = (time.perf_counter() - start) / repeats
-        decode_s = max(total - prefill, 1e-9)
+        prefill = generators[1].prefill_seconds(prompts, images, m, repeats)
+        seconds = {n: generation_seconds(g, prompts, images, m, repeats) for n, g in generators.items()}
+        decode_s = max(seconds[new_tokens] - seconds[1], 1e-9)
         f = flops.inference_flops(cfg, m, text_tokens)
         rows.append({"config": name, "m": m, "prefill_ms": 1e3 * prefill,
                      "decode_tok_s": batch * (new_tokens - 1) / decode_s,
@@ -108,10 +116,12 @@ def main():
     parser.add_argument("--m", default="1,4,16,64,144,256")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--text_tokens", type=int, default=64)
-    parser.add_argument("--new_tokens", type=int, default=16)
+    parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error(f"--new_tokens {args.new_tokens}: at least 2 (decode is timed past the first)")
     m_values = [int(v) for v in args.m.split(",")]
     rows = []
     for name in args.configs.split(","):

@@ -41,11 +41,9 @@ def cmd_train(args) -> int:
     import jax
 
     from mqt_jax.recipe import run
-    from mqt_jax.sharding import initialize_distributed
     from mqt_jax.train import Preemption
 
-    initialize_distributed(args.distributed, args.coordinator_address, args.num_processes,
-                           args.process_id)
+    join_processes(args)
     try:
         run(args.workdir)
     except Preemption as e:  # saved; the same command resumes
@@ -83,9 +81,10 @@ def parse_m(text: str) -> list[int]:
         raise ValueError(f"--m {text!r}: expected integers separated by commas, e.g. 2,16,64") from None
 
 
-def open_trained(args, m_values: list[int] = ()):
+def open_trained(args, m_values: list[int] = (), check=None):
     """The run named by --workdir / --ckpt, its config.gin parsed with --gin_file/--gin_param
-    on top. `m_values` are checked against its M before any parameter is read."""
+    on top. `m_values` are checked against its M, and `check(model_config)` is called, before
+    any parameter is read."""
     from mqt_jax.config import ModelConfig
     from mqt_jax.recipe import open_run, run_config_file, run_folder, scoped
 
@@ -93,8 +92,11 @@ def open_trained(args, m_values: list[int] = ()):
     parse_gin([str(run_config_file(path))] + (args.gin_file or []), args.gin_param)
     path, scope = run_folder(path)
     with scoped(scope):
+        config = ModelConfig()
         if m_values:
-            ModelConfig().check_m(m_values)
+            config.check_m(m_values)
+        if check:
+            check(config)
     return open_run(path, scope)
 
 
@@ -136,6 +138,8 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     import dataclasses
 
+    import jax
+
     from mqt_jax.benchmarks import get
     from mqt_jax.recipe import evaluate_run
 
@@ -145,6 +149,7 @@ def cmd_eval(args) -> int:
                        ("--images", args.images)):
         if path and not Path(path).exists():
             raise FileNotFoundError(f"{flag} {path} not found")
+    join_processes(args)
     run_ = open_trained(args, parse_m(args.m) if args.m else [])
     config = run_.eval_config
     given = {"benchmark": args.benchmark, "questions": args.questions, "answers": args.answers,
@@ -160,7 +165,8 @@ def cmd_eval(args) -> int:
     workdir = given.parent if given.name == "checkpoints" else given
     out = Path(args.out) if args.out else workdir / "eval"  # where `mqt-jax train` puts it
     evaluate_run(run_, out, config)
-    print(f"sweep over every benchmark in {out}: sweep.csv, sweep.md, sweep.png")
+    if jax.process_index() == 0:
+        print(f"sweep over every benchmark in {out}: sweep.csv, sweep.md, sweep.png")
     return 0
 
 
@@ -168,7 +174,7 @@ def cmd_gradcam(args) -> int:
     from mqt_jax.data.conversation import encode_prompt
     from mqt_jax.data.tokenizer import load_tokenizer
     from mqt_jax.generate import Generator, SamplingConfig
-    from mqt_jax.gradcam import draw, gradcam_maps
+    from mqt_jax.gradcam import check_variant, draw, gradcam_maps
     from mqt_jax.sharding import activate, batch_divisor
 
     if not Path(args.image).is_file():
@@ -176,7 +182,7 @@ def cmd_gradcam(args) -> int:
     if not args.out.endswith(".png"):
         raise ValueError(f"--out {args.out}: a .png file")
     m_values = parse_m(args.m)
-    run_ = open_trained(args, m_values)
+    run_ = open_trained(args, m_values, check_variant)
     image = one_image(run_, args)
     tokenizer = load_tokenizer(run_.eval_config.tokenizer_dir)
     prompt = encode_prompt(args.prompt, run_.eval_config.template, tokenizer)
@@ -275,6 +281,23 @@ def cmd_scaling_fit(args) -> int:
     return 0
 
 
+def add_multiprocess_args(p) -> None:
+    multi = p.add_argument_group(
+        "multi-process", "one process per host (TPU VM worker, SLURM task or local CPU process)")
+    multi.add_argument("--distributed", action="store_true", help="join a multi-process run "
+                       "described by the environment (TPU pod slice, SLURM, JAX_COORDINATOR_ADDRESS)")
+    multi.add_argument("--coordinator_address", help="host:port of process 0 (explicit setup)")
+    multi.add_argument("--num_processes", type=int)
+    multi.add_argument("--process_id", type=int)
+
+
+def join_processes(args) -> None:
+    from mqt_jax.sharding import initialize_distributed
+
+    initialize_distributed(args.distributed, args.coordinator_address, args.num_processes,
+                           args.process_id)
+
+
 def add_run_args(p, image_prompt: bool = False) -> None:
     """--workdir / --ckpt and gin overrides; with image_prompt, --image --prompt --m too."""
     where = p.add_mutually_exclusive_group()
@@ -301,13 +324,7 @@ def main(argv=None) -> int:
                          help="gin binding, e.g. 'TrainConfig.steps = 10' (repeatable)")
     train_p.add_argument("--workdir", default="workdir/tiny",
                          help="where checkpoints, config.gin, metrics.jsonl and eval/ go")
-    multi = train_p.add_argument_group(
-        "multi-process", "one process per host (TPU VM worker, SLURM task or local CPU process)")
-    multi.add_argument("--distributed", action="store_true", help="join a multi-process run "
-                       "described by the environment (TPU pod slice, SLURM, JAX_COORDINATOR_ADDRESS)")
-    multi.add_argument("--coordinator_address", help="host:port of process 0 (explicit setup)")
-    multi.add_argument("--num_processes", type=int)
-    multi.add_argument("--process_id", type=int)
+    add_multiprocess_args(train_p)
     train_p.set_defaults(func=cmd_train)
     aot_p = sub.add_parser("aot", help="compile the train step ahead of time for a TPU slice")
     aot_p.add_argument("--gin_file", action="append", help="default mqt_llava_7b_stage2.gin")
@@ -334,6 +351,7 @@ def main(argv=None) -> int:
     eval_p.add_argument("--m", help="e.g. 2,4,8,16,36,64,144,256 (default: the run's EvalConfig)")
     eval_p.add_argument("--limit", type=int, help="only the first N questions")
     eval_p.add_argument("--out", help="default: <workdir>/eval; results go to OUT/<benchmark>/")
+    add_multiprocess_args(eval_p)
     eval_p.set_defaults(func=cmd_eval)
     cam_p = sub.add_parser("gradcam", help="Grad-CAM of the visual tokens per m, as one picture")
     add_run_args(cam_p, image_prompt=True)

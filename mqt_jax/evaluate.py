@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import gin
+import jax
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
@@ -77,7 +78,8 @@ def load_images(questions: list[benchmarks.Question], root: str, size: int, mode
 def evaluate(model_config: ModelConfig, params, config: EvalConfig, mesh,
              out_dir: str | Path | None = None) -> dict:
     """Score per m on config.questions; with out_dir, writes the files listed above.
-    Returns eval.json's content."""
+    Returns eval.json's content. In a multi-process run every process calls it (the batches
+    are spread over all devices; every process gets every answer) and process 0 writes."""
     bench = benchmarks.get(config.benchmark)
     m_values = m_values_for(config, model_config)
     questions = bench.questions(config.questions)[: config.limit or None]
@@ -96,8 +98,9 @@ def evaluate(model_config: ModelConfig, params, config: EvalConfig, mesh,
     results = {"benchmark": bench.name, "questions": len(questions), "rows": []}
     if isinstance(bench, benchmarks.Shapes):
         results["majority_baseline"] = bench.majority_baseline(questions, refs)
-    out_dir = Path(out_dir) if out_dir else None
-    for m in tqdm(m_values, desc=f"eval {bench.name}", unit="m"):
+    lead = jax.process_index() == 0
+    out_dir = Path(out_dir) if out_dir and lead else None
+    for m in tqdm(m_values, desc=f"eval {bench.name}", unit="m", disable=not lead):
         answers = generator.texts(prompts, images, m, tokenizer)
         predictions = {q.question_id: a for q, a in zip(questions, answers)}
         row = {"m": m, **bench.score(predictions, questions, refs),

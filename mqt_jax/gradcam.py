@@ -5,7 +5,7 @@ For each m, the model's own answer at m is scored (its log-likelihood given the 
 query transformer's cross-attention weights A [heads, queries, patches] are taken as a
 differentiable intermediate (layers.Attention's Grad-CAM hook) and the map is
 relu(dlogp/dA * A) averaged over heads, over the m tokens the LLM saw (and over layers for
-the qformer), one value per patch.
+the qformer), one value per patch, then resized (bilinear) to the image's height x width.
 """
 
 from __future__ import annotations
@@ -28,6 +28,17 @@ def answer_example(prompt: splice.Example, answer_ids: list[int], eos_id: int) -
     """The prompt followed by the answer and EOS, the loss on the answer."""
     tail = list(answer_ids) + [eos_id]
     return splice.Example(list(prompt.tokens) + tail, [splice.IGNORE] * len(prompt.tokens) + tail)
+
+
+# Compressors whose tokens come from cross-attention over the whole patch grid.
+ATTENDING_VARIANTS = ("official", "qformer")
+
+
+def check_variant(model_config: ModelConfig) -> None:
+    variant = model_config.query.variant
+    if variant not in ATTENDING_VARIANTS:
+        raise ValueError(f"Grad-CAM reads the query transformer's cross-attention over the patch "
+                         f"grid ({' or '.join(ATTENDING_VARIANTS)}); the {variant} compressor has none")
 
 
 def cross_attention(tree: dict, variant: str):
@@ -63,7 +74,8 @@ def _patch_map(model: VisionLanguageModel, params, batch: dict):
 
 def gradcam_maps(model_config: ModelConfig, params, prompt: splice.Example, image: np.ndarray,
                  answers: dict[int, list[int]], eos_id: int, bucket: int = 16) -> dict[int, np.ndarray]:
-    """{m: [grid, grid] map} for each m's answer token ids; image [H, W, 3] preprocessed."""
+    """{m: [H, W] map} for each m's answer token ids; image [H, W, 3] preprocessed."""
+    check_variant(model_config)
     model = VisionLanguageModel(model_config)
     grid = model_config.vision.grid_size
     out = {}
@@ -73,29 +85,29 @@ def gradcam_maps(model_config: ModelConfig, params, prompt: splice.Example, imag
         seq_len = -(-splice.true_length(example, [m]) // bucket) * bucket
         batch = splice.layout_rows([[example]], m_rows, model_config.num_queries, seq_len)
         batch.update(images=image[None, None].astype(np.float32), m=m_rows)
-        out[m] = np.asarray(_patch_map(model, params, batch)).reshape(grid, grid)
+        cam = _patch_map(model, params, batch).reshape(grid, grid)
+        out[m] = np.asarray(jax.image.resize(cam, image.shape[:2], "bilinear"))
     return out
 
 
 def draw(image: np.ndarray, maps: dict[int, np.ndarray], answers: dict[int, str], path: str | Path,
          title: str = "") -> None:
-    """One row: the image, then per m the image under its heat map, titled with the answer."""
+    """One row: the image, then per m the image under its [H, W] heat map, titled with the
+    answer."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
-
     pixels = np.clip(image * np.array(CLIP_STD) + np.array(CLIP_MEAN), 0, 1)
-    size = pixels.shape[:2][::-1]
     fig, axes = plt.subplots(1, len(maps) + 1, figsize=(2.6 * (len(maps) + 1), 3.0), dpi=120)
     axes[0].imshow(pixels)
     axes[0].set_title("image", fontsize=9)
     for ax, (m, cam) in zip(axes[1:], maps.items()):
+        if cam.shape != pixels.shape[:2]:
+            raise ValueError(f"the m={m} map is {cam.shape}, the image {pixels.shape[:2]}")
         scaled = cam / cam.max() if cam.max() > 0 else cam
-        heat = np.asarray(Image.fromarray(scaled.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
         ax.imshow(pixels)
-        ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        ax.imshow(scaled, cmap="jet", alpha=0.5, vmin=0, vmax=1)
         ax.set_title(f"m={m}: {answers[m][:28]}", fontsize=9)
     for ax in axes:
         ax.axis("off")

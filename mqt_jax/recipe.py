@@ -63,9 +63,6 @@ def run(workdir: str) -> dict | None:
     with scoped(scope):
         if not EvalConfig().questions:
             return None
-    if jax.process_count() > 1:
-        say("eval: skipped in a multi-process run (run `mqt-jax eval` on one host)")
-        return None
     run_ = open_run(final, scope)
     say(f"== eval: {final} step {run_.step} on {run_.eval_config.questions}")
     return evaluate_run(run_, workdir / "eval")
@@ -122,11 +119,14 @@ def run_config_file(path: str | Path) -> Path:
 
 
 def evaluate_run(run_: TrainedRun, out_root: Path, config: EvalConfig | None = None) -> dict:
-    """Evaluate into out_root/<benchmark>/ and refresh out_root's sweep table and plot."""
+    """Evaluate into out_root/<benchmark>/ and refresh out_root's sweep table and plot
+    (process 0 writes and prints)."""
     config = config or run_.eval_config
     with sharding.activate(run_.mesh):
         results = evaluate(run_.model_config, run_.params, config, run_.mesh,
                            out_root / config.benchmark)
+    if jax.process_index() > 0:
+        return results
     write_collection(out_root)
     print(f"{results['benchmark']} score (%) by m; written to {out_root / config.benchmark}\n"
           + sweep_tables(results)[1])

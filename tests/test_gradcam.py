@@ -1,5 +1,6 @@
-"""Grad-CAM per m on the tiny model: the hook leaves the model unchanged, the maps are
-patch-grid shaped, finite, non-negative and depend on m; the picture is drawn."""
+"""Grad-CAM per m on the tiny model: the hook leaves the model unchanged, the maps have the
+image's shape, are finite, non-negative, the patch grid's map upsampled, and depend on m;
+compressors without cross-attention are refused; the picture is drawn."""
 
 import jax
 import numpy as np
@@ -8,23 +9,31 @@ from PIL import Image
 
 from helpers import init_params, tiny_config
 from mqt_jax import splice
-from mqt_jax.gradcam import answer_example, draw, gradcam_maps
+from mqt_jax.gradcam import _patch_map, answer_example, draw, gradcam_maps
 from mqt_jax.models.vlm import MODEL_INPUTS, VisionLanguageModel
 from test_generate import prompts, prompt_batch
 
 
 @pytest.mark.parametrize("variant", ["official", "qformer"])
-def test_maps_have_the_grid_shape_and_differ_between_m(variant):
+def test_maps_have_the_image_shape_and_differ_between_m(variant):
     cfg = tiny_config(variant=variant, num_queries=16)
     model = VisionLanguageModel(cfg)
     (prompt,), images = prompts(cfg, [5])
     params = init_params(model, prompt_batch([prompt], images, 4, 16, 32), method="logits")
     answers = {2: [7, 9], 8: [7, 9], 16: [11]}
     maps = gradcam_maps(cfg, params, prompt, images[0], answers, eos_id=2)
-    grid = cfg.vision.grid_size
+    size, grid = cfg.vision.image_size, cfg.vision.grid_size
     for cam in maps.values():
-        assert cam.shape == (grid, grid)
+        assert cam.shape == images[0].shape[:2] == (size, size)
         assert np.isfinite(cam).all() and (cam >= 0).all() and cam.max() > 0
+    # The map is the patch grid's map upsampled bilinearly (PIL as the reference resize).
+    example = answer_example(prompt, answers[8], eos_id=2)
+    batch = splice.layout_rows([[example]], np.array([[8]]), 16, 32)
+    batch.update(images=images[:1, None], m=np.array([[8]], np.int32))
+    per_patch = np.asarray(_patch_map(model, params, batch)).reshape(grid, grid)
+    upsampled = Image.fromarray(per_patch.astype(np.float32), mode="F").resize((size, size),
+                                                                               Image.BILINEAR)
+    np.testing.assert_allclose(maps[8], np.asarray(upsampled), rtol=1e-5, atol=1e-6 * per_patch.max())
     assert not np.allclose(maps[2], maps[8])  # same answer, different m: different maps
     assert not np.allclose(maps[8], maps[16])
 
@@ -48,8 +57,19 @@ def test_the_attention_hook_changes_no_output():
     assert list(example.labels[-3:]) == [7, 9, 2] and set(example.labels[:-3]) == {splice.IGNORE}
 
 
+@pytest.mark.parametrize("variant", ["mlp2x_gelu", "avgpool"])
+def test_compressors_without_cross_attention_are_refused(variant):
+    cfg = tiny_config(variant=variant, num_queries=16)
+    with pytest.raises(ValueError, match=f"the {variant} compressor has none"):
+        gradcam_maps(cfg, params={}, prompt=None, image=np.zeros((32, 32, 3)), answers={16: [7]},
+                     eos_id=2)
+
+
 def test_draw_writes_one_picture(tmp_path):
     image = np.random.default_rng(0).normal(size=(32, 32, 3)).astype(np.float32)
-    maps = {2: np.eye(4), 8: np.ones((4, 4))}
+    maps = {2: np.eye(32), 8: np.ones((32, 32))}
     draw(image, maps, {2: "red", 8: "blue"}, tmp_path / "cam.png", title="What colour?")
     assert Image.open(tmp_path / "cam.png").size == (936, 360)  # 3 panels of 2.6 x 3 in at 120 dpi
+    with pytest.raises(ValueError, match=r"the m=2 map is \(4, 4\), the image \(32, 32\)"):
+        draw(image, {2: np.eye(4)}, {2: "red"}, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()

@@ -1,8 +1,10 @@
 """Two CPU processes with 4 devices each (gloo collectives) train on one 8-device mesh, through
-launch/local_processes.sh, and match a single process with 8 devices."""
+launch/local_processes.sh, then evaluate (sharded generation), and match a single process with
+8 devices."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mqt_jax.data.shapes import write_shapes
 from mqt_jax.sharding import initialize_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +26,14 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "XLA_FLAGS": "--xla_backend_optimi
        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
+def eval_args(shapes: Path) -> list[str]:
+    """The recipe's evaluation on a few shapes-VQA questions at m = 1, 4 and M."""
+    bindings = {"questions": f"'{shapes}/eval/questions.jsonl'", "answers": f"'{shapes}/eval/answers.jsonl'",
+                "image_root": f"'{shapes}/images'", "tokenizer_dir": f"'{shapes}/tokenizer'",
+                "limit": 16, "m_values": "(1, 4)", "batch_size": 8, "max_new_tokens": 4}
+    return [arg for k, v in bindings.items() for arg in ("--gin_param", f"EvalConfig.{k} = {v}")]
+
+
 def losses(workdir):
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return np.array([r["loss"] for r in rows]), np.array([r["grad_norm"] for r in rows])
@@ -30,13 +41,15 @@ def losses(workdir):
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
+    write_shapes(tmp_path / "shapes", num_train=4, num_eval=4)
+    args = ARGS + eval_args(tmp_path / "shapes")
     single = subprocess.run(
-        [sys.executable, "-m", "mqt_jax.cli", "train", *ARGS, "--workdir", str(tmp_path / "one")],
+        [sys.executable, "-m", "mqt_jax.cli", "train", *args, "--workdir", str(tmp_path / "one")],
         env={**ENV, "XLA_FLAGS": ENV["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8"},
         capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     multi = subprocess.run(
-        ["bash", str(LAUNCHER), "2", "4", *ARGS, "--workdir", str(tmp_path / "two")],
+        ["bash", str(LAUNCHER), "2", "4", *args, "--workdir", str(tmp_path / "two")],
         env={**ENV, "WORKDIR_LOGS": str(tmp_path / "logs")}, cwd=tmp_path,
         capture_output=True, text=True, timeout=600)
     assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
@@ -50,6 +63,47 @@ def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
     np.testing.assert_allclose(norm_2, norm_1, rtol=1e-4)
     # every process took part in the checkpoint: the final one is complete and readable
     assert (tmp_path / "two" / "checkpoints" / "4").is_dir()
+    # Both evaluated, process 0 writing: the same scores and answers at every m (after 4 steps
+    # the answers are alike; the row-by-row check is test_generation_on_two_processes_...).
+    one, two = (json.loads((tmp_path / w / "eval" / "shapes" / "eval.json").read_text())
+                for w in ("one", "two"))
+    assert [r["m"] for r in two["rows"]] == [1, 4, 64] and two["questions"] == 16
+    assert [r["score"] for r in two["rows"]] == [r["score"] for r in one["rows"]]
+    for m in (1, 4, 64):
+        answers = [(tmp_path / w / "eval" / "shapes" / f"answers_m{m}.jsonl").read_text().splitlines()
+                   for w in ("one", "two")]
+        assert len(answers[0]) == 16
+        assert [json.loads(a)["text"] for a in answers[1]] == [json.loads(a)["text"] for a in answers[0]]
+    assert "shapes score (%) by m" in multi.stdout and "shapes score" not in log1
+
+
+@pytest.mark.slow
+def test_generation_on_two_processes_matches_one(tmp_path):
+    """Generator with parameters and rows spread over 2 processes x 4 devices gives every row
+    the tokens that 1 process x 8 devices gives it (greedy and seeded top-p sampling)."""
+    worker = [sys.executable, str(ROOT / "tests" / "generate_worker.py")]
+    env = lambda devices: {**ENV, "JAX_PLATFORMS": "cpu", "XLA_FLAGS":  # noqa: E731
+                           ENV["XLA_FLAGS"] + f" --xla_force_host_platform_device_count={devices}"}
+    single = subprocess.run(worker + ["--out", str(tmp_path / "one.json")], env=env(8),
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(worker + ["--out", str(tmp_path / "two.json"), "--coordinator_address",
+                                        f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)],
+                              env=env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    for proc in procs:
+        log, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, log[-3000:]
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert (one["processes"], two["processes"], two["devices"]) == (1, 2, 8)
+    assert two["ids"] == one["ids"]
+    for by_m in one["ids"].values():  # rows, m values and samplings give different tokens
+        assert all(len({tuple(row) for row in rows}) > 8 for rows in by_m.values())
+        assert by_m["1"] != by_m["16"]
+    assert one["ids"]["greedy"] != one["ids"]["sampled"]
 
 
 def test_launcher_dry_run_prints_one_command_per_process():

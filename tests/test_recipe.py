@@ -102,5 +102,8 @@ def test_inference_commands_on_a_trained_run(default_run, monkeypatch, capsys):
 
     assert cli.main(["generate", "--workdir", "w", "--image", image, "--prompt", "x", "--m", "65"]) == 2
     assert "m=[65] outside [1, 64]" in capsys.readouterr().err
+    assert cli.main(["gradcam", "--workdir", "w", "--image", image, "--prompt", "x", "--m", "64",
+                     "--out", "avg.png", "--gin_param", "QueryTransformerConfig.variant = 'avgpool'"]) == 2
+    assert "the avgpool compressor has none" in capsys.readouterr().err
     assert cli.main(["eval", "--workdir", "nowhere"]) == 2
     assert "no config.gin in nowhere" in capsys.readouterr().err
