@@ -81,16 +81,34 @@ def parse_m(text: str) -> list[int]:
         raise ValueError(f"--m {text!r}: expected integers separated by commas, e.g. 2,16,64") from None
 
 
-def open_trained(args, m_values: list[int] = (), check=None):
-    """The run named by --workdir / --ckpt, its config.gin parsed with --gin_file/--gin_param
-    on top. `m_values` are checked against its M, and `check(model_config)` is called, before
-    any parameter is read."""
-    from mqt_jax.config import ModelConfig
-    from mqt_jax.recipe import open_run, run_config_file, run_folder, scoped
+def in_scope(binding: str, scope: str) -> str:
+    """'A.b = v' as 'scope/A.b = v'; bindings already scoped, and macros, as they are."""
+    key = binding.split("=", 1)[0].strip()
+    return binding if not scope or "/" in key or "." not in key else f"{scope}/{binding.strip()}"
+
+
+def parse_run_config(args) -> tuple[Path, str]:
+    """The run named by --workdir / --ckpt: its config.gin parsed with --gin_file / --gin_param
+    on top; returns (the run's folder, its stage's gin scope). A recipe's config.gin binds
+    everything in its stages' scopes, which outrank unscoped bindings, so each --gin_param is
+    also bound in the run's scope."""
+    from mqt_jax.recipe import run_config_file, run_folder
 
     path = Path(args.ckpt or args.workdir)
     parse_gin([str(run_config_file(path))] + (args.gin_file or []), args.gin_param)
     path, scope = run_folder(path)
+    if scope:
+        gin.parse_config([in_scope(b, scope) for b in args.gin_param])
+    return path, scope
+
+
+def open_trained(args, m_values: list[int] = (), check=None):
+    """The run named by --workdir / --ckpt (`parse_run_config`). `m_values` are checked
+    against its M, and `check(model_config)` is called, before any parameter is read."""
+    from mqt_jax.config import ModelConfig
+    from mqt_jax.recipe import open_run, scoped
+
+    path, scope = parse_run_config(args)
     with scoped(scope):
         config = ModelConfig()
         if m_values:
@@ -236,16 +254,14 @@ def cmd_export(args) -> int:
     from mqt_jax.convert import abstract_params, export_llama
     from mqt_jax.data.pipeline import DataConfig
     from mqt_jax.evaluate import EvalConfig
-    from mqt_jax.recipe import run_config_file, run_folder, scoped
+    from mqt_jax.recipe import scoped
     from mqt_jax.sharding import MeshConfig, make_mesh
 
     if args.kind != "llama":
         raise ValueError(f"--kind {args.kind!r}: only 'llama' exports")
     if Path(args.out).exists():
         raise FileExistsError(f"--out {args.out} exists; choose a new folder")
-    path = Path(args.ckpt or args.workdir)
-    parse_gin([str(run_config_file(path))] + (args.gin_file or []), args.gin_param)
-    path, scope = run_folder(path)
+    path, scope = parse_run_config(args)
     with scoped(scope):
         model_config, mesh = ModelConfig(), make_mesh(MeshConfig())
         tokenizer = EvalConfig().tokenizer_dir or DataConfig().tokenizer_dir
@@ -304,9 +320,11 @@ def add_run_args(p, image_prompt: bool = False) -> None:
     where.add_argument("--workdir", default="workdir/tiny",
                        help="a training workdir, or a recipe's (its final stage); default workdir/tiny")
     where.add_argument("--ckpt", help="a run folder or its checkpoints/ folder")
-    p.add_argument("--gin_file", action="append", help="extra gin files over the run's config.gin")
+    p.add_argument("--gin_file", action="append", help="extra gin files over the run's config.gin "
+                   "(a recipe's run binds in its stage's scope: write e.g. stage2/MeshConfig.fsdp)")
     p.add_argument("--gin_param", action="append", default=[],
-                   help="gin binding over the run's config, e.g. 'MeshConfig.fsdp = 1'")
+                   help="gin binding over the run's config, e.g. 'MeshConfig.fsdp = 1' (applies "
+                   "in the run's stage scope too)")
     if image_prompt:
         p.add_argument("--image", required=True)
         p.add_argument("--prompt", required=True)

@@ -1,4 +1,4 @@
-"""`mqt-jax train` as a user runs it, in a subprocess."""
+"""`mqt-jax train` as a user runs it, in a subprocess; the command line's gin handling."""
 
 import json
 import os
@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+
+from mqt_jax import cli
 
 ENV = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "PYTHONUNBUFFERED": "1"}
 
@@ -69,3 +71,11 @@ def test_train_on_shapes_reports_skipped_records(tmp_path):
         answers = (tmp_path / f"w/eval/shapes/answers_m{m}.jsonl").read_text().splitlines()
         assert len(answers) == 10
     assert "| majority baseline |" in out.stdout
+
+
+def test_overrides_are_bound_in_the_runs_stage_scope():
+    assert cli.in_scope("MeshConfig.fsdp = 4", "stage2") == "stage2/MeshConfig.fsdp = 4"
+    assert cli.in_scope(" MeshConfig.fsdp=4 ", "stage2") == "stage2/MeshConfig.fsdp=4"
+    assert cli.in_scope("stage1/MeshConfig.fsdp = 4", "stage2") == "stage1/MeshConfig.fsdp = 4"
+    assert cli.in_scope("M = 16", "stage2") == "M = 16"  # a macro
+    assert cli.in_scope("MeshConfig.fsdp = 4", "") == "MeshConfig.fsdp = 4"
