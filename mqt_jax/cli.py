@@ -98,7 +98,8 @@ def parse_run_config(args) -> tuple[Path, str]:
     parse_gin([str(run_config_file(path))] + (args.gin_file or []), args.gin_param)
     path, scope = run_folder(path)
     if scope:
-        gin.parse_config([in_scope(b, scope) for b in args.gin_param])
+        with gin.unlock_config():  # parse_gin finalized it
+            gin.parse_config([in_scope(b, scope) for b in args.gin_param])
     return path, scope
 
 
