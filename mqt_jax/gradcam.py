@@ -98,6 +98,7 @@ def draw(image: np.ndarray, maps: dict[int, np.ndarray], answers: dict[int, str]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     pixels = np.clip(image * np.array(CLIP_STD) + np.array(CLIP_MEAN), 0, 1)
     fig, axes = plt.subplots(1, len(maps) + 1, figsize=(2.6 * (len(maps) + 1), 3.0), dpi=120)
     axes[0].imshow(pixels)
