@@ -18,6 +18,7 @@ one line per method (an MQT model contributes one point per evaluated m).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -109,8 +110,6 @@ def run_all(sweep_file: str, workdir: str | Path, only: list[str] = ()) -> list[
     """Train and evaluate every incomplete run in this process, one after another, then
     collect. The persistent compilation cache in W/.jax_cache lets runs (and reruns) whose
     programs agree reuse each other's compiled functions; m is data, so no run compiles per m."""
-    import jax
-
     from mqt_jax.cli import parse_gin
     from mqt_jax.recipe import run as run_recipe
 
@@ -119,20 +118,39 @@ def run_all(sweep_file: str, workdir: str | Path, only: list[str] = ()) -> list[
     unknown = sorted(set(only) - {r.name for r in runs})
     if unknown:
         raise ValueError(f"--only {unknown}: not runs of this sweep ({[r.name for r in runs]})")
-    jax.config.update("jax_compilation_cache_dir", str(workdir / ".jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     todo = [r for r in runs if (not only or r.name in only) and not is_complete(workdir / r.name)]
     print(f"sweep {sweep_file}: {len(runs)} runs, {len(runs) - len(todo)} complete, "
           f"{len(todo)} to run in {workdir}")
-    for i, r in enumerate(todo, 1):
-        print(f"=== [{i}/{len(todo)}] {r.name}: " + "; ".join(r.bindings))
-        parse_gin(list(sweep.base), list(r.bindings))
-        start = time.perf_counter()
-        run_recipe(str(workdir / r.name))
-        record = {"method": r.method, "bindings": list(r.bindings),
-                  "wall_s": round(time.perf_counter() - start, 1)}
-        write_atomic(workdir / r.name / "sweep_run.json", json.dumps(record, indent=1))
+    with persistent_cache(workdir / ".jax_cache"):
+        for i, r in enumerate(todo, 1):
+            print(f"=== [{i}/{len(todo)}] {r.name}: " + "; ".join(r.bindings))
+            parse_gin(list(sweep.base), list(r.bindings))
+            start = time.perf_counter()
+            run_recipe(str(workdir / r.name))
+            record = {"method": r.method, "bindings": list(r.bindings),
+                      "wall_s": round(time.perf_counter() - start, 1)}
+            write_atomic(workdir / r.name / "sweep_run.json", json.dumps(record, indent=1))
     return collect(sweep_file, workdir)
+
+
+@contextlib.contextmanager
+def persistent_cache(directory: Path):
+    """JAX's persistent compilation cache in `directory` for the duration only: JAX opens
+    its cache once per process, so the previous settings come back with a reset."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {n: getattr(jax.config, n) for n in names}
+    compilation_cache.reset_cache()
+    jax.config.update(names[0], str(directory))
+    jax.config.update(names[1], 0.5)
+    try:
+        yield
+    finally:
+        compilation_cache.reset_cache()
+        for n, v in before.items():
+            jax.config.update(n, v)
 
 
 # ------------------------------------------------------------------------------ collection

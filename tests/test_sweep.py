@@ -3,6 +3,7 @@
 import csv
 import json
 
+import jax
 import pytest
 
 from mqt_jax import cli, sweep
@@ -69,7 +70,9 @@ def test_complete_runs_are_skipped_and_collected(sweep_file, tmp_path, capsys):
                                     for m, s, t in [(1, 40.0, 1e-4), (4, 50.0, 2e-4), (64, 60.0, 9e-4)]])
     fake_eval(w / "avgpool_m1", [{"m": 1, "tokens": 1, "score": 30.0, "tflops": 1e-4}])
     fake_eval(w / "avgpool_m4", [{"m": 4, "tokens": 4, "score": 45.5, "tflops": 2e-4}])
+    cache_dir = jax.config.jax_compilation_cache_dir
     rows = sweep.run_all(sweep_file, w)  # nothing left to train
+    assert jax.config.jax_compilation_cache_dir == cache_dir  # the sweep's cache was scoped
     assert "3 complete, 0 to run" in capsys.readouterr().out
     assert [(r["run"], r["tokens"], r["score"]) for r in rows] == [
         ("mqt-one-model", 1, 40.0), ("mqt-one-model", 4, 50.0), ("mqt-one-model", 64, 60.0),
@@ -83,6 +86,14 @@ def test_complete_runs_are_skipped_and_collected(sweep_file, tmp_path, capsys):
     assert "| MQT (one model) | 40.0 | 50.0 | 60.0 |" in md and "| avgpool | 30.0 | 45.5 |  |" in md
     assert "Majority-answer baseline: 20.0" in md
     assert (w / "results.png").stat().st_size > 10_000
+
+
+def test_persistent_cache_is_scoped_to_the_sweep(tmp_path):
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = [getattr(jax.config, n) for n in names]
+    with sweep.persistent_cache(tmp_path / "cache"):
+        assert [getattr(jax.config, n) for n in names] == [str(tmp_path / "cache"), 0.5]
+    assert [getattr(jax.config, n) for n in names] == before
 
 
 @pytest.mark.parametrize("name,runs", [("compressors_shapes", 15), ("m_distribution", 5),
