@@ -1,6 +1,6 @@
 """Generation at any m with a preallocated KV cache: prefill the prompts, then decode one
-token per step (greedy, or temperature / top-p sampling) until every row has produced EOS or
-max_new_tokens.
+token per step (greedy, or temperature / top-p sampling) until every row has produced EOS, a
+token holding a stop string, or max_new_tokens.
 
 Prompts are laid out by `splice.layout_rows` (one per row, right-padded, positions from 0), so
 a prompt at m holds exactly m visual tokens: a smaller m is a shorter prefill. `Generator`
@@ -34,6 +34,9 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if isinstance(self.stop, str):
+            raise ValueError(f"SamplingConfig.stop={self.stop!r} must be a tuple of strings")
+        object.__setattr__(self, "stop", tuple(self.stop))  # hashable, whatever was passed
         if self.temperature < 0:
             raise ValueError(f"SamplingConfig.temperature={self.temperature} must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -57,10 +60,11 @@ def next_token(logits, temperature, top_p, key):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _generate(model: VisionLanguageModel, max_new_tokens: int, params, prompts: dict, eos_id,
-              temperature, top_p, key):
+              stops, temperature, top_p, key):
     """prompts: the MODEL_INPUTS arrays [B, T] -> generated ids [B, max_new_tokens] (EOS
-    repeated after a row's first EOS), replicated. Inputs arrive placed: jit takes their
-    shardings, and its cache (shared by every Generator) keys on them and on the shapes."""
+    repeated after a row's first EOS or first token where `stops` [V] is true), replicated.
+    Inputs arrive placed: jit takes their shardings, and its cache (shared by every Generator)
+    keys on them and on the shapes."""
     seq_len = prompts["token_ids"].shape[1]
     logits, cache = model.apply({"params": params}, *(prompts[k] for k in MODEL_INPUTS),
                                 seq_len + max_new_tokens, method="prefill")
@@ -79,9 +83,10 @@ def _generate(model: VisionLanguageModel, max_new_tokens: int, params, prompts: 
         logits, cache = model.apply({"params": params}, previous, cache, method="decode")
         token = next_token(logits[:, 0], temperature, top_p, jax.random.fold_in(key, step))
         token = jnp.where(done, eos_id, token)
-        return step + 1, out.at[:, step].set(token), cache, done | (token == eos_id)
+        return step + 1, out.at[:, step].set(token), cache, done | ends(token)
 
-    _, out, _, _ = jax.lax.while_loop(more, decode, (1, out, cache, first == eos_id))
+    ends = lambda token: (token == eos_id) | stops[token]  # noqa: E731
+    _, out, _, _ = jax.lax.while_loop(more, decode, (1, out, cache, ends(first)))
     return jax.lax.with_sharding_constraint(out, P())  # every host gets every row
 
 
@@ -107,6 +112,18 @@ def cut_at_eos(ids: np.ndarray, eos_id: int) -> list[list[int]]:
     for row in np.asarray(ids).tolist():
         out.append(row[: row.index(eos_id)] if eos_id in row else row)
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def stop_tokens(tokenizer, stop: tuple[str, ...], vocab_size: int) -> np.ndarray:
+    """bool [vocab_size]: the tokens whose own text holds a stop string. A row that produces
+    one has that stop in its text by then, so decoding can end there with the same answer;
+    a stop spread over several tokens is only cut from the text afterwards."""
+    found = np.zeros(vocab_size, bool)
+    for i in range(min(vocab_size, tokenizer.vocab_size)) if any(stop) else ():
+        text = tokenizer.decode([i])
+        found[i] = any(s and s in text for s in stop)
+    return found
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
@@ -158,23 +175,28 @@ class Generator:
             yield idx, {k: jax.make_array_from_process_local_data(self.batch_sharding, v[rows])
                         for k, v in batch.items()}
 
-    def __call__(self, prompts: list[splice.Example], images: np.ndarray, m: int) -> list[list[int]]:
-        """Generated token ids per prompt (up to, not including, EOS). images [N, H, W, 3]."""
+    def __call__(self, prompts: list[splice.Example], images: np.ndarray, m: int,
+                 stops: np.ndarray | None = None) -> list[list[int]]:
+        """Generated token ids per prompt (up to, not including, EOS; up to and including the
+        first token where `stops` [V] is true). images [N, H, W, 3]."""
         s, out = self.sampling, [None] * len(prompts)
+        if stops is None:
+            stops = np.zeros(self.model_config.llm.vocab_size, bool)
         with sharding.activate(self.mesh):
             for idx, batch in self.batches(prompts, images, m):
                 key = jax.random.fold_in(jax.random.key(s.seed), self._calls)
                 self._calls += 1
                 ids = _generate(self.model, s.max_new_tokens, self.params, batch, self.eos_id,
-                                s.temperature, s.top_p, key)
+                                stops, s.temperature, s.top_p, key)
                 for i, tokens in zip(idx, cut_at_eos(jax.device_get(ids), self.eos_id)):
                     out[i] = tokens
         return out
 
     def texts(self, prompts, images, m: int, tokenizer) -> list[str]:
         """Decoded answers, each cut before the first stop string."""
+        stops = stop_tokens(tokenizer, self.sampling.stop, self.model_config.llm.vocab_size)
         return [cut_at_stop(tokenizer.decode(ids), self.sampling.stop).strip()
-                for ids in self(prompts, images, m)]
+                for ids in self(prompts, images, m, stops)]
 
     def prefill_seconds(self, prompts, images, m: int, repeats: int = 3) -> float:
         """Median wall time of one batch's prefill (the forward over prompt + m visual tokens)

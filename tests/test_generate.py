@@ -9,7 +9,7 @@ from helpers import init_params, tiny_config
 from mqt_jax import sharding, splice
 from mqt_jax.config import ModelConfig
 from mqt_jax.generate import (Generator, SamplingConfig, cut_at_eos, cut_at_stop, next_token,
-                              prompt_batch)
+                              prompt_batch, stop_tokens)
 from mqt_jax.models.vlm import MODEL_INPUTS, VisionLanguageModel
 from mqt_jax.train import CompileCounter, TrainConfig, Trainer
 
@@ -113,6 +113,27 @@ def test_stop_strings():
     assert cut_at_stop("plain", ()) == "plain"
 
 
+def test_a_token_holding_a_stop_string_ends_its_row_with_the_same_answer():
+    from mqt_jax.data.tokenizer import Tokenizer
+
+    cfg = tiny_config(num_queries=16)
+    model = VisionLanguageModel(cfg)
+    examples, images = prompts(cfg, [4, 5, 6])
+    params = varied(init_params(model, prompt_batch(examples, images, 3, 16, 32), method="logits"))
+    words = Tokenizer(None, lambda ids: "".join(f"<{i}>" for i in ids), 1, EOS,
+                      cfg.llm.vocab_size, "test")
+    free = make_generator(cfg, params)(examples, images, 3)
+    both = (f"<{free[0][2]}>",  # one token's own text: ends a row on device
+            f"{free[1][0]}><{free[1][1]}")  # spans two tokens: only cut from the text
+    ends = [row.index(free[0][2]) + 1 if free[0][2] in row else len(row) for row in free]
+    stopped = make_generator(cfg, params, stop=both)
+    stops = stop_tokens(words, both, cfg.llm.vocab_size)
+    assert stops.nonzero()[0].tolist() == [free[0][2]]
+    assert stopped(examples, images, 3, stops) == [row[:end] for row, end in zip(free, ends)]
+    assert ends[0] <= 3 and stopped.texts(examples, images, 3, words) == [
+        cut_at_stop(words.decode(row), both) for row in free]
+
+
 def test_top_p_samples_from_the_nucleus_in_proportion():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 4000)
@@ -173,6 +194,8 @@ def test_bad_sampling_settings_are_named():
         SamplingConfig(top_p=0)
     with pytest.raises(ValueError, match="temperature=-1"):
         SamplingConfig(temperature=-1)
+    with pytest.raises(ValueError, match="stop='USER:' must be a tuple"):
+        SamplingConfig(stop="USER:")  # not five one-letter stops
 
 
 def test_prompt_longer_than_the_bucket_is_an_error():
