@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mqt_jax.evaluate import markdown_table
+
 CHILD = r"""
 import json, sys, time
 from mqt_jax import convert, sharding
@@ -92,13 +94,13 @@ def main() -> None:
     gb = 1e9
     print(f"LLaMA-2-7B shape with {args.num_layers} layers, bfloat16: {total / gb:.2f} GB in "
           f"safetensors (written in {write_s:.0f} s); largest tensor {largest / gb:.3f} GB\n")
-    print("| phase | peak resident GB | over the model GB | time s |")
-    print("|---|---|---|---|")
-    print(f"| Python + jax, before reading | {m['baseline'] / gb:.2f} | | |")
-    print(f"| parameters placed (convert.load) | {m['after_load'] / gb:.2f} | "
-          f"{(m['after_load'] - total - m['baseline']) / gb:.2f} | {m['load_s']:.0f} |")
-    print(f"| + orbax checkpoint written (whole convert) | {m['after_convert'] / gb:.2f} | "
-          f"{(m['after_convert'] - total - m['baseline']) / gb:.2f} | {m['convert_s']:.0f} |")
+    over = lambda peak: f"{(peak - total - m['baseline']) / gb:.2f}"  # noqa: E731
+    print(markdown_table(["phase", "peak resident GB", "over the model GB", "time s"], [
+        ["Python + jax, before reading", f"{m['baseline'] / gb:.2f}", "", ""],
+        ["parameters placed (convert.load)", f"{m['after_load'] / gb:.2f}",
+         over(m["after_load"]), f"{m['load_s']:.0f}"],
+        ["+ orbax checkpoint written (whole convert)", f"{m['after_convert'] / gb:.2f}",
+         over(m["after_convert"]), f"{m['convert_s']:.0f}"]]))
     print("\n'over the model' = peak - model bytes - the baseline: what the conversion holds on "
           "top of the placed parameters (on an accelerator those live in device memory).")
     shutil.rmtree(work, ignore_errors=True)

@@ -19,6 +19,7 @@ import numpy as np
 
 from mqt_jax.data.pipeline import DataConfig, make_batches
 from mqt_jax.data.shapes import draw, random_scene, write_shapes
+from mqt_jax.evaluate import markdown_table
 from mqt_jax.m_sampler import MSampler
 
 
@@ -75,10 +76,10 @@ def main():
                 rows.append((name, workers, pack, seq_len, rate, pad))
                 print(f"{name:28s} workers={workers} pack={pack!s:5s} {rate:8.1f} examples/s  "
                       f"padding {pad:.1%}", flush=True)
-    print("\n| data | workers | packing | seq_len | examples/s | padding |")
-    print("|---|---|---|---|---|---|")
-    for name, workers, pack, seq_len, rate, pad in rows:
-        print(f"| {name} | {workers} | {'yes' if pack else 'no'} | {seq_len} | {rate:.0f} | {pad:.1%} |")
+    print("\n" + markdown_table(
+        ["data", "workers", "packing", "seq_len", "examples/s", "padding"],
+        [[name, workers, "yes" if pack else "no", seq_len, f"{rate:.0f}", f"{pad:.1%}"]
+         for name, workers, pack, seq_len, rate, pad in rows]))
 
 
 if __name__ == "__main__":

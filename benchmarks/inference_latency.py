@@ -29,6 +29,7 @@ import numpy as np
 
 from mqt_jax import flops, sharding, splice
 from mqt_jax.cli import parse_gin
+from mqt_jax.evaluate import markdown_table
 from mqt_jax.config import LLMConfig, ModelConfig, QueryTransformerConfig, VisionConfig
 from mqt_jax.generate import Generator, SamplingConfig
 from mqt_jax.train import TrainConfig, Trainer, merge_params
@@ -103,11 +104,8 @@ def measure(name: str, m_values: list[int], batch: int, text_tokens: int, new_to
 def table(rows: list[dict]) -> str:
     cols = ["config", "m", "prefill_ms", "decode_tok_s", "prefill_gflops", "flops_ratio",
             "time_ratio", "time_over_flops"]
-    lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
-    for r in rows:
-        cells = [str(r[c]) if isinstance(r[c], (str, int)) else f"{r[c]:.3g}" for c in cols]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(cols, [[r[c] if isinstance(r[c], (str, int)) else f"{r[c]:.3g}"
+                                  for c in cols] for r in rows])
 
 
 def main():

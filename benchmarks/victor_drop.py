@@ -27,6 +27,7 @@ import numpy as np
 
 from mqt_jax import flops
 from mqt_jax.config import LLMConfig
+from mqt_jax.evaluate import markdown_table
 from mqt_jax.models.llama import Llama
 
 
@@ -84,13 +85,9 @@ def measure(llm: LLMConfig, patches: int, registers: int, text: int, batch: int,
 def table(rows: list[dict]) -> str:
     cols = ["run", "k", "stack_ms", "forward_ms", "stack_gflops", "flops_ratio", "stack_ratio",
             "stack_over_flops", "forward_ratio"]
-    lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
-    for r in rows:
-        cells = [r["run"], str(r["k"]), f"{1e3 * r['stack_s']:.1f}", f"{1e3 * r['forward_s']:.1f}",
-                 f"{r['flops'] / 1e9:.1f}"]
-        cells += [f"{r[c]:.3f}" for c in cols[5:]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(cols, [[r["run"], r["k"], f"{1e3 * r['stack_s']:.1f}",
+                                  f"{1e3 * r['forward_s']:.1f}", f"{r['flops'] / 1e9:.1f}"]
+                                 + [f"{r[c]:.3f}" for c in cols[5:]] for r in rows])
 
 
 def main():

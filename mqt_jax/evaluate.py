@@ -153,6 +153,12 @@ def fmt(value) -> str:
     return str(value) if isinstance(value, int) else f"{value:.4g}" if abs(value) < 0.1 else f"{value:.1f}"
 
 
+def markdown_table(header: list, rows: list[list]) -> str:
+    """A Markdown table of already formatted cells."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|---" * len(header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
 def sweep_tables(results: dict) -> tuple[str, str]:
     """(CSV, Markdown) of one benchmark's rows: score and details per m, TFLOPs, prefill ms."""
     rows = [flat_row(r) for r in results["rows"]]
@@ -162,12 +168,11 @@ def sweep_tables(results: dict) -> tuple[str, str]:
     writer.writerow(["benchmark"] + names)
     for r in rows:
         writer.writerow([results["benchmark"]] + [r.get(c, "") for c in names])
-    lines = ["| " + " | ".join(names) + " |", "|---" * len(names) + "|"]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in names) + " |" for r in rows]
+    cells = [[fmt(r.get(c)) for c in names] for r in rows]
     base = results.get("majority_baseline")
     if base:
-        lines.append("| majority baseline | " + " | ".join(fmt(base.get(c)) for c in names[1:]) + " |")
-    return buf.getvalue(), "\n".join(lines) + "\n"
+        cells.append(["majority baseline"] + [fmt(base.get(c)) for c in names[1:]])
+    return buf.getvalue(), markdown_table(names, cells) + "\n"
 
 
 def write_sweep(results: dict, out_dir: Path) -> None:

@@ -195,7 +195,7 @@ def collect(sweep_file: str, workdir: str | Path) -> list[dict]:
 
 
 def write_results(rows: list[dict], workdir: Path) -> None:
-    from mqt_jax.evaluate import fmt
+    from mqt_jax.evaluate import fmt, markdown_table
 
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -207,14 +207,12 @@ def write_results(rows: list[dict], workdir: Path) -> None:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cell = {(r["method"], r["tokens"]): r["score"] for r in rows}
     lines = [f"Score (%) on {rows[0]['benchmark']} by visual tokens in the LLM:", "",
-             "| method | " + " | ".join(map(str, tokens)) + " |", "|---" * (len(tokens) + 1) + "|"]
-    lines += ["| " + m + " | " + " | ".join(fmt(cell.get((m, t))) for t in tokens) + " |"
-              for m in methods]
+             markdown_table(["method"] + tokens,
+                            [[m] + [fmt(cell.get((m, t))) for t in tokens] for m in methods])]
     if rows[0]["majority"] is not None:
         lines += ["", f"Majority-answer baseline: {fmt(rows[0]['majority'])}"]
-    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
-    lines += ["| " + " | ".join(fmt(r[c]) if not isinstance(r[c], str) else r[c] for c in COLUMNS)
-              + " |" for r in rows]
+    lines += ["", markdown_table(COLUMNS, [[r[c] if isinstance(r[c], str) else fmt(r[c])
+                                            for c in COLUMNS] for r in rows])]
     write_atomic(workdir / "results.md", "\n".join(lines) + "\n")
     plot_results(rows, workdir / "results.png")
 
