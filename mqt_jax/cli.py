@@ -31,7 +31,18 @@ def parse_gin(files: list[str], params: list[str]) -> None:
     quiet = lambda record: not record.getMessage().startswith("Path not found")  # noqa: E731
     logging.getLogger().addFilter(quiet)
     try:
-        gin.parse_config_files_and_bindings([find_gin_file(f) for f in files], params)
+        for path in [find_gin_file(f) for f in files]:
+            try:
+                gin.parse_config_file(path)
+            except SyntaxError as e:
+                raise ValueError(f"gin syntax error in {e.filename or path}, line {e.lineno}: "
+                                 f"{e.msg} {(e.text or '').strip()!r}") from None
+        for binding in params:
+            try:
+                gin.parse_config(binding)
+            except SyntaxError as e:
+                raise ValueError(f"--gin_param {binding!r}: {e.msg}") from None
+        gin.finalize()
     finally:
         logging.getLogger().removeFilter(quiet)
 
@@ -430,9 +441,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"mqt-jax {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, SyntaxError) as e:  # a user's mistake: one line, no traceback
+        print(f"mqt-jax {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def one_line(e: BaseException) -> str:
+    """The message of a user error, less what gin appends ("In call to configurable ...") and
+    with a gin syntax error's file and line."""
+    if isinstance(e, SyntaxError):
+        return f"syntax error in {e.filename or 'a binding'}, line {e.lineno}: {e.msg}"
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    text = str(e).split("\n  In call to configurable")[0].split("\n  In file ")[0]
+    return " ".join(text.split("\n")).strip() or type(e).__name__
 
 
 if __name__ == "__main__":

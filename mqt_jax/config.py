@@ -14,6 +14,8 @@ VARIANTS = ("official", "qformer", "mlp2x_gelu", "avgpool", "victor", "quecc")
 # per token budget.
 FIXED_TOKEN_VARIANTS = ("mlp2x_gelu", "avgpool", "victor", "quecc")
 
+DTYPES = ("float32", "bfloat16", "float16")
+
 REMAT_POLICIES = (
     "none",  # no rematerialisation: keep every activation
     "nothing_saveable",  # recompute everything in the backward pass (least memory)
@@ -21,6 +23,14 @@ REMAT_POLICIES = (
     "dots_with_no_batch_dims_saveable",
     "everything_saveable",
 )
+
+
+def positive(config, *names: str) -> None:
+    """Each named field is an int >= 1 (0 heads or layers would fail deep inside a module)."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{type(config).__name__}.{name}={value!r}: must be an integer >= 1")
 
 
 @gin.configurable
@@ -65,6 +75,7 @@ class VisionConfig:
         return n
 
     def __post_init__(self):
+        positive(self, "image_size", "patch_size", "width", "num_layers", "num_heads", "mlp_dim")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"VisionConfig.image_size={self.image_size} is not a multiple of "
@@ -110,6 +121,7 @@ class QueryTransformerConfig:
     vision_layers: tuple[int, ...] = (12, 16, 22, 23)
 
     def __post_init__(self):
+        positive(self, "num_queries", "width", "num_heads", "num_layers", "mlp_dim")
         if self.variant not in VARIANTS:
             raise ValueError(
                 f"QueryTransformerConfig.variant={self.variant!r}: expected one of {VARIANTS}"
@@ -149,6 +161,8 @@ class LLMConfig:
     rms_norm_eps: float = 1e-5
 
     def __post_init__(self):
+        positive(self, "vocab_size", "hidden", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "mlp_dim")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"LLMConfig.num_heads={self.num_heads} is not a multiple of "
@@ -169,6 +183,9 @@ class ModelConfig:
     remat_policy: str = "nothing_saveable"
 
     def __post_init__(self):
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected one of {DTYPES}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"ModelConfig.remat_policy={self.remat_policy!r}: expected one of {REMAT_POLICIES}"

@@ -13,6 +13,7 @@ import jax
 from mqt_jax import sharding
 from mqt_jax.checkpoint import restore_params
 from mqt_jax.config import ModelConfig
+from mqt_jax.data.pipeline import DataConfig
 from mqt_jax.data.shapes import write_shapes
 from mqt_jax.evaluate import EvalConfig, evaluate, m_values_for, sweep_tables, write_collection
 from mqt_jax.m_sampler import MSampler
@@ -42,9 +43,14 @@ def run(workdir: str) -> dict | None:
         with scoped(stage):
             model_config = ModelConfig()
             model_config.check_m(MSampler().support(model_config.num_queries))
-            Trainer(model_config, TrainConfig(), sharding.make_mesh(sharding.MeshConfig()))
+            Trainer(model_config, TrainConfig(), sharding.make_mesh(sharding.MeshConfig()),
+                    MSampler())
+            check_data_paths(DataConfig(), recipe.shapes_dir)
     with scoped(recipe.stages[-1] if recipe.stages else ""):
-        m_values_for(EvalConfig(), ModelConfig())
+        eval_config = EvalConfig()
+        m_values_for(eval_config, ModelConfig())
+        for name in ("questions", "answers", "image_root", "tokenizer_dir"):
+            check_data_paths(eval_config, recipe.shapes_dir, (name,))
     say = print if jax.process_index() == 0 else (lambda *_: None)
     if recipe.shapes_dir and not Path(recipe.shapes_dir).exists():
         if jax.process_count() > 1:
@@ -66,6 +72,19 @@ def run(workdir: str) -> dict | None:
     run_ = open_run(final, scope)
     say(f"== eval: {final} step {run_.step} on {run_.eval_config.questions}")
     return evaluate_run(run_, workdir / "eval")
+
+
+def check_data_paths(config, generated: str = "",
+                     names=("data_path", "image_root", "tokenizer_dir", "tfds_dir")) -> None:
+    """Every path `config` names exists (or lies in the shapes-VQA folder the recipe is
+    about to generate): found before training, not after it."""
+    for name in names:
+        value = getattr(config, name)
+        if not value or "://" in value or Path(value).exists():
+            continue
+        if generated and Path(value).absolute().is_relative_to(Path(generated).absolute()):
+            continue
+        raise FileNotFoundError(f"{type(config).__name__}.{name}={value!r} does not exist")
 
 
 @dataclasses.dataclass

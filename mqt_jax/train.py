@@ -29,7 +29,8 @@ from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from mqt_jax import flops, sharding, splice
-from mqt_jax.checkpoint import Checkpointer, abstract_like, checkpoint_dir, restore_params
+from mqt_jax.checkpoint import (Checkpointer, abstract_like, checkpoint_dir, first_line,
+                                restore_params)
 from mqt_jax.config import ModelConfig
 from mqt_jax.data.pipeline import DataConfig, make_batches
 from mqt_jax.loss import cross_entropy, token_nll
@@ -67,6 +68,33 @@ class TrainConfig:
     max_to_keep: int = 3
     # Updates with a non-finite loss or gradient are skipped; this many in a row stop the run.
     max_nonfinite_in_a_row: int = 3
+
+    def __post_init__(self):
+        at_least = {"steps": 1, "batch_size": 1, "grad_accum_steps": 1, "seq_len": 2,
+                    "images_per_row": 1, "log_every": 1, "checkpoint_every": 0,
+                    "max_to_keep": 1, "max_nonfinite_in_a_row": 1, "learning_rate": 0,
+                    "weight_decay": 0, "warmup_fraction": 0}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
+                why = " (the final checkpoint must be kept)" if name == "max_to_keep" else ""
+                raise ValueError(f"TrainConfig.{name}={value!r}: must be a number >= {low}{why}")
+        for name in ("b1", "b2", "warmup_fraction"):
+            if not 0 <= getattr(self, name) < 1 + (name == "warmup_fraction"):
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: must be in [0, 1"
+                                 + ("]" if name == "warmup_fraction" else ")"))
+        if not self.grad_clip > 0:
+            raise ValueError(f"TrainConfig.grad_clip={self.grad_clip!r}: must be > 0")
+        for name in ("trainable", "frozen", "init_from_params"):
+            patterns = getattr(self, name)
+            if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+                raise ValueError(f"TrainConfig.{name}={patterns!r}: a tuple of regexes, "
+                                 f"e.g. ('query_transformer',)")
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"TrainConfig.{name}: {pattern!r} is not a regex ({e})") from None
 
 
 @flax.struct.dataclass
@@ -134,7 +162,10 @@ class CompileCounter:
 class Trainer:
     """Model, mesh and shardings; builds the sharded state and runs jitted train steps."""
 
-    def __init__(self, model_config: ModelConfig, config: TrainConfig, mesh: jax.sharding.Mesh):
+    def __init__(self, model_config: ModelConfig, config: TrainConfig, mesh: jax.sharding.Mesh,
+                 sampler: MSampler | None = None):
+        """With `sampler` (training), seq_len is checked to leave room for text after the
+        visual tokens at the sampler's largest m."""
         if config.batch_size % (config.grad_accum_steps * sharding.batch_divisor(mesh)):
             raise ValueError(
                 f"TrainConfig.batch_size={config.batch_size} is not divisible by "
@@ -147,6 +178,15 @@ class Trainer:
                 f"TrainConfig.seq_len={config.seq_len} leaves no room after the visual tokens "
                 f"leave the LLM: {config.images_per_row} image(s) x "
                 f"{model_config.dropped_per_image} patches = {dropped}")
+        if sampler is not None:
+            largest = int(max(sampler.support(model_config.num_queries)))
+            visual = config.images_per_row * (model_config.num_queries if model_config.dropped_per_image
+                                              else largest)
+            if config.seq_len <= 1 + visual:
+                raise ValueError(
+                    f"TrainConfig.seq_len={config.seq_len} leaves no room for text: BOS and "
+                    f"{config.images_per_row} image(s) x {visual // config.images_per_row} visual "
+                    f"tokens (m up to {largest}) take {1 + visual}; no token would carry loss")
         self.model_config, self.config, self.mesh = model_config, config, mesh
         self.model = VisionLanguageModel(model_config)
         self.tx, self.schedule = make_optimizer(config)
@@ -185,6 +225,15 @@ class Trainer:
             boxed = jax.eval_shape(self.init_params, rng)
             self.abstract_state = jax.eval_shape(self._init_state, rng)
         param_sh = sharding.logical_to_shardings(boxed, self.mesh)
+        paths = ["/".join(k) for k in flatten_dict(nn.meta.unbox(boxed))]
+        for pattern in self.config.trainable:
+            if not any(re.match(pattern, path) for path in paths):
+                raise ValueError(f"TrainConfig.trainable: {pattern!r} matches no parameter of "
+                                 f"this model (its parameters start with "
+                                 f"{sorted({p.split('/')[0] for p in paths})})")
+        if not any(is_trainable(path, self.config) for path in paths):
+            raise ValueError(f"TrainConfig.trainable={self.config.trainable} less frozen="
+                             f"{self.config.frozen} leaves no parameter to train")
         trainable_sh, frozen_sh = split_params(param_sh, self.config)
         scalar = sharding.replicated(self.mesh)
         opt_sh = optax.tree_map_params(
@@ -249,9 +298,9 @@ class Trainer:
             (nll, count, grads), row_nll = jax.lax.scan(
                 body, (0.0, 0.0, zeros), jax.tree.map(split, batch))
             row_nll = row_nll.swapaxes(0, 1).reshape(-1)  # back to the batch's row order
-        count = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
-        return nll / count, count, row_nll, grads
+        divisor = jnp.maximum(count, 1.0)  # a batch without loss tokens reports 0 of them
+        grads = jax.tree.map(lambda g: g / divisor, grads)
+        return nll / divisor, count, row_nll, grads
 
     def _train_step(self, state: TrainState, batch: dict):
         loss, num_tokens, row_nll, grads = self._loss_and_grads(state, batch)
@@ -378,9 +427,21 @@ class MetricsLog:
     """Process 0's record of a run: W/metrics.jsonl (one JSON object per logged step) and
     TensorBoard events in W/tensorboard (every scalar, and the histogram of m)."""
 
-    def __init__(self, workdir: Path, append: bool):
-        self.file = (workdir / "metrics.jsonl").open("a" if append else "w")
-        self.board = SummaryWriter(str(workdir / "tensorboard"))
+    def __init__(self, workdir: Path, resume_step: int):
+        """A resumed run keeps the rows up to its checkpoint's step (the later ones are
+        trained again and logged anew)."""
+        path = workdir / "metrics.jsonl"
+        kept = []
+        if resume_step and path.exists():
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut off by a kill
+        write_atomic(path, "".join(kept))
+        self.file = path.open("a")
+        self.board = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step or None)
 
     def write(self, row: dict, batch: dict) -> None:
         step = row["step"]
@@ -404,7 +465,8 @@ class Preemption(Exception):
 
 class Preempted:
     """SIGTERM (how schedulers and TPU maintenance preempt) sets a flag the loop checks after
-    each step: it then saves and raises Preemption."""
+    each step: it then saves and raises Preemption. Installed before start-up, so a SIGTERM
+    while compiling or restoring ends the run cleanly too."""
 
     def __init__(self):
         self.requested = False
@@ -417,11 +479,112 @@ class Preempted:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+class WorkdirLock:
+    """One trainer per workdir: an exclusive lock on W/.lock (released by the OS if the
+    process dies), taken by process 0."""
+
+    def __init__(self, workdir: Path):
+        import fcntl
+
+        self.file = (workdir / ".lock").open("a")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise ValueError(f"{workdir} is in use by another trainer (it holds {workdir / '.lock'}); "
+                             f"wait for it or choose another --workdir") from None
+
+    def release(self):
+        self.file.close()
+
+
+def run_settings(model_config: ModelConfig, config: TrainConfig, sampler: MSampler) -> dict:
+    """What a checkpoint must agree with to be resumed, saved beside it: "model" decides the
+    parameters' shapes and which are trained, "data" the data iterator's position."""
+    data = DataConfig()
+    return {
+        "model": {"ModelConfig": dataclasses.asdict(model_config),
+                  "TrainConfig.trainable": list(config.trainable),
+                  "TrainConfig.frozen": list(config.frozen)},
+        "data": {"DataConfig": dataclasses.asdict(data), "MSampler": dataclasses.asdict(sampler),
+                 **{f"TrainConfig.{k}": getattr(config, k)
+                    for k in ("batch_size", "seq_len", "images_per_row", "seed")}},
+    }
+
+
+def settings_changes(saved: dict, current: dict) -> str:
+    """The settings that differ between two run_settings() parts, as one line."""
+    flat = lambda d: flatten_dict(json.loads(json.dumps(d)), sep=".")  # noqa: E731  (tuples as lists)
+    a, b = flat(saved or {}), flat(current)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return "; ".join(f"{k.replace('ModelConfig.', '')}: saved {a.get(k)!r}, now {b.get(k)!r}"
+                     for k in keys[:8])
+
+
+def shape_mismatches(saved_tree, abstract_state) -> list[str]:
+    """Parameters of the saved train state that this run lacks, adds, or shapes otherwise
+    (a parameter moving between trainable and frozen counts as both)."""
+    def shapes(tree):
+        return {k: tuple(v.shape) for k, v in flatten_dict(tree, sep="/").items()
+                if hasattr(v, "shape")}
+    saved = shapes({k: saved_tree.get(k) or {} for k in ("trainable", "frozen")})
+    ours = shapes({"trainable": abstract_state.trainable, "frozen": abstract_state.frozen})
+    out = [f"{k}: saved {saved[k]}, now {ours[k]}" for k in sorted(set(saved) & set(ours))
+           if saved[k] != ours[k]]
+    out += [f"{k}: saved, not in this run" for k in sorted(set(saved) - set(ours))]
+    out += [f"{k}: not saved" for k in sorted(set(ours) - set(saved))]
+    return out
+
+
+def resume(ckpt: Checkpointer, trainer: Trainer, batches, steps: int, settings: dict):
+    """(start step, state) from the newest intact checkpoint, with the data iterator moved to
+    its position; None without one. A checkpoint that does not fit this run (a changed model,
+    trainable set, data or worker count) is a one-line error naming what changed."""
+
+    def fits(step: int, saved_tree) -> None:
+        if step > steps:
+            raise ValueError(f"TrainConfig.steps={steps}, but {ckpt.directory} is at step {step}: "
+                             f"nothing to train (raise steps, or use another --workdir)")
+        wrong = shape_mismatches(saved_tree, trainer.abstract_state)
+        if wrong:
+            changed = settings_changes(ckpt.saved_settings(step).get("model"), settings["model"])
+            raise ValueError(f"{ckpt.directory} step {step} was saved by another model or "
+                             f"trainable set: {'; '.join(wrong[:3])}"
+                             + (f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else "")
+                             + (f". Changed settings: {changed}" if changed else ""))
+
+    abstract = abstract_like(trainer.abstract_state, trainer.state_shardings)
+    found = ckpt.restore_latest(abstract, check=fits)
+    if found is None:
+        return None
+    step, state, data_state = found
+    position = data_state.get("batches", data_state.get("step")) if isinstance(data_state, dict) else None
+    if position is not None and position != step:
+        raise ValueError(f"{ckpt.directory} step {step}: its data-iterator state is at batch "
+                         f"{position}, not {step}; resuming would train on other data")
+    try:
+        batches.set_state(data_state)
+    except Exception as e:  # noqa: BLE001  (grain raises many kinds for a foreign state)
+        changed = settings_changes(ckpt.saved_settings(step).get("data"), settings["data"])
+        raise ValueError(
+            f"{ckpt.directory} step {step}: the data iterator's saved position does not fit this "
+            f"run's data ({first_line(e, 160)})"
+            + (f"; changed settings: {changed}" if changed else "")) from None
+    return step, state
+
+
+def no_more_data(step: int, steps: int, batches) -> ValueError:
+    skipped = ", ".join(f"{r} {n}" for r, n in sorted(batches.skipped.items())) or "none"
+    return ValueError(f"the data ran out at step {step} of TrainConfig.steps={steps} "
+                      f"(DataConfig.num_epochs; skipped records: {skipped})")
+
+
 @gin.configurable
 def train(workdir: str) -> list[dict]:
     """Train, resuming from W/checkpoints if a checkpoint is there; write W/config.gin and
     W/metrics.jsonl. Returns this invocation's log. Every setting comes from gin
     (ModelConfig, TrainConfig, MeshConfig, MSampler, DataConfig)."""
+    preempted = Preempted()
     model_config, config, sampler = ModelConfig(), TrainConfig(), MSampler()
     mesh = sharding.make_mesh(sharding.MeshConfig())
     workdir_path = Path(workdir)
@@ -434,82 +597,119 @@ def train(workdir: str) -> list[dict]:
                                     f"workdir {workdir_path})")
     workdir_path.mkdir(parents=True, exist_ok=True)
     is_chief = jax.process_index() == 0
-    trainer = Trainer(model_config, config, mesh)
-    batches = batch_source(model_config, config, sampler, mesh)
-    ckpt = Checkpointer(workdir_path / "checkpoints", config.max_to_keep)
-    start = ckpt.latest_step() or 0
-    if start:
-        abstract = abstract_like(trainer.abstract_state, trainer.state_shardings)
-        state, data_state = ckpt.restore(start, abstract)
-        batches.set_state(data_state)
-        if is_chief:
-            print(f"resumed from step {start} of {ckpt.directory}")
-    else:
-        state = trainer.init_state(init_from=init_from)
-        if init_from and is_chief:
-            print(f"initialised {list(config.init_from_params)} from {init_from}")
-    config_text = gin.config_str()
+    lock = WorkdirLock(workdir_path) if is_chief else None
+    ckpt = out = None
+    try:
+        trainer = Trainer(model_config, config, mesh, sampler)
+        batches = batch_source(model_config, config, sampler, mesh)
+        ckpt = Checkpointer(workdir_path / "checkpoints", config.max_to_keep)
+        settings = run_settings(model_config, config, sampler)
+        resumed = resume(ckpt, trainer, batches, config.steps, settings)
+        if resumed:
+            start, state = resumed
+            if is_chief:
+                print(f"resumed from step {start} of {ckpt.directory}")
+        else:
+            start, state = 0, trainer.init_state(init_from=init_from)
+            if init_from and is_chief:
+                print(f"initialised {list(config.init_from_params)} from {init_from}")
+        if preempted.requested:
+            raise Preemption(f"SIGTERM during start-up: nothing trained since step {start}; exiting")
+        out = MetricsLog(workdir_path, start) if is_chief else None
+        log = _loop(trainer, state, batches, ckpt, out, preempted, start, workdir_path, settings)
+    finally:
+        preempted.restore()
+        if ckpt:
+            ckpt.close()
+        if out:
+            out.close()
+        if lock:
+            lock.release()
+    return log
+
+
+def _loop(trainer: Trainer, state, batches, ckpt: Checkpointer, out, preempted, start: int,
+          workdir_path: Path, settings: dict) -> list[dict]:
+    config, model_config, mesh = trainer.config, trainer.model_config, trainer.mesh
+    is_chief = jax.process_index() == 0
+    config_text = absolute_paths(gin.config_str())
     step_flops = flops.train_flops(flops.count(trainer.abstract_params()["llm"]),
                                    config.batch_size * config.seq_len)
     peak = flops.peak_flops()
     local_rows = sharding.process_rows(mesh, config.batch_size)
     log, tokens, tick, last = [], 0, time.perf_counter(), start
-    out = MetricsLog(workdir_path, append=bool(start)) if is_chief else None
-    preempted = Preempted()
-    try:
-        with CompileCounter() as compiles, tqdm(
-            total=config.steps, initial=start, desc="train", disable=not is_chief, unit="step",
-            smoothing=0,  # steps are dispatched asynchronously: average over the whole run
-        ) as bar:
-            for step in range(start, config.steps):
+    with CompileCounter() as compiles, tqdm(
+        total=config.steps, initial=start, desc="train", disable=not is_chief, unit="step",
+        smoothing=0,  # steps are dispatched asynchronously: average over the whole run
+    ) as bar:
+        for step in range(start, config.steps):
+            try:
                 batch = next(batches)
-                state, metrics = trainer.step(state, batch)
-                tokens += int((batch["segment_ids"] > 0).sum())  # this host's, padding excluded
-                if step == start:  # the operative config is complete once traced
-                    config_text = gin.operative_config_str()
-                    if is_chief:
-                        write_atomic(workdir_path / "config.gin", config_text)
-                done = step + 1
-                if done % config.log_every == 0 or done == config.steps or preempted.requested:
-                    fetched = jax.device_get(metrics)
-                    if jax.process_count() > 1:  # every host counted its own rows
-                        tokens = int(multihost_utils.process_allgather(np.int64(tokens)).sum())
-                    row_nll = np.asarray(fetched.pop("row_nll"))[local_rows]  # this host's batch
-                    now = time.perf_counter()
-                    achieved = step_flops * (done - last) / (now - tick) / mesh.size
-                    row = {"step": done, **{k: float(v) for k, v in fetched.items()},
-                           "tokens_per_sec": tokens / (now - tick),
-                           "tflops_per_device": achieved / 1e12,
-                           **({"mfu": achieved / peak} if peak else {}),
-                           "m_mean": float(np.mean(batch["m"])),
-                           **loss_by_m(row_nll, batch, model_config.num_queries),
-                           **{f"skipped/{r}": n for r, n in sorted(batches.skipped.items())}}
-                    tokens, tick, last = 0, now, done
-                    log.append(row)
-                    if out:
-                        out.write(row, batch)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
-                    if row["nonfinite_in_a_row"] >= config.max_nonfinite_in_a_row:
-                        raise RuntimeError(
-                            f"{int(row['nonfinite_in_a_row'])} non-finite updates in a row at step "
-                            f"{done} (TrainConfig.max_nonfinite_in_a_row="
-                            f"{config.max_nonfinite_in_a_row}); the last good checkpoint in "
-                            f"{ckpt.directory} is intact")
-                bar.update(1)
-                if (config.checkpoint_every and done % config.checkpoint_every == 0) \
-                        or done == config.steps or preempted.requested:
-                    ckpt.save(done, state, batches.get_state(), config_text)
-                if preempted.requested:
-                    ckpt.wait()
-                    raise Preemption(f"SIGTERM: saved step {done} to {ckpt.directory}; exiting")
-        ckpt.wait()
-    finally:
-        preempted.restore()
-        ckpt.close()
-        if out:
-            out.close()
+            except StopIteration:
+                raise no_more_data(step, config.steps, batches) from None
+            state, metrics = trainer.step(state, batch)
+            tokens += int((batch["segment_ids"] > 0).sum())  # this host's, padding excluded
+            if step == start:  # the operative config is complete once traced
+                config_text = absolute_paths(gin.operative_config_str())
+                if is_chief:
+                    write_atomic(workdir_path / "config.gin", config_text)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.steps or preempted.requested:
+                fetched = jax.device_get(metrics)
+                if jax.process_count() > 1:  # every host counted its own rows
+                    tokens = int(multihost_utils.process_allgather(np.int64(tokens)).sum())
+                row_nll = np.asarray(fetched.pop("row_nll"))[local_rows]  # this host's batch
+                now = time.perf_counter()
+                achieved = step_flops * (done - last) / (now - tick) / mesh.size
+                row = {"step": done, **{k: float(v) for k, v in fetched.items()},
+                       "tokens_per_sec": tokens / (now - tick),
+                       "tflops_per_device": achieved / 1e12,
+                       **({"mfu": achieved / peak} if peak else {}),
+                       "m_mean": float(np.mean(batch["m"])),
+                       **loss_by_m(row_nll, batch, model_config.num_queries),
+                       **{f"skipped/{r}": n for r, n in sorted(batches.skipped.items())}}
+                tokens, tick, last = 0, now, done
+                log.append(row)
+                if out:
+                    out.write(row, batch)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
+                if row["nonfinite_in_a_row"] >= config.max_nonfinite_in_a_row:
+                    raise RuntimeError(
+                        f"{int(row['nonfinite_in_a_row'])} non-finite updates in a row at step "
+                        f"{done} (TrainConfig.max_nonfinite_in_a_row="
+                        f"{config.max_nonfinite_in_a_row}); the last good checkpoint in "
+                        f"{ckpt.directory} is intact")
+            bar.update(1)
+            if (config.checkpoint_every and done % config.checkpoint_every == 0) \
+                    or done == config.steps or preempted.requested:
+                ckpt.save(done, state, batches.get_state(), config_text, settings)
+            if preempted.requested:
+                ckpt.wait()
+                raise Preemption(f"SIGTERM: saved step {done} to {ckpt.directory}; exiting")
+    ckpt.wait()
     train_step_compiles = sum(n for f, n in compiles.counts.items() if "_train_step" in f)
     if is_chief and log:
         print(f"done: {config.steps} steps, final loss {log[-1]['loss']:.4f}, "
               f"train step compiled {train_step_compiles}x; logs in {workdir_path}")
+    elif is_chief:
+        print(f"done: {workdir_path} is already at step {start} of {config.steps}")
     return log
+
+
+# Bindings that hold file or folder paths: written absolute into a run's config.gin, so the
+# run opens from any working directory.
+PATH_BINDINGS = ("DataConfig.data_path", "DataConfig.image_root", "DataConfig.tfds_dir",
+                 "DataConfig.tokenizer_dir", "EvalConfig.questions", "EvalConfig.answers",
+                 "EvalConfig.image_root", "EvalConfig.tokenizer_dir", "Recipe.shapes_dir")
+
+
+def absolute_paths(text: str) -> str:
+    """A gin config's text with the relative paths of PATH_BINDINGS made absolute."""
+    def fix(match):
+        key, quote, value = match.group(1), match.group(2), match.group(3)
+        if key.split("/")[-1] not in PATH_BINDINGS or not value or "://" in value \
+                or os.path.isabs(value):
+            return match.group(0)
+        return f"{key} = {quote}{os.path.abspath(value)}{quote}"
+
+    return re.sub(r"^(\S+) = (['\"])(.*)\2$", fix, text, flags=re.M)

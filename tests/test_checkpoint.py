@@ -19,7 +19,7 @@ STEPS, EVERY = 40, 5
 ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONUNBUFFERED": "1"}
 ARGS = ["--gin_file", "tiny.gin", "--gin_param", f"TrainConfig.steps = {STEPS}",
         "--gin_param", f"TrainConfig.checkpoint_every = {EVERY}",
-        "--gin_param", "TrainConfig.seq_len = 64"]
+        "--gin_param", "TrainConfig.seq_len = 80"]
 
 
 def start(workdir):
@@ -171,7 +171,7 @@ def test_run_stops_after_too_many_non_finite_updates(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "synthetic_batch", poisoned)
     cli.parse_gin(["tiny.gin"], ["TrainConfig.steps = 20", "TrainConfig.checkpoint_every = 2",
                                  "TrainConfig.max_nonfinite_in_a_row = 2",
-                                 "TrainConfig.seq_len = 64"])
+                                 "TrainConfig.seq_len = 80"])
     with pytest.raises(RuntimeError, match="2 non-finite updates in a row at step 5"):
         train_module.train(str(tmp_path))
     gin.clear_config()

@@ -33,39 +33,56 @@ class BadRecord(ValueError):
 IMAGE, EOS = object(), object()  # special pieces
 
 
+def valid_text(value, what: str) -> str:
+    """A turn's text: a non-empty string that UTF-8 can encode (JSON allows lone surrogates)."""
+    if not isinstance(value, str) or not value.strip():
+        raise BadRecord("empty_text", f"{what} has no text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRecord("bad_text", f"{what} holds a lone surrogate, not valid Unicode") from None
+    return value
+
+
 def render(conversations: list[dict], template: str, has_image: bool) -> list:
-    """Pieces: (text, has_loss) tuples, IMAGE, or (EOS, has_loss)."""
+    """Pieces: (text, has_loss) tuples, IMAGE, or (EOS, has_loss). As LLaVA does, the image
+    goes to the front of the human turn that holds `<image>` (the first one if none does)."""
     if template not in TEMPLATES:
         raise ValueError(f"template {template!r}: expected one of {TEMPLATES}")
+    if not isinstance(conversations, list):
+        raise BadRecord("malformed_record", f"'conversations' is {type(conversations).__name__}, "
+                        "not a list of turns")
     turns = []
     for turn in conversations:
         if not isinstance(turn, dict) or turn.get("from") not in ROLES:
             role = turn.get("from") if isinstance(turn, dict) else turn
-            raise BadRecord("unknown_role", f"turn role {role!r}; expected 'human' or 'gpt'")
-        value = turn.get("value")
-        if not isinstance(value, str) or not value.strip():
-            raise BadRecord("empty_text", f"a {turn['from']} turn has no text")
-        turns.append((turn["from"], value))
+            raise BadRecord("unknown_role", f"turn role {str(role)[:40]!r}; expected 'human' or 'gpt'")
+        turns.append((turn["from"], valid_text(turn.get("value"), f"a {turn['from']} turn")))
     if not any(role == "gpt" for role, _ in turns):
         raise BadRecord("no_assistant_turn", "the conversation has no 'gpt' turn")
     placeholders = sum(v.count(IMAGE_PLACEHOLDER) for _, v in turns)
     if placeholders > int(has_image):
         raise BadRecord("too_many_placeholders",
                         f"{placeholders} <image> placeholders for {int(has_image)} image(s)")
+    if any(role == "gpt" and IMAGE_PLACEHOLDER in v for role, v in turns):
+        raise BadRecord("placeholder_in_answer", "an assistant turn holds <image>")
     if template == "plain":  # stage 1: the image, then the caption and "\n"; loss on the caption
         caption = next(v for role, v in turns if role == "gpt")
         return ([IMAGE] if has_image else []) + [(caption + "\n", True)]
+    humans = [i for i, (role, _) in enumerate(turns) if role == "human"]
+    if has_image and not humans:
+        raise BadRecord("no_human_turn", "the image has no human turn to go in")
+    image_turn = next((i for i in humans if IMAGE_PLACEHOLDER in turns[i][1]),
+                      humans[0] if humans else None) if has_image else None
     pieces = [(VICUNA_SYSTEM + " ", False)]
-    first_human = True
-    for role, value in turns:
+    for i, (role, value) in enumerate(turns):
         if role == "human":
             pieces.append(("USER: ", False))
-            if has_image and first_human:  # LLaVA moves the image to the front of the turn
+            if i == image_turn:
                 pieces += [IMAGE, ("\n" + value.replace(IMAGE_PLACEHOLDER, "").strip(), False)]
             else:
                 pieces.append((value, False))
             pieces.append((" ", False))
-            first_human = False
         else:
             pieces += [("ASSISTANT: ", False), (value, True), (EOS, True)]
     return pieces

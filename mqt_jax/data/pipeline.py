@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections import Counter
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 import gin
@@ -23,7 +25,7 @@ from PIL import Image
 
 from mqt_jax import splice
 from mqt_jax.data.conversation import BadRecord, encode_conversation
-from mqt_jax.data.preprocess import clip_preprocess
+from mqt_jax.data.preprocess import BadImage, clip_preprocess, open_image
 from mqt_jax.data.tokenizer import load_tokenizer
 from mqt_jax.m_sampler import MSampler
 
@@ -56,11 +58,15 @@ class Skipped:
 def read_records(path: str) -> list:
     """The records of a LLaVA file: dicts, or Skipped for lines that are not valid JSON / UTF-8."""
     raw = epath.Path(path).read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors write one)
+        raw = raw[3:]
     if raw.lstrip()[:1] == b"[":
         try:
             records = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not a valid JSON list ({e})") from e
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: a JSON {type(records).__name__}, not a list of records")
         return [r if isinstance(r, dict) else Skipped("malformed_record", f"{path}[{i}]")
                 for i, r in enumerate(records)]
     records = []
@@ -102,32 +108,48 @@ class ExampleBuilder:
             where = record.where if isinstance(record, Skipped) else self.config.data_path
             record_id = record.get("id") if isinstance(record, dict) else None
             if self.config.strict:
-                raise ValueError(f"record {record_id!r} in {where}: {e}") from e
-            return {"skip": e.reason}
+                raise ValueError(f"record {str(record_id)[:80]!r} in {where}: {e}") from e
+            return {"skip": e.reason, "detail": f"record {str(record_id)[:80]!r}: {e}"[:300]}
 
     def _build(self, index: int, record) -> dict[str, Any]:
         if isinstance(record, Skipped):
             raise BadRecord(record.reason, record.where)
         image_path = record.get("image")
-        example = encode_conversation(record.get("conversations") or [], self.config.template,
+        if image_path is not None and not isinstance(image_path, (str, np.ndarray)):
+            raise BadRecord("malformed_record", f"'image' is a {type(image_path).__name__}; "
+                            "expected one image path (a string)")
+        example = encode_conversation(record.get("conversations", []), self.config.template,
                                       self.tokenizer, has_image=image_path is not None)
-        image = None
         if isinstance(image_path, np.ndarray):  # decoded pixels (the TFDS route)
-            image = clip_preprocess(Image.fromarray(image_path), self.image_size,
-                                    self.config.image_mode)
+            pil = Image.fromarray(image_path)
         elif image_path is not None:
-            path = epath.Path(self.config.image_root) / image_path
+            path = confined(self.config.image_root, image_path)
             if not path.exists():
                 raise BadRecord("missing_image", str(path))
             try:
-                with path.open("rb") as f:
-                    pil = Image.open(f)
-                    pil.load()
-            except Exception as e:  # PIL raises several types for broken files
+                pil = open_image(path.read_bytes())
+            except BadImage as e:
                 raise BadRecord("bad_image", f"{path}: {e}") from e
-            image = clip_preprocess(pil, self.image_size, self.config.image_mode)
+        image = (None if image_path is None
+                 else clip_preprocess(pil, self.image_size, self.config.image_mode))
         m = self.sampler.sample(self.num_queries, (example.num_images,), self.seed, index)
         return {"example": example, "image": image, "m": m}
+
+
+def confined(root: str, relative: str) -> epath.Path:
+    """root / relative, refused (BadRecord "image_outside_root") when it would leave root: an
+    absolute path, a `..` step, or (on local disks) a symbolic link pointing out of root."""
+    if not relative or PurePosixPath(relative).is_absolute() or PureWindowsPath(relative).drive \
+            or ".." in PurePosixPath(relative.replace("\\", "/")).parts:
+        raise BadRecord("image_outside_root", f"{relative!r} is not a path inside the image root "
+                        f"{root or '.'}")
+    path = epath.Path(root) / relative
+    if "://" not in str(root):  # local: resolve symbolic links on both sides
+        real_root = os.path.realpath(root or ".")
+        if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+            raise BadRecord("image_outside_root", f"{relative!r} leads out of the image root "
+                            f"{root or '.'} (a symbolic link)")
+    return path
 
 
 def keeps_loss(example: splice.Example, m, num_queries: int, seq_len: int) -> bool:
@@ -136,32 +158,46 @@ def keeps_loss(example: splice.Example, m, num_queries: int, seq_len: int) -> bo
     return bool(np.any(labels[1:seq_len] != splice.IGNORE))
 
 
+class NoExamples(ValueError):
+    """A whole pass over the records gave no example: training would wait forever."""
+
+
 class BatchIterator:
     """Packs built examples into fixed-shape batches; checkpointable via get_state/set_state.
 
     The state is the upstream position before the first example of the batch being filled,
-    plus the skip counts, so a restored iterator yields exactly what the original would have.
+    the skip counts and the number of batches made, so a restored iterator yields exactly what
+    the original would have. `records` (this host's records per pass) bounds the skips in a
+    row: two passes' worth without one example raise NoExamples with the counts by reason.
+    With a per-batch MSampler, one m (a function of the seed and the batch number) replaces
+    the workers' per-example draws for every image of a batch.
     """
 
     def __init__(self, parent, *, batch_size: int, seq_len: int, images_per_row: int,
-                 num_queries: int, image_size: int, pack: bool):
+                 num_queries: int, image_size: int, pack: bool, records: int = 0,
+                 sampler: MSampler | None = None, seed: int = 0, source: str = "the data"):
         self.parent, self.batch_size, self.seq_len = parent, batch_size, seq_len
         self.images_per_row, self.num_queries, self.image_size = images_per_row, num_queries, image_size
-        self.pack = pack
+        self.pack, self.records, self.source = pack, records, source
+        self.batch_m = sampler.per == "batch" if sampler else False
+        self.sampler, self.seed = sampler, seed
         self.skipped: Counter = Counter()
+        self.batches = 0
         self._pending = None  # (upstream state before it, item): the example that did not fit
+        self._in_a_row, self._last_detail = 0, ""
 
     def __iter__(self):
         return self
 
     def get_state(self) -> dict:
         upstream = self._pending[0] if self._pending else self.parent.get_state()
-        return {"upstream": upstream, "skipped": dict(self.skipped)}
+        return {"upstream": upstream, "skipped": dict(self.skipped), "batches": self.batches}
 
     def set_state(self, state: dict) -> None:
         self.parent.set_state(state["upstream"])
         self.skipped.clear()  # in place: the training loop holds this Counter
         self.skipped.update(state["skipped"])
+        self.batches = state.get("batches", 0)
         self._pending = None
 
     def _next_item(self):
@@ -171,8 +207,20 @@ class BatchIterator:
         before = self.parent.get_state()
         return before, next(self.parent)
 
+    def _skip(self, reason: str, detail: str) -> None:
+        self.skipped[reason] += 1
+        self._in_a_row += 1
+        self._last_detail = detail or self._last_detail
+        if self.records and self._in_a_row >= 2 * self.records:
+            counts = ", ".join(f"{r} {n}" for r, n in sorted(self.skipped.items()))
+            raise NoExamples(f"no record of {self.source} gives a training example ({self.records} "
+                             f"records on this host, {self._in_a_row} skipped in a row: {counts}); "
+                             f"last: {self._last_detail}")
+
     def __next__(self) -> dict[str, np.ndarray]:
         rows: list[dict] = []
+        batch_m = (self.sampler.sample(self.num_queries, (), self.seed, 1 << 30, self.batches)
+                   if self.batch_m else None)
         while True:
             try:
                 before, item = self._next_item()
@@ -181,15 +229,19 @@ class BatchIterator:
                     return self._emit(rows)
                 raise
             if "skip" in item:
-                self.skipped[item["skip"]] += 1
+                self._skip(item["skip"], item.get("detail", ""))
                 continue
             example, m = item["example"], item["m"]
+            if batch_m is not None:
+                m = np.full_like(m, batch_m)
             if example.num_images > self.images_per_row:
-                self.skipped["too_many_images"] += 1
+                self._skip("too_many_images", f"{example.num_images} images for images_per_row="
+                           f"{self.images_per_row}")
                 continue
             if not keeps_loss(example, m, self.num_queries, self.seq_len):
-                self.skipped["truncated_no_loss"] += 1
+                self._skip("truncated_no_loss", f"no answer token within seq_len={self.seq_len}")
                 continue
+            self._in_a_row = 0
             length = min(splice.true_length(example, m), self.seq_len)
             row = next((r for r in rows if self.pack and r["length"] + length <= self.seq_len
                         and len(r["m"]) + example.num_images <= self.images_per_row), None)
@@ -205,6 +257,7 @@ class BatchIterator:
             row["length"] += length
 
     def _emit(self, rows) -> dict[str, np.ndarray]:
+        self.batches += 1
         b, i, s = self.batch_size, self.images_per_row, self.image_size
         images = np.zeros((b, i, s, s, 3), np.float32)
         m = np.ones((b, i), np.int32)  # unused image slots: any valid m, never gathered
@@ -248,4 +301,6 @@ def make_batches(config: DataConfig, *, num_queries: int, image_size: int, batch
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
     return BatchIterator(iter(it), batch_size=batch_size, seq_len=seq_len,
                          images_per_row=images_per_row, num_queries=num_queries,
-                         image_size=image_size, pack=config.pack)
+                         image_size=image_size, pack=config.pack,
+                         records=-(-len(records) // shard.shard_count),
+                         sampler=sampler, seed=seed, source=config.data_path or config.tfds_dir)

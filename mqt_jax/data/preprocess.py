@@ -7,12 +7,58 @@ crop `size` x `size`, scale to [0, 1], normalise with CLIP's mean and std. Mode 
 
 from __future__ import annotations
 
+import io
+import os
+import warnings
+
 import numpy as np
 from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MODES = ("pad", "crop")
+# Larger images are refused before their pixels are decoded (decompression bombs): 8192 x 8192.
+MAX_PIXELS = 1 << 26
+
+
+class BadImage(ValueError):
+    """An image that cannot be used: unreadable, empty, undecodable or too large."""
+
+
+def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A decoded PIL image from a path or encoded bytes. The size is checked from the header
+    before the pixels are decoded; every failure is a one-line BadImage naming the source."""
+    name = "image bytes" if isinstance(source, bytes) else str(source)
+    try:
+        data = source if isinstance(source, bytes) else open(source, "rb").read()
+    except OSError as e:
+        raise BadImage(f"{name}: cannot be read ({e.strerror or e})") from None
+    if not data:
+        raise BadImage(f"{name}: empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.width * image.height > max_pixels:
+                raise BadImage(f"{name}: {image.width} x {image.height} pixels is over the "
+                               f"limit of {max_pixels} pixels")
+            image.load()
+    except BadImage:
+        raise
+    except Exception as e:  # noqa: BLE001  (PIL raises many types for a broken file)
+        raise BadImage(f"{name}: not a decodable image ({type(e).__name__}: {e})") from None
+    return image
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer images (16-bit PNGs open as "I;16" or "I") scaled to 8 bits;
+    PIL's own convert("RGB") clips them, so nearly every pixel would be white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.asarray(image).astype(np.float64)
+        return Image.fromarray(np.round(np.clip(pixels, 0, 65535) / 257.0).astype(np.uint8))
+    if image.mode == "F":
+        return Image.fromarray(np.round(np.clip(np.asarray(image), 0, 255)).astype(np.uint8))
+    return image
 
 
 def expand_to_square(image: Image.Image, fill=tuple(int(c * 255) for c in CLIP_MEAN)):
@@ -30,7 +76,7 @@ def clip_preprocess(image: Image.Image, size: int, mode: str = "pad") -> np.ndar
     """A PIL image -> float32 [size, size, 3], CLIP-normalised."""
     if mode not in MODES:
         raise ValueError(f"image mode {mode!r}: expected one of {MODES}")
-    image = image.convert("RGB")
+    image = to_8bit(image).convert("RGB")
     if mode == "pad":
         image = expand_to_square(image)
     width, height = image.size
