@@ -248,7 +248,7 @@ def cmd_convert(args) -> int:
     parse_gin([], args.gin_param)  # only MeshConfig bindings matter here
     params = convert(args.kind, args.src, args.out, vision=args.vision,
                      param_dtype=args.param_dtype, dtype=args.dtype, mesh=make_mesh(MeshConfig()),
-                     allow_bin=not args.safetensors_only)
+                     allow_bin=not args.safetensors_only, resampler_heads=args.resampler_heads)
     init = f"--gin_param 'TrainConfig.init_from = \"{args.out}\"'"
     if len(params) == 3:  # the whole model
         print(f"wrote {args.out}: `mqt-jax generate/eval --workdir {args.out}` opens it; "
@@ -396,6 +396,8 @@ def main(argv=None) -> int:
                         "when the checkpoint holds no vision tower")
     conv_p.add_argument("--param_dtype", default="float32", help="stored parameters' dtype")
     conv_p.add_argument("--dtype", help="compute dtype written to config.gin (default: param_dtype)")
+    conv_p.add_argument("--resampler_heads", type=int, default=16, help="mqt-llava: the "
+                        "resampler's attention heads (the released builder always uses 16)")
     conv_p.add_argument("--safetensors_only", action="store_true",
                         help="refuse PyTorch .bin files even when torch is installed")
     conv_p.add_argument("--gin_param", action="append", default=[],

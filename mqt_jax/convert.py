@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from mqt_jax import hf, sharding
 from mqt_jax.checkpoint import abstract_like
-from mqt_jax.config import LLMConfig, ModelConfig, QueryTransformerConfig, VisionConfig
+from mqt_jax.config import DTYPES, LLMConfig, ModelConfig, QueryTransformerConfig, VisionConfig
 from mqt_jax.models.llama import Llama
 from mqt_jax.models.vision_tower import VisionTower
 from mqt_jax.train import abstract_model_params
@@ -191,7 +191,13 @@ def llm_config(cfg: dict, source) -> LLMConfig:
     rope = cfg.get("rope_parameters") or {}
     if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
         raise unsupported(source, f"RoPE scaling {cfg.get('rope_scaling') or rope}")
+    need = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")
+            if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool) or cfg[k] < 1]
     heads = cfg.get("num_attention_heads", 32)
+    if not isinstance(heads, int) or heads < 1:
+        need.append("num_attention_heads")
+    if need:
+        raise ValueError(f"{source}: {', '.join(need)} missing or not a positive integer")
     return LLMConfig(
         vocab_size=cfg["vocab_size"], hidden=cfg["hidden_size"],
         num_layers=cfg["num_hidden_layers"], num_heads=heads,
@@ -207,7 +213,8 @@ def find_prefix(keys, anchor: str, prefixes: tuple[str, ...]) -> str | None:
 
 CLIP_PREFIXES = ("", "vision_model.", "vision_tower.", "vision_tower.vision_model.",
                  "model.vision_tower.", "model.vision_tower.vision_model.",
-                 "model.vision_tower.vision_tower.vision_model.")
+                 "model.vision_tower.vision_tower.vision_model.",
+                 "model.vision_tower.vision_tower.")  # transformers 5 drops "vision_model."
 LLAMA_PREFIXES = ("model.", "language_model.model.", "model.language_model.")
 HEADS = ("lm_head.weight", "language_model.lm_head.weight")
 
@@ -223,12 +230,20 @@ class Plan:
     template: str = "vicuna_v1"
 
 
+# The released MQT-LLaVA builds its resampler with 16 heads whatever the width.
+RELEASED_RESAMPLER_HEADS = 16
+
+
 def plan(kind: str, src: Path, vision: Path | None = None, param_dtype: str = "float32",
-         dtype: str | None = None, allow_bin: bool = True) -> Plan:
+         dtype: str | None = None, allow_bin: bool = True,
+         resampler_heads: int = RELEASED_RESAMPLER_HEADS) -> Plan:
     """Everything a conversion needs, checked: configs parsed, weights' keys, shapes and
     dtypes matched against the rules. Reads no tensor data."""
     if kind not in KINDS:
         raise ValueError(f"--kind {kind!r}: expected one of {KINDS}")
+    for flag, value in (("--param_dtype", param_dtype), ("--dtype", dtype or param_dtype)):
+        if value not in DTYPES:
+            raise ValueError(f"{flag} {value!r}: expected one of {DTYPES}")
     folder = hf.CheckpointFolder(src, allow_bin)
     cfg = hf.read_config(src)
     keys, source = set(folder.keys()), src / "config.json"
@@ -299,9 +314,11 @@ def plan(kind: str, src: Path, vision: Path | None = None, param_dtype: str = "f
         if query_key not in keys:
             raise ValueError(f"{src}: no MQT resampler (no {query_key})")
         big_m, width = folder.shape(query_key)
-        # The released resampler's heads are 64 wide (16 heads at width 1024).
+        if resampler_heads < 1 or width % resampler_heads:
+            raise ValueError(f"--resampler_heads {resampler_heads} does not divide the "
+                             f"resampler's width {width}")
         q = QueryTransformerConfig(variant="official", num_queries=big_m, width=width,
-                                   num_heads=max(1, width // 64))
+                                   num_heads=resampler_heads)
         rules += resampler_rules(q, c.hidden, "model.query_abstractor.")
     model = ModelConfig(vision=v, query=q, llm=c, **dtypes)
     sources = [(folder, rules, unused)]
@@ -438,6 +455,9 @@ def gin_text(plan_: Plan, tokenizer_dir: str | None) -> str:
         value = getattr(cfg, field)
         lines += [f"{name}.{f.name} = {getattr(value, f.name)!r}" for f in dataclasses.fields(value)]
         lines.append(f"ModelConfig.{field} = @{name}()")
+    if "query_transformer" not in plan_.parts:  # the official resampler attends at the vision width
+        lines += [f"QueryTransformerConfig.width = {cfg.query.width}",
+                  f"QueryTransformerConfig.num_heads = {cfg.query.num_heads}"]
     lines += [f"ModelConfig.param_dtype = {cfg.param_dtype!r}", f"ModelConfig.dtype = {cfg.dtype!r}"]
     if tokenizer_dir:
         lines += [f"DataConfig.tokenizer_dir = {tokenizer_dir!r}",
@@ -462,18 +482,28 @@ def save_params(directory: Path, params: dict, config_text: str, step: int = 0) 
     (directory / "config.gin").write_text(config_text)
 
 
+def remove_partial(out: Path) -> None:
+    """The hidden work folders of an earlier conversion (or export) to OUT that was killed."""
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        print(f"removing {stale}, left by an interrupted run")
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def convert(kind: str, src: str | os.PathLike, out: str | os.PathLike, vision: str | None = None,
             param_dtype: str = "float32", dtype: str | None = None, mesh=None,
-            allow_bin: bool = True, progress: bool = True) -> dict:
+            allow_bin: bool = True, progress: bool = True,
+            resampler_heads: int = RELEASED_RESAMPLER_HEADS) -> dict:
     """Convert and write OUT (a run folder); returns the parameters. OUT must not exist; it
     appears only once everything is written."""
     out = Path(out).absolute()
     if out.exists():
         raise FileExistsError(f"--out {out} exists; choose a new folder")
-    plan_ = plan(kind, Path(src), Path(vision) if vision else None, param_dtype, dtype, allow_bin)
+    plan_ = plan(kind, Path(src), Path(vision) if vision else None, param_dtype, dtype, allow_bin,
+                 resampler_heads)
     mesh = mesh or sharding.make_mesh(sharding.MeshConfig())
     params = load(plan_, mesh, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_partial(out)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         tokenizer_dir = None

@@ -5,7 +5,8 @@ dictionaries; a 7B conversion needs neither copy of the model in host memory. Th
 an 8-byte header length, a JSON header (dtype, shape, byte range per tensor) and the raw
 little-endian data, so reading is a seek and a `readinto`, writing a header and a stream.
 PyTorch `.bin` files are opened only when torch is installed, with `weights_only=True`
-(nothing else is ever unpickled).
+(nothing else is ever unpickled). Each file's header is first validated by the `safetensors`
+package itself (offsets in order, no overlap, no gap, inside the file).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -27,7 +29,11 @@ DTYPES = {
 }
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 NAME_OF = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 100 << 20  # the format's own limit
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
 
 
 class SafetensorsFile:
@@ -37,15 +43,18 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         size = self.path.stat().st_size
+        try:  # the format's own validation: header layout, offsets in order, no overlap or gap
+            with safe_open(self.path, framework="numpy"):
+                pass
+        except Exception as e:  # noqa: BLE001  (SafetensorError, OSError)
+            end = self._declared_end()
+            if end > size:
+                raise ValueError(f"{self.path} is truncated: its tensors end at byte {end}, the "
+                                 f"file has {size}") from None
+            raise ValueError(f"{self.path}: not a valid safetensors file ({first_line(e)})") from None
         with open(self.path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 0 < n <= min(MAX_HEADER, size - 8):
-                raise ValueError(f"{self.path}: not a safetensors file, or truncated in its header")
-            try:
-                header = json.loads(f.read(n))
-            except ValueError:
-                raise ValueError(f"{self.path}: its safetensors header is not valid JSON") from None
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
         header.pop("__metadata__", None)
         self.data_start, self.tensors = 8 + n, {}
         for key, info in header.items():
@@ -54,13 +63,20 @@ class SafetensorsFile:
                                  f"which mqt_jax does not read ({', '.join(DTYPES)})")
             begin, end = info["data_offsets"]
             nbytes = math.prod(info["shape"]) * DTYPES[info["dtype"]].itemsize
-            if end - begin != nbytes:
-                raise ValueError(f"{self.path}: tensor {key} spans {end - begin} bytes; its shape "
-                                 f"{info['shape']} in {info['dtype']} needs {nbytes}")
-            if self.data_start + end > size:
-                raise ValueError(f"{self.path} is truncated: tensor {key} ends at byte "
-                                 f"{self.data_start + end}, the file has {size}")
+            if end - begin != nbytes or self.data_start + end > size:  # safe_open checked both
+                raise ValueError(f"{self.path}: tensor {key} does not fit its byte range")
             self.tensors[key] = (info["dtype"], tuple(info["shape"]), begin)
+
+    def _declared_end(self) -> int:
+        """Where the header says the data ends (0 when the header itself is unreadable)."""
+        try:
+            with open(self.path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(min(n, 100 << 20)))
+            return 8 + n + max(int(v["data_offsets"][1]) for k, v in header.items()
+                               if k != "__metadata__")
+        except Exception:  # noqa: BLE001
+            return 0
 
     def read(self, key: str) -> np.ndarray:
         dtype, shape, begin = self.tensors[key]
@@ -102,6 +118,17 @@ class TorchBinFile:
         return t.numpy().copy()
 
 
+def inside(folder: Path, name: str) -> bool:
+    """Whether folder / name stays in folder: no absolute path or `..` step, and a symbolic
+    link must resolve inside it too (or, in a Hugging Face hub cache snapshot, to its blobs)."""
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        return False
+    target, allowed = (folder / name).resolve(), [folder.resolve()]
+    if folder.resolve().parent.name == "snapshots":  # hub cache: snapshots/<rev>/f -> ../../blobs/<sha>
+        allowed.append(folder.resolve().parent.parent / "blobs")
+    return any(target.is_relative_to(root) for root in allowed)
+
+
 class CheckpointFolder:
     """The weights of a Hugging Face folder: `model.safetensors`, or shards listed by
     `model.safetensors.index.json`; PyTorch `pytorch_model.bin` (or its index) only when no
@@ -129,9 +156,16 @@ class CheckpointFolder:
             if index.is_file():
                 try:
                     weight_map = json.loads(index.read_text())["weight_map"]
-                except (ValueError, KeyError):
+                except (ValueError, KeyError, TypeError):
                     raise ValueError(f"{index}: not an index (no weight_map)") from None
+                if not isinstance(weight_map, dict) or not all(
+                        isinstance(v, str) and v for v in weight_map.values()):
+                    raise ValueError(f"{index}: weight_map is not a mapping of tensor names to "
+                                     f"shard file names")
                 shards = sorted(set(weight_map.values()))
+                outside = [s for s in shards if not inside(self.folder, s)]
+                if outside:
+                    raise ValueError(f"{index} names shard(s) outside {self.folder}: {outside[:3]}")
                 missing = [s for s in shards if not (self.folder / s).is_file()]
                 if missing:
                     raise FileNotFoundError(f"{index} names shard(s) {missing} that are not in "
@@ -160,9 +194,12 @@ def read_config(folder: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} holds no config.json")
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except ValueError:
         raise ValueError(f"{path} is not valid JSON") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} is a JSON {type(cfg).__name__}, not an object")
+    return cfg
 
 
 def write_safetensors(path: Path, entries: Iterable[tuple[str, tuple[int, ...], np.dtype]],

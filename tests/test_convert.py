@@ -243,16 +243,20 @@ def write_original_layout(folder: Path, tensors: dict, config: dict):
     (folder / "config.json").write_text(json.dumps(config))
 
 
-def test_mqt_llava_resampler_equals_a_torch_module_following_the_paper(hf_models, tmp_path):
+@pytest.mark.parametrize("heads", [None, 2])
+def test_mqt_llava_resampler_equals_a_torch_module_following_the_paper(hf_models, tmp_path, heads):
     """M = 16 queries (a 4 x 4 sin-cos table) over a 6 x 6 patch grid: the keys need the
-    PyTorch bicubic resize 4 -> 6, where jax.image.resize would differ."""
+    PyTorch bicubic resize 4 -> 6, where jax.image.resize would differ. Width 128, where the
+    release's 16 heads (the default) and a 64-wide-heads guess (2) differ; --resampler_heads
+    sets any other count."""
     import torch
     import transformers
 
     clip = randomize(transformers.CLIPVisionModel(tiny_clip_config(42, 128, 2)), 5).eval()
     clip.save_pretrained(tmp_path / "clip")
     llama = hf_models["llama"]
-    resampler = TorchResampler(16, 128, heads=2, hidden=48)
+    chosen = {} if heads is None else {"resampler_heads": heads}
+    resampler = TorchResampler(16, 128, heads=heads or 16, hidden=48)
     tensors = {**{k: v.detach().contiguous() for k, v in llama.state_dict().items()},
                **resampler.state_dict()}
     config = {**llama.config.to_dict(), "model_type": "llava_llama",
@@ -260,9 +264,10 @@ def test_mqt_llava_resampler_equals_a_torch_module_following_the_paper(hf_models
               "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad"}
     write_original_layout(tmp_path / "mqt", tensors, config)
     params = convert.convert("mqt-llava", tmp_path / "mqt", tmp_path / "out",
-                             vision=str(tmp_path / "clip"), mesh=mesh(), progress=False)
-    cfg = convert.plan("mqt-llava", tmp_path / "mqt", tmp_path / "clip").model_config
-    assert (cfg.num_queries, cfg.query.width, cfg.query.num_heads, cfg.vision.grid_size) == (16, 128, 2, 6)
+                             vision=str(tmp_path / "clip"), mesh=mesh(), progress=False, **chosen)
+    cfg = convert.plan("mqt-llava", tmp_path / "mqt", tmp_path / "clip", **chosen).model_config
+    assert (cfg.num_queries, cfg.query.width, cfg.query.num_heads, cfg.vision.grid_size) == \
+        (16, 128, heads or 16, 6)
     features = np.random.default_rng(0).normal(size=(8, 36, 128)).astype(np.float32)
     model = VisionLanguageModel(cfg)
     with sharding.activate(mesh()):
@@ -361,7 +366,7 @@ def test_truncated_file_and_missing_shard_are_named(tmp_path):
     data = (src / "model.safetensors").read_bytes()
     (src / "model.safetensors").write_bytes(data[:-100])
     message = convert_error(src, tmp_path)
-    assert "model.safetensors is truncated: tensor" in message
+    assert "model.safetensors is truncated: its tensors end at byte" in message
     src = llama_folder(tmp_path / "b", shards=2)
     last = sorted(src.glob("model-*-of-*.safetensors"))[-1]
     last.unlink()
