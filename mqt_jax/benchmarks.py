@@ -534,14 +534,19 @@ class MMBench(Benchmark):
     needs_references = False
 
     def questions(self, path):
-        from PIL import Image
+        import binascii
+
+        from mqt_jax.data.preprocess import open_image
 
         csv.field_size_limit(1 << 30)
         out = []
         with open(path, newline="") as f:
             for row in csv.DictReader(f, delimiter="\t"):
                 options = [row[c] for c in LETTERS[:8] if row.get(c) not in (None, "", "nan")]
-                image = Image.open(io.BytesIO(base64.b64decode(row["image"])))
+                try:
+                    image = open_image(base64.b64decode(row.get("image") or "", validate=True))
+                except (binascii.Error, ValueError) as e:
+                    raise ValueError(f"{path}: question {row.get('index')}: {e}") from None
                 hint = row.get("hint") if row.get("hint") not in (None, "", "nan") else ""
                 answer = LETTERS.index(row["answer"].strip()) if row.get("answer") else None
                 for r in range(len(options)):  # round r shifts the options by r

@@ -87,9 +87,12 @@ def cmd_aot(args) -> int:
 
 def parse_m(text: str) -> list[int]:
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--m {text!r}: expected integers separated by commas, e.g. 2,16,64") from None
+        values = []
+    if not values:
+        raise ValueError(f"--m {text!r}: expected integers separated by commas, e.g. 2,16,64")
+    return values
 
 
 def in_scope(binding: str, scope: str) -> str:
@@ -130,13 +133,20 @@ def open_trained(args, m_values: list[int] = (), check=None):
     return open_run(path, scope)
 
 
-def one_image(run_, args):
-    from PIL import Image
+def read_image(path: str):
+    """--image, decoded (a one-line error for a missing, empty, undecodable or huge file),
+    before any parameter is read."""
+    from mqt_jax.data.preprocess import open_image
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--image {path} not found")
+    return open_image(path)
+
+
+def one_image(run_, pil):
     from mqt_jax.data.preprocess import clip_preprocess
 
-    return clip_preprocess(Image.open(args.image), run_.model_config.vision.image_size,
-                           run_.eval_config.image_mode)
+    return clip_preprocess(pil, run_.model_config.vision.image_size, run_.eval_config.image_mode)
 
 
 def cmd_generate(args) -> int:
@@ -147,11 +157,10 @@ def cmd_generate(args) -> int:
     from mqt_jax.generate import Generator, SamplingConfig
     from mqt_jax.sharding import batch_divisor
 
-    if not Path(args.image).is_file():
-        raise FileNotFoundError(f"--image {args.image} not found")
+    pil = read_image(args.image)
     m_values = parse_m(args.m)
     run_ = open_trained(args, m_values)
-    image = one_image(run_, args)
+    image = one_image(run_, pil)
     tokenizer = load_tokenizer(run_.eval_config.tokenizer_dir)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p,
                               max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), seed=args.seed)
@@ -194,6 +203,7 @@ def cmd_eval(args) -> int:
     given = Path(args.ckpt or args.workdir)
     workdir = given.parent if given.name == "checkpoints" else given
     out = Path(args.out) if args.out else workdir / "eval"  # where `mqt-jax train` puts it
+    (out / config.benchmark).mkdir(parents=True, exist_ok=True)  # fails before generating
     evaluate_run(run_, out, config)
     if jax.process_index() == 0:
         print(f"sweep over every benchmark in {out}: sweep.csv, sweep.md, sweep.png")
@@ -207,13 +217,13 @@ def cmd_gradcam(args) -> int:
     from mqt_jax.gradcam import check_variant, draw, gradcam_maps
     from mqt_jax.sharding import activate, batch_divisor
 
-    if not Path(args.image).is_file():
-        raise FileNotFoundError(f"--image {args.image} not found")
+    pil = read_image(args.image)
     if not args.out.endswith(".png"):
         raise ValueError(f"--out {args.out}: a .png file")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # fails now if it cannot be made
     m_values = parse_m(args.m)
     run_ = open_trained(args, m_values, check_variant)
-    image = one_image(run_, args)
+    image = one_image(run_, pil)
     tokenizer = load_tokenizer(run_.eval_config.tokenizer_dir)
     prompt = encode_prompt(args.prompt, run_.eval_config.template, tokenizer)
     generator = Generator(run_.model_config, run_.params, run_.mesh, tokenizer.eos_id,
@@ -224,7 +234,6 @@ def cmd_gradcam(args) -> int:
         maps = gradcam_maps(run_.model_config, generator.params, prompt, image, answers,
                             tokenizer.eos_id)
     texts = {m: tokenizer.decode(ids).strip() for m, ids in answers.items()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     draw(image, maps, texts, args.out, title=args.prompt.splitlines()[0])
     for m in m_values:
         print(f"m={m}: {texts[m]}")
@@ -309,6 +318,17 @@ def cmd_scaling_fit(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
+
+
 def add_multiprocess_args(p) -> None:
     multi = p.add_argument_group(
         "multi-process", "one process per host (TPU VM worker, SLURM task or local CPU process)")
@@ -366,7 +386,7 @@ def main(argv=None) -> int:
     add_run_args(gen_p, image_prompt=True)
     gen_p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen_p.add_argument("--top_p", type=float, default=1.0)
-    gen_p.add_argument("--max_new_tokens", type=int, default=64)
+    gen_p.add_argument("--max_new_tokens", type=positive_int, default=64)
     gen_p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen_p.add_argument("--seed", type=int, default=0)
     gen_p.set_defaults(func=cmd_generate)
@@ -379,14 +399,14 @@ def main(argv=None) -> int:
     eval_p.add_argument("--answers", help="references (annotations) to score against")
     eval_p.add_argument("--images", help="image folder the question file's paths are relative to")
     eval_p.add_argument("--m", help="e.g. 2,4,8,16,36,64,144,256 (default: the run's EvalConfig)")
-    eval_p.add_argument("--limit", type=int, help="only the first N questions")
+    eval_p.add_argument("--limit", type=positive_int, help="only the first N questions")
     eval_p.add_argument("--out", help="default: <workdir>/eval; results go to OUT/<benchmark>/")
     add_multiprocess_args(eval_p)
     eval_p.set_defaults(func=cmd_eval)
     cam_p = sub.add_parser("gradcam", help="Grad-CAM of the visual tokens per m, as one picture")
     add_run_args(cam_p, image_prompt=True)
     cam_p.add_argument("--out", required=True, help="the picture (.png)")
-    cam_p.add_argument("--max_new_tokens", type=int, default=16)
+    cam_p.add_argument("--max_new_tokens", type=positive_int, default=16)
     cam_p.set_defaults(func=cmd_gradcam)
     conv_p = sub.add_parser("convert", help="a Hugging Face checkpoint -> an orbax run folder")
     conv_p.add_argument("--kind", required=True, choices=("clip-vision", "llama", "llava-1.5", "mqt-llava"))

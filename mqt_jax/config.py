@@ -159,10 +159,11 @@ class LLMConfig:
     mlp_dim: int = 11008
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
+    max_length: int = 4096  # the longest sequence (prompt + answer) generation accepts
 
     def __post_init__(self):
         positive(self, "vocab_size", "hidden", "num_layers", "num_heads", "num_kv_heads",
-                 "head_dim", "mlp_dim")
+                 "head_dim", "mlp_dim", "max_length")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"LLMConfig.num_heads={self.num_heads} is not a multiple of "

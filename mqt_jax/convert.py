@@ -204,6 +204,7 @@ def llm_config(cfg: dict, source) -> LLMConfig:
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         mlp_dim=cfg["intermediate_size"], rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        max_length=cfg.get("max_position_embeddings") or 4096,
         rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta", 10000.0)))
 
 
@@ -531,6 +532,7 @@ def hf_llama_config(c: LLMConfig, dtype: str) -> dict:
             "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
             "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
             "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
+            "max_position_embeddings": c.max_length,
             "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
             "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": dtype, "dtype": dtype}
 

@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import io
 import json
+from collections import Counter
 from pathlib import Path
 
 import gin
@@ -24,7 +25,9 @@ from tqdm.auto import tqdm
 from mqt_jax import benchmarks, flops
 from mqt_jax.config import ModelConfig
 from mqt_jax.data.conversation import encode_prompt
-from mqt_jax.data.preprocess import clip_preprocess
+from mqt_jax.data.conversation import BadRecord
+from mqt_jax.data.pipeline import confined
+from mqt_jax.data.preprocess import BadImage, clip_preprocess, open_image
 from mqt_jax.data.tokenizer import load_tokenizer
 from mqt_jax.generate import Generator, SamplingConfig
 from mqt_jax.train import write_atomic
@@ -58,6 +61,7 @@ def m_values_for(config: EvalConfig, model_config: ModelConfig) -> list[int]:
 
 
 def load_images(questions: list[benchmarks.Question], root: str, size: int, mode: str) -> np.ndarray:
+    """Each question's image, preprocessed; paths are confined to `root`."""
     cache = {}
     for q in questions:
         key = id(q.image) if isinstance(q.image, Image.Image) else q.image
@@ -66,10 +70,18 @@ def load_images(questions: list[benchmarks.Question], root: str, size: int, mode
         if isinstance(q.image, Image.Image):
             image = q.image
         else:
-            path = Path(root) / str(q.image)
-            if q.image is None or not path.is_file():
+            if not isinstance(q.image, str):
+                raise ValueError(f"question {q.question_id}: 'image' is {q.image!r}, not a path")
+            try:
+                path = confined(root, q.image)
+            except BadRecord as e:
+                raise ValueError(f"question {q.question_id}: {e}") from None
+            if not path.is_file():
                 raise FileNotFoundError(f"question {q.question_id}: image {path} not found")
-            image = Image.open(path)
+            try:
+                image = open_image(path)
+            except BadImage as e:
+                raise ValueError(f"question {q.question_id}: {e}") from None
         cache[key] = clip_preprocess(image, size, mode)
     return np.stack([cache[id(q.image) if isinstance(q.image, Image.Image) else q.image]
                      for q in questions])
@@ -82,9 +94,16 @@ def evaluate(model_config: ModelConfig, params, config: EvalConfig, mesh,
     are spread over all devices; every process gets every answer) and process 0 writes."""
     bench = benchmarks.get(config.benchmark)
     m_values = m_values_for(config, model_config)
+    if config.limit < 0:
+        raise ValueError(f"EvalConfig.limit={config.limit}: give a number of questions >= 1 "
+                         f"(0: all)")
     questions = bench.questions(config.questions)[: config.limit or None]
     if not questions:
         raise ValueError(f"{config.questions}: no questions")
+    repeated = sorted(i for i, n in Counter(q.question_id for q in questions).items() if n > 1)
+    if repeated:
+        raise ValueError(f"{config.questions}: {len(repeated)} question id(s) appear more than "
+                         f"once (answers are kept by id): {repeated[:5]}")
     if bench.needs_references and not config.answers:
         raise ValueError(f"benchmark {bench.name} is scored against references: give the answers file")
     refs = bench.references(config.answers or None, questions)

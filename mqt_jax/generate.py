@@ -161,6 +161,12 @@ class Generator:
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
         lengths = np.array([splice.true_length(p, [m]) for p in prompts])
+        limit = self.model_config.llm.max_length - self.sampling.max_new_tokens
+        if lengths.size and lengths.max() > limit:
+            i = int(lengths.argmax())
+            raise ValueError(f"prompt {i} is {lengths[i]} tokens at m={m}; with max_new_tokens="
+                             f"{self.sampling.max_new_tokens} the model takes at most {limit} "
+                             f"(LLMConfig.max_length={self.model_config.llm.max_length})")
         order = np.argsort(lengths, kind="stable")
         rows = sharding.process_rows(self.mesh, self.batch_size)
         for start in range(0, len(order), self.batch_size):
