@@ -1,3 +1,5 @@
+from glob import glob
+
 from setuptools import find_packages, setup
 
 setup(
@@ -5,6 +7,10 @@ setup(
     version="0.1.0",
     description="Matryoshka Query Transformer (MQT-LLaVA) in JAX/Flax: every m in one sharded XLA graph",
     packages=find_packages(include=["mqt_jax", "mqt_jax.*"]),
+    # configs/ for installs that are not editable (the CLI looks in <prefix>/share/mqt_jax)
+    data_files=[("share/mqt_jax/configs", glob("configs/*.gin")),
+                ("share/mqt_jax/configs/sweeps", glob("configs/sweeps/*.gin"))],
+    license="Apache-2.0",
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",
@@ -22,6 +28,8 @@ setup(
         "pillow",
         "sentencepiece",
         "tokenizers",
+        "safetensors",  # validates safetensors headers (hf.py reads the tensors itself)
+        "scipy",  # the scaling-law fit (curve_fit)
         "etils[epath]",
         "tensorflow-datasets",  # local ArrayRecord builders only; never TensorFlow itself
         "importlib_resources",  # imported by tensorflow-datasets without being declared

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import gin
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# configs/ of a source checkout (editable install), else the copy setup.py installs.
+CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "configs",
+                               Path(sys.prefix) / "share" / "mqt_jax" / "configs")
+                   if (d / "tiny.gin").is_file()), Path(__file__).resolve().parent.parent / "configs")
 
 
 def find_gin_file(name: str) -> str:
