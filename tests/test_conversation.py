@@ -80,3 +80,18 @@ def test_sentencepiece_offsets_are_characters_and_labels_cover_answers(tmp_path)
 def test_missing_tokenizer_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither tokenizer.model nor tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def test_image_placeholder_in_a_later_turn_goes_there_by_hand(words):
+    """As LLaVA: the image moves to the front of the human turn holding <image>; the
+    placeholder text never reaches the tokenizer."""
+    v, tok = words
+    turns = [dict(TWO_TURNS[0], value="What colour ?"), TWO_TURNS[1],
+             dict(TWO_TURNS[2], value="And now ? <image>"), TWO_TURNS[3]]
+    ex = encode_conversation(turns, "vicuna_v1", tok, has_image=True)
+    after_system = [v["USER"], v[":"], v["What"], v["colour"], v["?"],
+                    v["ASSISTANT"], v[":"], v["Red"], 2,
+                    v["USER"], v[":"], IMG, v["\n"], v["And"], v["now"], v["?"],
+                    v["ASSISTANT"], v[":"], v["Blue"], 2]
+    assert list(ex.tokens) == [1] + system_ids(v) + after_system
+    assert v["<unk>"] not in list(ex.tokens)

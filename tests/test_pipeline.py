@@ -65,18 +65,35 @@ BAD = [
     {"id": "two_images", "image": "img0.png",
      "conversations": [{"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "x"}]},
     {"id": "empty", "conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "x"}]},
+    qa(103, "Red") | {"image": "/etc/hostname"},  # absolute: outside the image root
+    qa(104, "Red") | {"image": "../outside.png"},  # a .. step out of the image root
+    qa(105, "Red") | {"image": "link_out.png"},  # a symbolic link pointing out of the root
+    qa(106, "Red") | {"image": 123},  # not a path
+    qa(107, "Red") | {"image": ["img0.png", "img1.png"]},  # a list where one path is expected
+    {"id": "turns_not_a_list", "image": "img0.png", "conversations": 5},
+    {"id": "surrogate", "conversations": [{"from": "human", "value": "bad \ud800 text"},
+                                          {"from": "gpt", "value": "x"}]},  # a lone surrogate
+    {"id": "image_in_answer", "image": "img0.png", "conversations": [
+        {"from": "human", "value": "What colour ?"}, {"from": "gpt", "value": "<image> Red"}]},
 ]
 REASONS = {"missing_image": 1, "bad_image": 2, "malformed_json": 1, "unknown_role": 1,
-           "no_assistant_turn": 1, "too_many_placeholders": 1, "empty_text": 1, "non_utf8": 1}
+           "no_assistant_turn": 1, "too_many_placeholders": 1, "empty_text": 1, "non_utf8": 1,
+           "image_outside_root": 3, "malformed_record": 3, "bad_text": 1,
+           "placeholder_in_answer": 1}
 
 
 def mixed_file(folder):
+    """The good records with a bad one after each (the rest of BAD at the end); a symbolic
+    link inside the image root that leads out of it; an image outside the root."""
+    Image.new("RGB", (4, 4)).save(folder.parent / "outside.png")
+    (folder / "link_out.png").symlink_to(folder.parent / "outside.png")
     good = [qa(i, a, image=(i != 5)) for i, a in enumerate(ANSWERS)]  # record 5: text only
     lines = []
     for i, g in enumerate(good):
         lines.append(g)
         if i < len(BAD):
             lines.append(BAD[i])
+    lines += BAD[len(good):]
     path = write_jsonl(folder / "data.jsonl", lines)
     path.write_bytes(path.read_bytes() + b'{"id": "latin1", "x": "\xe9t\xe9"}\n')  # not UTF-8
     return path
@@ -193,3 +210,39 @@ def test_each_host_reads_its_own_disjoint_shard(folder, monkeypatch):
         seen.append(answers_in(batches(config(folder, path))[1], inverse))
     assert len(seen[0]) == len(seen[1]) == 4
     assert sorted(seen[0] + seen[1]) == sorted(ANSWERS)  # disjoint, and together complete
+
+
+def test_a_json_list_with_a_byte_order_mark_reads_the_same(folder):
+    records = [qa(i, a) for i, a in enumerate(ANSWERS)]
+    (folder / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode())
+    assert read_records(str(folder / "bom.json")) == records
+
+
+def test_per_batch_m_is_one_draw_per_batch_with_a_data_file(folder):
+    path = write_jsonl(folder / "m.jsonl", [qa(i % 8, "Red") for i in range(40)])
+    sampler = MSampler("official", per="batch")
+    it = make_batches(config(folder, path), num_queries=16, image_size=8, batch_size=4,
+                      seq_len=128, sampler=sampler)
+    draws = [b["m"][:, 0] for b in it]
+    assert all(len(set(d.tolist())) == 1 for d in draws)  # one m shared by the batch
+    assert len({int(d[0]) for d in draws}) > 1  # ... drawn anew per batch
+    again = make_batches(config(folder, path), num_queries=16, image_size=8, batch_size=4,
+                         seq_len=128, sampler=sampler)
+    assert [int(d[0]) for d in draws] == [int(b["m"][0, 0]) for b in again]
+
+
+@pytest.mark.parametrize("records", [
+    lambda: [qa(i, "Red") | {"image": "nowhere.png"} for i in range(3)],  # a wrong image root
+    lambda: ["{broken"] * 4,  # only bad records
+])
+def test_no_record_giving_an_example_stops_with_counts(folder, records):
+    from mqt_jax.data.pipeline import NoExamples
+
+    path = write_jsonl(folder / "bad.jsonl", records())
+    it = make_batches(DataConfig(data_path=str(path), image_root=str(folder),
+                                 tokenizer_dir=str(folder / "tok")),  # repeats forever
+                      num_queries=4, image_size=8, batch_size=2, seq_len=48)
+    with pytest.raises(NoExamples, match=r"no record of .*bad.jsonl gives a training example "
+                                         r"\(\d records on this host, \d+ skipped in a row: "
+                                         r"(missing_image|malformed_json) \d+\)"):
+        next(it)

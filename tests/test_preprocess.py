@@ -42,3 +42,40 @@ def test_grey_and_rgba_images_become_rgb_and_bad_mode_is_named():
     assert clip_preprocess(Image.new("RGBA", (8, 8)), 8).shape == (8, 8, 3)
     with pytest.raises(ValueError, match="image mode 'stretch'"):
         clip_preprocess(Image.new("RGB", (8, 8)), 8, "stretch")
+
+
+def test_16_bit_images_keep_their_levels(tmp_path):
+    """A 16-bit PNG opens as "I;16" / "I"; PIL's own convert("RGB") would clip it to white."""
+    from mqt_jax.data.preprocess import open_image
+
+    levels = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369)  # 0 .. 65535
+    Image.fromarray(levels).save(tmp_path / "deep.png")
+    image = open_image(tmp_path / "deep.png")
+    assert image.mode.startswith("I")
+    out = clip_preprocess(image, 4, "crop")
+    want = np.round(levels / 257.0)  # the same levels in 8 bits
+    np.testing.assert_allclose(out[..., 0], (want / 255.0 - MEAN[0]) / STD[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", r"x.png: empty \(0 bytes\)"),
+    (b"GIF89a nonsense", "x.png: not a decodable image"),
+])
+def test_bad_image_bytes_are_one_line_errors(tmp_path, content, message):
+    from mqt_jax.data.preprocess import BadImage, open_image
+
+    (tmp_path / "x.png").write_bytes(content)
+    with pytest.raises(BadImage, match=message):
+        open_image(tmp_path / "x.png")
+
+
+def test_decompression_bomb_is_refused_from_its_header(tmp_path):
+    from mqt_jax.data.preprocess import BadImage, open_image
+
+    Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")  # 400 M pixels, a small file
+    assert (tmp_path / "bomb.png").stat().st_size < 1 << 20
+    with pytest.raises(BadImage, match="bomb.png: over the limit of 67108864 pixels"):
+        open_image(tmp_path / "bomb.png")
+    Image.new("1", (9000, 8000)).save(tmp_path / "large.png")  # under PIL's own limits
+    with pytest.raises(BadImage, match="9000 x 8000 pixels is over the limit"):
+        open_image(tmp_path / "large.png")

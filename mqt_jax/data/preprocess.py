@@ -45,6 +45,8 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) 
             image.load()
     except BadImage:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"{name}: over the limit of {max_pixels} pixels ({e})") from None
     except Exception as e:  # noqa: BLE001  (PIL raises many types for a broken file)
         raise BadImage(f"{name}: not a decodable image ({type(e).__name__}: {e})") from None
     return image
