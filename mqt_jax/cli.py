@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tokenize
 from pathlib import Path
 
 import gin
@@ -40,11 +41,13 @@ def parse_gin(files: list[str], params: list[str]) -> None:
             except SyntaxError as e:
                 raise ValueError(f"gin syntax error in {e.filename or path}, line {e.lineno}: "
                                  f"{e.msg} {(e.text or '').strip()!r}") from None
+            except tokenize.TokenError as e:  # an unclosed bracket
+                raise ValueError(f"gin syntax error in {path}: {e.args[0]}") from None
         for binding in params:
             try:
                 gin.parse_config(binding)
-            except SyntaxError as e:
-                raise ValueError(f"--gin_param {binding!r}: {e.msg}") from None
+            except (SyntaxError, tokenize.TokenError) as e:
+                raise ValueError(f"--gin_param {binding!r}: {getattr(e, 'msg', e.args[0])}") from None
         gin.finalize()
     finally:
         logging.getLogger().removeFilter(quiet)
@@ -191,6 +194,10 @@ def cmd_eval(args) -> int:
                        ("--images", args.images)):
         if path and not Path(path).exists():
             raise FileNotFoundError(f"{flag} {path} not found")
+    given = Path(args.ckpt or args.workdir)
+    workdir = given.parent if given.name == "checkpoints" else given
+    out = Path(args.out) if args.out else workdir / "eval"  # where `mqt-jax train` puts it
+    out.mkdir(parents=True, exist_ok=True)  # fails now, not after generating
     join_processes(args)
     run_ = open_trained(args, parse_m(args.m) if args.m else [])
     config = run_.eval_config
@@ -203,10 +210,7 @@ def cmd_eval(args) -> int:
         config = dataclasses.replace(config, m_values=tuple(parse_m(args.m)))
     if not config.questions:
         raise ValueError("no question file: give --questions (the run's config names none)")
-    given = Path(args.ckpt or args.workdir)
-    workdir = given.parent if given.name == "checkpoints" else given
-    out = Path(args.out) if args.out else workdir / "eval"  # where `mqt-jax train` puts it
-    (out / config.benchmark).mkdir(parents=True, exist_ok=True)  # fails before generating
+    (out / config.benchmark).mkdir(parents=True, exist_ok=True)
     evaluate_run(run_, out, config)
     if jax.process_index() == 0:
         print(f"sweep over every benchmark in {out}: sweep.csv, sweep.md, sweep.png")
