@@ -8,6 +8,7 @@ Every weight is re-drawn at random first, so a LayerNorm or bias mapped wrongly 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -97,6 +98,32 @@ def test_clip_vision_tower_equals_transformers(hf_models, tmp_path):
         got = VisionTower(cfg).apply({"params": params["vision_tower"]}, jnp.asarray(images))
     assert got.shape == want.shape == (8, 16, 32)
     assert relative_error(got, want) < 1e-5
+    # The folder's own config.gin rebuilds a model (the resampler attends at the tower's width).
+    from mqt_jax.cli import parse_gin
+    from mqt_jax.config import ModelConfig
+
+    parse_gin([str(tmp_path / "out" / "config.gin")], [])
+    assert ModelConfig().vision == cfg and ModelConfig().query.width == cfg.width
+
+
+def test_llava_tower_under_transformers_5_key_names_converts_the_same(hf_models, tmp_path):
+    """model.vision_tower.vision_tower.embeddings.* (no vision_model.) reads like the rest."""
+    from safetensors.numpy import load_file, save_file
+
+    src = hf_models["root"] / "llava"
+    tensors = load_file(src / "model.safetensors")
+    prefix = convert.find_prefix(set(tensors), "embeddings.patch_embedding.weight",
+                                 convert.CLIP_PREFIXES)
+    assert prefix and prefix != "model.vision_tower.vision_tower."
+    shutil.copytree(src, tmp_path / "renamed")
+    save_file({("model.vision_tower.vision_tower." + k[len(prefix):]) if k.startswith(prefix) else k: v
+               for k, v in tensors.items()}, str(tmp_path / "renamed" / "model.safetensors"))
+    a = convert.convert("llava-1.5", src, tmp_path / "a", mesh=mesh(), progress=False)
+    b = convert.convert("llava-1.5", tmp_path / "renamed", tmp_path / "b", mesh=mesh(), progress=False)
+    a, b = flatten_dict(a), flatten_dict(b)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg="/".join(key))
 
 
 def test_a_full_clip_model_converts_its_vision_side(tmp_path):
@@ -434,7 +461,6 @@ def word_tokenizer(folder: Path, vocab_size: int) -> None:
 def test_a_converted_llava_opens_for_generation_and_training(hf_models, tmp_path, capsys):
     """OUT works as a run folder: `mqt-jax generate --workdir OUT` answers at m = M (the
     projector has no other m), and TrainConfig.init_from = OUT starts training from it."""
-    import shutil
 
     from PIL import Image
 
