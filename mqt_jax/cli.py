@@ -462,10 +462,10 @@ def main(argv=None) -> int:
     data_p = sub.add_parser("data", help="datasets").add_subparsers(dest="dataset", required=True)
     shapes_p = data_p.add_parser("shapes", help="generate the shapes-VQA dataset (LLaVA format)")
     shapes_p.add_argument("--out", required=True, help="output folder (must not exist)")
-    shapes_p.add_argument("--num_train", type=int, default=2000)
-    shapes_p.add_argument("--num_eval", type=int, default=300)
+    shapes_p.add_argument("--num_train", type=positive_int, default=2000)
+    shapes_p.add_argument("--num_eval", type=positive_int, default=300)
     shapes_p.add_argument("--seed", type=int, default=0)
-    shapes_p.add_argument("--image_size", type=int, default=64)
+    shapes_p.add_argument("--image_size", type=positive_int, default=64)
     shapes_p.set_defaults(func=cmd_data_shapes)
     args = parser.parse_args(argv)
     try:

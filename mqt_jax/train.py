@@ -441,7 +441,9 @@ class MetricsLog:
                     continue  # a line cut off by a kill
         write_atomic(path, "".join(kept))
         self.file = path.open("a")
-        self.board = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step or None)
+        # events after the checkpoint's step are dropped too (they are logged anew)
+        self.board = SummaryWriter(str(workdir / "tensorboard"),
+                                   purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, row: dict, batch: dict) -> None:
         step = row["step"]
@@ -584,7 +586,6 @@ def train(workdir: str) -> list[dict]:
     """Train, resuming from W/checkpoints if a checkpoint is there; write W/config.gin and
     W/metrics.jsonl. Returns this invocation's log. Every setting comes from gin
     (ModelConfig, TrainConfig, MeshConfig, MSampler, DataConfig)."""
-    preempted = Preempted()
     model_config, config, sampler = ModelConfig(), TrainConfig(), MSampler()
     mesh = sharding.make_mesh(sharding.MeshConfig())
     workdir_path = Path(workdir)
@@ -597,9 +598,9 @@ def train(workdir: str) -> list[dict]:
                                     f"workdir {workdir_path})")
     workdir_path.mkdir(parents=True, exist_ok=True)
     is_chief = jax.process_index() == 0
-    lock = WorkdirLock(workdir_path) if is_chief else None
-    ckpt = out = None
+    preempted, lock, ckpt, out = Preempted(), None, None, None
     try:
+        lock = WorkdirLock(workdir_path) if is_chief else None
         trainer = Trainer(model_config, config, mesh, sampler)
         batches = batch_source(model_config, config, sampler, mesh)
         ckpt = Checkpointer(workdir_path / "checkpoints", config.max_to_keep)

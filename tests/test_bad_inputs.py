@@ -71,12 +71,12 @@ def test_gin_file_syntax_error_names_file_and_line(tmp_path, monkeypatch, capsys
 # ---- one trained run (tiny.gin, 4 steps, checkpoints at 2 and 4), copied per case ----
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained")
+    root, here = tmp_path_factory.mktemp("trained"), os.getcwd()
     os.chdir(root)
     try:
         assert cli.main(["train", *TINY, *STEPS, "--workdir", "w"]) == 0
     finally:
-        os.chdir(Path(__file__).parent.parent)
+        os.chdir(here)
     return root / "w"
 
 

@@ -18,7 +18,7 @@ from mqt_jax.sharding import initialize_distributed
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "launch" / "local_processes.sh"
 ARGS = ["--gin_file", "tiny.gin", "--gin_param", "TrainConfig.steps = 4",
-        "--gin_param", "TrainConfig.seq_len = 64", "--gin_param", "MeshConfig.fsdp = 4",
+        "--gin_param", "TrainConfig.seq_len = 80", "--gin_param", "MeshConfig.fsdp = 4",
         "--gin_param", "MeshConfig.data = 2"]
 # The venv's mqt-jax first on PATH; the suite's device count must not leak in, its quick
 # compilation flag does (the launcher adds each process's device count).

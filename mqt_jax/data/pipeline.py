@@ -127,9 +127,9 @@ class ExampleBuilder:
             if not path.exists():
                 raise BadRecord("missing_image", str(path))
             try:
-                pil = open_image(path.read_bytes())
+                pil = open_image(path.read_bytes(), name=str(path))  # any epath: bytes
             except BadImage as e:
-                raise BadRecord("bad_image", f"{path}: {e}") from e
+                raise BadRecord("bad_image", str(e)) from e
         image = (None if image_path is None
                  else clip_preprocess(pil, self.image_size, self.config.image_mode))
         m = self.sampler.sample(self.num_queries, (example.num_images,), self.seed, index)

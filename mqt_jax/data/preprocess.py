@@ -25,10 +25,12 @@ class BadImage(ValueError):
     """An image that cannot be used: unreadable, empty, undecodable or too large."""
 
 
-def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS,
+               name: str | None = None) -> Image.Image:
     """A decoded PIL image from a path or encoded bytes. The size is checked from the header
-    before the pixels are decoded; every failure is a one-line BadImage naming the source."""
-    name = "image bytes" if isinstance(source, bytes) else str(source)
+    before the pixels are decoded; every failure is a one-line BadImage naming the source
+    (`name`, else the path, else "image bytes")."""
+    name = name or ("image bytes" if isinstance(source, bytes) else str(source))
     try:
         data = source if isinstance(source, bytes) else open(source, "rb").read()
     except OSError as e:
@@ -47,6 +49,8 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) 
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage(f"{name}: over the limit of {max_pixels} pixels ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise BadImage(f"{name}: not a decodable image (no image format recognised)") from None
     except Exception as e:  # noqa: BLE001  (PIL raises many types for a broken file)
         raise BadImage(f"{name}: not a decodable image ({type(e).__name__}: {e})") from None
     return image

@@ -121,6 +121,8 @@ def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 
     out = Path(out)
     if num_train < 1 or num_eval < 1:
         raise ValueError(f"num_train={num_train} and num_eval={num_eval} must be >= 1")
+    if image_size < 16:
+        raise ValueError(f"image_size={image_size}: the 3 x 3 grid of shapes needs at least 16 px")
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or choose another --out")
     tmp = out.with_name(out.name + ".partial")
