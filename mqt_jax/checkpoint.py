@@ -99,6 +99,8 @@ class Checkpointer:
                 data=ocp.args.JsonRestore(),
             ))
         except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
+            if not_damage(e):
+                raise
             raise DamagedCheckpoint(first_line(e)) from e
         data = restored.data
         if not isinstance(data, dict):
@@ -165,6 +167,15 @@ class Checkpointer:
         self.manager.close()
 
 
+# Failures of the machine, not of the files: never a reason to set a checkpoint aside.
+TRANSIENT = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "UNAVAILABLE",
+             "DEADLINE_EXCEEDED")
+
+
+def not_damage(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or any(t in str(e) for t in TRANSIENT)
+
+
 def first_line(e: BaseException, limit: int = 300) -> str:
     """An exception as one short line (tensorstore's messages run to pages)."""
     text = str(e).strip().splitlines()
@@ -208,6 +219,8 @@ def restore_params(path: str | Path, abstract_params, step: int | None = None,
                             partial_restore=True)))
                     break
                 except Exception as e:  # noqa: BLE001
+                    if not_damage(e):
+                        raise
                     damaged = first_line(e)
             if step == steps[-1]:
                 raise ValueError(f"{directory} step {step} does not restore: {damaged}")

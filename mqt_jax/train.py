@@ -73,7 +73,7 @@ class TrainConfig:
         at_least = {"steps": 1, "batch_size": 1, "grad_accum_steps": 1, "seq_len": 2,
                     "images_per_row": 1, "log_every": 1, "checkpoint_every": 0,
                     "max_to_keep": 1, "max_nonfinite_in_a_row": 1, "learning_rate": 0,
-                    "weight_decay": 0, "warmup_fraction": 0}
+                    "weight_decay": 0}
         for name, low in at_least.items():
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
