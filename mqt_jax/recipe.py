@@ -49,8 +49,8 @@ def run(workdir: str) -> dict | None:
     with scoped(recipe.stages[-1] if recipe.stages else ""):
         eval_config = EvalConfig()
         m_values_for(eval_config, ModelConfig())
-        for name in ("questions", "answers", "image_root", "tokenizer_dir"):
-            check_data_paths(eval_config, recipe.shapes_dir, (name,))
+        check_data_paths(eval_config, recipe.shapes_dir,
+                         ("questions", "answers", "image_root", "tokenizer_dir"))
     say = print if jax.process_index() == 0 else (lambda *_: None)
     if recipe.shapes_dir and not Path(recipe.shapes_dir).exists():
         if jax.process_count() > 1:
