@@ -3,54 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import tokenize
 from pathlib import Path
 
-import gin
-
-# configs/ of a source checkout (editable install), else the copy setup.py installs.
-CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "configs",
-                               Path(sys.prefix) / "share" / "mqt_jax" / "configs")
-                   if (d / "tiny.gin").is_file()), Path(__file__).resolve().parent.parent / "configs")
-
-
-def find_gin_file(name: str) -> str:
-    """A path as given, else a file of the repository's configs/ folder."""
-    for candidate in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.gin"):
-        if candidate.is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"gin file {name!r} not found (looked in . and {CONFIG_DIR})")
-
-
-def parse_gin(files: list[str], params: list[str]) -> None:
-    """Parse before importing anything heavy so that errors come first; gin's include
-    statements resolve against configs/."""
-    import mqt_jax.recipe  # noqa: F401  (registers every configurable)
-
-    gin.clear_config()  # each command starts from its own files and bindings
-    gin.add_config_file_search_path(str(CONFIG_DIR))
-    # gin logs an ERROR for every search-path prefix an include is not under; it is not one.
-    quiet = lambda record: not record.getMessage().startswith("Path not found")  # noqa: E731
-    logging.getLogger().addFilter(quiet)
-    try:
-        for path in [find_gin_file(f) for f in files]:
-            try:
-                gin.parse_config_file(path)
-            except SyntaxError as e:
-                raise ValueError(f"gin syntax error in {e.filename or path}, line {e.lineno}: "
-                                 f"{e.msg} {(e.text or '').strip()!r}") from None
-            except tokenize.TokenError as e:  # an unclosed bracket
-                raise ValueError(f"gin syntax error in {path}: {e.args[0]}") from None
-        for binding in params:
-            try:
-                gin.parse_config(binding)
-            except (SyntaxError, tokenize.TokenError) as e:
-                raise ValueError(f"--gin_param {binding!r}: {getattr(e, 'msg', e.args[0])}") from None
-        gin.finalize()
-    finally:
-        logging.getLogger().removeFilter(quiet)
+from mqt_jax import gin_files
+from mqt_jax.gin_files import CONFIG_DIR, find_gin_file, in_scope, parse_gin  # noqa: F401
 
 
 def cmd_train(args) -> int:
@@ -101,42 +58,26 @@ def parse_m(text: str) -> list[int]:
     return values
 
 
-def in_scope(binding: str, scope: str) -> str:
-    """'A.b = v' as 'scope/A.b = v'; bindings already scoped, and macros, as they are."""
-    key = binding.split("=", 1)[0].strip()
-    return binding if not scope or "/" in key or "." not in key else f"{scope}/{binding.strip()}"
-
-
 def parse_run_config(args) -> tuple[Path, str]:
-    """The run named by --workdir / --ckpt: its config.gin parsed with --gin_file / --gin_param
-    on top; returns (the run's folder, its stage's gin scope). A recipe's config.gin binds
-    everything in its stages' scopes, which outrank unscoped bindings, so each --gin_param is
-    also bound in the run's scope."""
-    from mqt_jax.recipe import run_config_file, run_folder
-
-    path = Path(args.ckpt or args.workdir)
-    parse_gin([str(run_config_file(path))] + (args.gin_file or []), args.gin_param)
-    path, scope = run_folder(path)
-    if scope:
-        with gin.unlock_config():  # parse_gin finalized it
-            gin.parse_config([in_scope(b, scope) for b in args.gin_param])
-    return path, scope
+    """The run named by --workdir / --ckpt, its config parsed (gin_files.parse_run_config)."""
+    return gin_files.parse_run_config(args.ckpt or args.workdir, args.gin_file or [],
+                                      args.gin_param)
 
 
-def open_trained(args, m_values: list[int] = (), check=None):
-    """The run named by --workdir / --ckpt (`parse_run_config`). `m_values` are checked
-    against its M, and `check(model_config)` is called, before any parameter is read."""
-    from mqt_jax.config import ModelConfig
-    from mqt_jax.recipe import open_run, scoped
+def open_model(args, m_values: list[int] = (), check=None):
+    """`mqt_jax.load` of the run named by --workdir / --ckpt with --gin_file / --gin_param on
+    top. `m_values` are checked against its M, and `check(model_config)` is called, before
+    any parameter is read."""
+    from mqt_jax.api import load
 
-    path, scope = parse_run_config(args)
-    with scoped(scope):
-        config = ModelConfig()
+    def checks(config):
         if m_values:
             config.check_m(m_values)
         if check:
             check(config)
-    return open_run(path, scope)
+
+    return load(args.ckpt or args.workdir, gin_files=args.gin_file or [],
+                gin_params=args.gin_param, check=checks)
 
 
 def read_image(path: str):
@@ -149,33 +90,18 @@ def read_image(path: str):
     return open_image(path)
 
 
-def one_image(run_, pil):
-    from mqt_jax.data.preprocess import clip_preprocess
-
-    return clip_preprocess(pil, run_.model_config.vision.image_size, run_.eval_config.image_mode)
-
-
 def cmd_generate(args) -> int:
     import jax
 
-    from mqt_jax.data.conversation import encode_prompt
-    from mqt_jax.data.tokenizer import load_tokenizer
-    from mqt_jax.generate import Generator, SamplingConfig
-    from mqt_jax.sharding import batch_divisor
-
     pil = read_image(args.image)
     m_values = parse_m(args.m)
-    run_ = open_trained(args, m_values)
-    image = one_image(run_, pil)
-    tokenizer = load_tokenizer(run_.eval_config.tokenizer_dir)
-    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p,
-                              max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), seed=args.seed)
-    generator = Generator(run_.model_config, run_.params, run_.mesh, tokenizer.eos_id, sampling,
-                          batch_size=batch_divisor(run_.mesh))
-    prompt = encode_prompt(args.prompt, run_.eval_config.template, tokenizer)
-    for m in m_values:
-        answer, = generator.texts([prompt], image[None], m, tokenizer)
-        if jax.process_index() == 0:
+    model = open_model(args, m_values)
+    # One batch: the rows differ in m only (m is data, so they share one compiled prefill).
+    answers = model.generate([pil] * len(m_values), [args.prompt] * len(m_values), m=m_values,
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, stop=args.stop, seed=args.seed)
+    if jax.process_index() == 0:
+        for m, answer in zip(m_values, answers):
             print(f"m={m}: {answer}" if len(m_values) > 1 else answer)
     return 0
 
@@ -199,7 +125,7 @@ def cmd_eval(args) -> int:
     out = Path(args.out) if args.out else workdir / "eval"  # where `mqt-jax train` puts it
     out.mkdir(parents=True, exist_ok=True)  # fails now, not after generating
     join_processes(args)
-    run_ = open_trained(args, parse_m(args.m) if args.m else [])
+    run_ = open_model(args, parse_m(args.m) if args.m else []).run
     config = run_.eval_config
     given = {"benchmark": args.benchmark, "questions": args.questions, "answers": args.answers,
              "image_root": args.images, "limit": args.limit}
@@ -218,29 +144,22 @@ def cmd_eval(args) -> int:
 
 
 def cmd_gradcam(args) -> int:
-    from mqt_jax.data.conversation import encode_prompt
-    from mqt_jax.data.tokenizer import load_tokenizer
-    from mqt_jax.generate import Generator, SamplingConfig
     from mqt_jax.gradcam import check_variant, draw, gradcam_maps
-    from mqt_jax.sharding import activate, batch_divisor
+    from mqt_jax.sharding import activate
 
     pil = read_image(args.image)
     if not args.out.endswith(".png"):
         raise ValueError(f"--out {args.out}: a .png file")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # fails now if it cannot be made
     m_values = parse_m(args.m)
-    run_ = open_trained(args, m_values, check_variant)
-    image = one_image(run_, pil)
-    tokenizer = load_tokenizer(run_.eval_config.tokenizer_dir)
-    prompt = encode_prompt(args.prompt, run_.eval_config.template, tokenizer)
-    generator = Generator(run_.model_config, run_.params, run_.mesh, tokenizer.eos_id,
-                          SamplingConfig(max_new_tokens=args.max_new_tokens),
-                          batch_size=batch_divisor(run_.mesh))
-    answers = {m: generator([prompt], image[None], m)[0] for m in m_values}
-    with activate(run_.mesh):
-        maps = gradcam_maps(run_.model_config, generator.params, prompt, image, answers,
-                            tokenizer.eos_id)
-    texts = {m: tokenizer.decode(ids).strip() for m, ids in answers.items()}
+    model = open_model(args, m_values, check_variant)
+    image, prompt = model.image(pil), model.prompt(args.prompt)
+    answers = model.generate([pil] * len(m_values), [args.prompt] * len(m_values), m=m_values,
+                             max_new_tokens=args.max_new_tokens, details=True)
+    with activate(model.mesh):
+        maps = gradcam_maps(model.config, model.params, prompt, image,
+                            {a.m: a.tokens for a in answers}, model.tokenizer.eos_id)
+    texts = {a.m: model.tokenizer.decode(a.tokens).strip() for a in answers}
     draw(image, maps, texts, args.out, title=args.prompt.splitlines()[0])
     for m in m_values:
         print(f"m={m}: {texts[m]}")

@@ -47,15 +47,27 @@ class SamplingConfig:
 
 def next_token(logits, temperature, top_p, key):
     """logits [B, V] -> token ids [B]: argmax where temperature == 0, else a sample from the
-    top-p nucleus of softmax(logits / temperature). Both are traced: no recompilation."""
-    greedy = jnp.argmax(logits, -1)
-    scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
-    ranked = jnp.sort(scaled, -1)[:, ::-1]
-    probs = jax.nn.softmax(ranked, -1)
-    before = jnp.cumsum(probs, -1) - probs  # mass of the tokens ranked above each one
-    kept = jnp.where(before < top_p, ranked, jnp.inf).min(-1, keepdims=True)  # the top one always
-    sampled = jax.random.categorical(key, jnp.where(scaled >= kept, scaled, -jnp.inf))
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    top-p nucleus of softmax(logits / temperature). temperature, top_p: scalars or one per
+    row; key: one key, or one per row [B] (a row's draw then depends on its own key alone).
+    All traced: no recompilation; a batch without a sampling row skips the sort (a cond)."""
+    temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), logits.shape[:1])
+    top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), logits.shape[:1])
+    greedy = jnp.argmax(logits, -1).astype(jnp.int32)
+
+    def sample(_):
+        scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)[:, None]
+        ranked = jnp.sort(scaled, -1)[:, ::-1]
+        probs = jax.nn.softmax(ranked, -1)
+        before = jnp.cumsum(probs, -1) - probs  # mass of the tokens ranked above each one
+        kept = jnp.where(before < top_p[:, None], ranked, jnp.inf).min(-1, keepdims=True)  # the top one always
+        nucleus = jnp.where(scaled >= kept, scaled, -jnp.inf)
+        if key.ndim:
+            sampled = jax.vmap(jax.random.categorical)(key, nucleus)
+        else:
+            sampled = jax.random.categorical(key, nucleus)
+        return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -67,10 +79,8 @@ def _generate(model: VisionLanguageModel, max_new_tokens: int, params, prompts: 
     keys on them and on the shapes."""
     seq_len = prompts["token_ids"].shape[1]
     logits, cache = model.apply({"params": params}, *(prompts[k] for k in MODEL_INPUTS),
-                                seq_len + max_new_tokens, method="prefill")
-    last = (prompts["segment_ids"] > 0).sum(1) - 1
-    first = next_token(logits[jnp.arange(logits.shape[0]), last], temperature, top_p,
-                       jax.random.fold_in(key, 0))
+                                seq_len + max_new_tokens, last_only=True, method="prefill")
+    first = next_token(logits[:, 0], temperature, top_p, jax.random.fold_in(key, 0))
     out = jnp.full((first.shape[0], max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first)
 
     def more(carry):
@@ -80,7 +90,8 @@ def _generate(model: VisionLanguageModel, max_new_tokens: int, params, prompts: 
     def decode(carry):
         step, out, cache, done = carry
         previous = jax.lax.dynamic_slice_in_dim(out, step - 1, 1, axis=1)  # [B, 1]
-        logits, cache = model.apply({"params": params}, previous, cache, method="decode")
+        logits, cache = model.apply({"params": params}, previous, cache,
+                                    method="decode_in_place")
         token = next_token(logits[:, 0], temperature, top_p, jax.random.fold_in(key, step))
         token = jnp.where(done, eos_id, token)
         return step + 1, out.at[:, step].set(token), cache, done | ends(token)
@@ -95,13 +106,16 @@ def _prefill_logits(model: VisionLanguageModel, params, prompts: dict):
     return model.apply({"params": params}, *(prompts[k] for k in MODEL_INPUTS))
 
 
-def prompt_batch(examples: list[splice.Example], images: np.ndarray, m: int, num_queries: int,
+def prompt_batch(examples: list[splice.Example], images: np.ndarray, m, num_queries: int,
                  seq_len: int) -> dict[str, np.ndarray]:
-    """One prompt per row at the same m; images [B, H, W, 3]."""
-    m_rows = np.full((len(examples), 1), m, np.int32)
+    """One prompt per row, each at its m (an int for every row, or one per row); images
+    [B, H, W, 3]."""
+    m_rows = np.broadcast_to(np.asarray(m, np.int32), (len(examples),)).reshape(-1, 1)
     lengths = [splice.true_length(e, m_rows[i]) for i, e in enumerate(examples)]
     if max(lengths) > seq_len:
-        raise ValueError(f"a prompt of {max(lengths)} tokens at m={m} does not fit seq_len={seq_len}")
+        i = int(np.argmax(lengths))
+        raise ValueError(f"a prompt of {lengths[i]} tokens at m={int(m_rows[i, 0])} does not fit "
+                         f"seq_len={seq_len}")
     laid = splice.layout_rows([[e] for e in examples], m_rows, num_queries, seq_len)
     return {"images": images[:, None].astype(np.float32), "m": m_rows,
             **{k: laid[k] for k in MODEL_INPUTS[2:]}}  # token_ids ... question_end
@@ -132,8 +146,19 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     return text[: min(ends)] if ends else text
 
 
+def per_row(m, rows: int) -> np.ndarray:
+    """m as one int per row: an int repeated, or a sequence of `rows` values."""
+    m = np.asarray(m)
+    if m.ndim == 0:
+        return np.full(rows, m, m.dtype)
+    if m.shape != (rows,):
+        raise ValueError(f"m has {m.size} values for {rows} rows: give one m, or one per row")
+    return m
+
+
 class Generator:
-    """Batched, sharded generation at any m (1 <= m <= M, checked on every call).
+    """Batched, sharded generation at any m (1 <= m <= M, checked on every call), one per
+    call or one per request.
 
     Requests are sorted by prompt length and cut into batches of `batch_size` rows, each
     padded to the next multiple of `bucket` tokens: the generate function compiles once per
@@ -154,17 +179,19 @@ class Generator:
         self.batch_sharding = sharding.batch_sharding(mesh)
         self._calls = 0
 
-    def batches(self, prompts: list[splice.Example], images: np.ndarray, m: int):
+    def batches(self, prompts: list[splice.Example], images: np.ndarray, m):
         """(row indices, placed batch) in order of prompt length; the last batch repeats its
-        last request to fill `batch_size` rows."""
-        self.model_config.check_m([m])
+        last request to fill `batch_size` rows. m: one for every row, or one per row (rows
+        of one batch may differ: m is data)."""
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
-        lengths = np.array([splice.true_length(p, [m]) for p in prompts])
+        m = per_row(m, len(prompts))
+        self.model_config.check_m(m)
+        lengths = np.array([splice.true_length(p, [k]) for p, k in zip(prompts, m)])
         limit = self.model_config.llm.max_length - self.sampling.max_new_tokens
         if lengths.size and lengths.max() > limit:
             i = int(lengths.argmax())
-            raise ValueError(f"prompt {i} is {lengths[i]} tokens at m={m}; with max_new_tokens="
+            raise ValueError(f"prompt {i} is {lengths[i]} tokens at m={m[i]}; with max_new_tokens="
                              f"{self.sampling.max_new_tokens} the model takes at most {limit} "
                              f"(LLMConfig.max_length={self.model_config.llm.max_length})")
         order = np.argsort(lengths, kind="stable")
@@ -173,7 +200,7 @@ class Generator:
             idx = order[start:start + self.batch_size]
             idx = np.concatenate([idx, np.full(self.batch_size - len(idx), idx[-1])])
             seq_len = -(-lengths[idx].max() // self.bucket) * self.bucket
-            batch = prompt_batch([prompts[i] for i in idx], images[idx], m,
+            batch = prompt_batch([prompts[i] for i in idx], images[idx], m[idx],
                                  self.model_config.num_queries, seq_len)
             if self.model_config.dropped_per_image:
                 splice.check_survivors(batch, self.model_config.num_queries,
@@ -181,10 +208,11 @@ class Generator:
             yield idx, {k: jax.make_array_from_process_local_data(self.batch_sharding, v[rows])
                         for k, v in batch.items()}
 
-    def __call__(self, prompts: list[splice.Example], images: np.ndarray, m: int,
+    def __call__(self, prompts: list[splice.Example], images: np.ndarray, m,
                  stops: np.ndarray | None = None) -> list[list[int]]:
         """Generated token ids per prompt (up to, not including, EOS; up to and including the
-        first token where `stops` [V] is true). images [N, H, W, 3]."""
+        first token where `stops` [V] is true). images [N, H, W, 3]; m: one, or one per
+        prompt."""
         s, out = self.sampling, [None] * len(prompts)
         if stops is None:
             stops = np.zeros(self.model_config.llm.vocab_size, bool)
@@ -198,7 +226,7 @@ class Generator:
                     out[i] = tokens
         return out
 
-    def texts(self, prompts, images, m: int, tokenizer) -> list[str]:
+    def texts(self, prompts, images, m, tokenizer) -> list[str]:
         """Decoded answers, each cut before the first stop string."""
         stops = stop_tokens(tokenizer, self.sampling.stop, self.model_config.llm.vocab_size)
         return [cut_at_stop(tokenizer.decode(ids), self.sampling.stop).strip()

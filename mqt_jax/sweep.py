@@ -83,7 +83,7 @@ def expand(sweep: Sweep) -> list[Run]:
 
 
 def load_sweep(sweep_file: str) -> tuple[Sweep, list[Run]]:
-    from mqt_jax.cli import parse_gin
+    from mqt_jax.gin_files import parse_gin
 
     parse_gin([sweep_file], [])
     sweep = Sweep()
@@ -110,7 +110,7 @@ def run_all(sweep_file: str, workdir: str | Path, only: list[str] = ()) -> list[
     """Train and evaluate every incomplete run in this process, one after another, then
     collect. The persistent compilation cache in W/.jax_cache lets runs (and reruns) whose
     programs agree reuse each other's compiled functions; m is data, so no run compiles per m."""
-    from mqt_jax.cli import parse_gin
+    from mqt_jax.gin_files import parse_gin
     from mqt_jax.recipe import run as run_recipe
 
     workdir = Path(workdir)
@@ -159,7 +159,7 @@ COLUMNS = ("method", "run", "m", "tokens", "score", "tflops", "prefill_ms", "llm
 
 def llm_params(sweep: Sweep, run: Run) -> int:
     """The run's LLM parameters (from its gin bindings: the scaling law's N)."""
-    from mqt_jax.cli import parse_gin
+    from mqt_jax.gin_files import parse_gin
     from mqt_jax.config import ModelConfig
     from mqt_jax.flops import llm_parameters
 

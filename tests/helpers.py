@@ -51,3 +51,43 @@ def init_params(module, *args, method=None, seed=0, **kwargs) -> dict:
 
     init = jax.jit(partial(module.init, method=method))
     return nn.meta.unbox(init(jax.random.key(seed), *args, **kwargs)["params"])
+
+
+SENTENCES = ["What shape is in the picture?", "A red circle on a blue square.",
+             "How many triangles are there?", "The colour of the star is green.",
+             "Describe the image in one word.", "Yes, no, left, right, top, bottom."] * 20
+
+
+def write_run(folder, variant="official", query_mask="prefix", num_queries=16, seed=0,
+              scale=50.0):
+    """A run folder as `mqt-jax convert` writes one (config.gin, checkpoints/, tokenizer/) of
+    a tiny model with random parameters, whose embeddings are scaled up so that greedy answers
+    depend on the image, the question and m (a fresh LLM repeats one token). Returns the
+    ModelConfig. Takes a few seconds."""
+    import dataclasses
+    from pathlib import Path
+
+    import jax
+
+    from mqt_jax.convert import save_params
+    from mqt_jax.data.tokenizer import train_sentencepiece
+    from mqt_jax.models.vlm import VisionLanguageModel
+
+    folder = Path(folder)
+    train_sentencepiece(SENTENCES, folder / "tokenizer", vocab_size=300)
+    cfg = tiny_config(variant, query_mask, num_queries)
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=300))
+    batch = random_batch(cfg, [num_queries], seq_len=32)
+    params = init_params(VisionLanguageModel(cfg), batch, method="logits", seed=seed)
+    params = dict(params, llm=dict(params["llm"], embedding=params["llm"]["embedding"] * scale))
+    lines = []
+    for field, name in (("vision", "VisionConfig"), ("query", "QueryTransformerConfig"),
+                        ("llm", "LLMConfig")):
+        part = getattr(cfg, field)
+        lines += [f"{name}.{f.name} = {getattr(part, f.name)!r}" for f in dataclasses.fields(part)]
+        lines.append(f"ModelConfig.{field} = @{name}()")
+    lines += ["ModelConfig.remat_policy = 'none'", "MeshConfig.data = 1", "MeshConfig.fsdp = -1",
+              f"EvalConfig.tokenizer_dir = {str(folder.absolute() / 'tokenizer')!r}",
+              "EvalConfig.template = 'vicuna_v1'"]
+    save_params(folder, jax.device_get(params), "\n".join(lines) + "\n")
+    return cfg

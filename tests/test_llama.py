@@ -111,9 +111,11 @@ def test_victor_logits_equal_deleting_the_visual_states_at_the_drop_layer(drop_l
     assert np.abs(plain[0, 8:] - got[0, 8:]).max() > 1e-3
 
 
-def test_victor_decode_with_the_cache_equals_the_full_forward():
+@pytest.mark.parametrize("method", ["decode", "decode_in_place"])
+def test_victor_decode_with_the_cache_equals_the_full_forward(method):
     """Prefill keeps every position's keys in the layers before the drop and the survivors'
-    after it; decoding continues each layer from its own cache."""
+    after it; decoding continues each layer from its own cache (sliced per layer by the scan,
+    or written where it lies by decode_in_place)."""
     cfg, model, params, emb, pos, seg, dropped, kept_len = victor_setup(drop_layer=2)
     prompt_len, new = 12, 2  # both rows: a 12-token prompt, then two tokens fed one by one
     seg = np.ones((2, prompt_len), np.int32)
@@ -123,10 +125,13 @@ def test_victor_decode_with_the_cache_equals_the_full_forward():
     _, cache = apply(emb, pos, seg, prompt_len + new, dropped, prompt_len - 6, method="prefill")
     steps = []
     for i in range(new):
-        logits, cache = apply(tokens[:, i:i + 1], cache, method="decode")
+        logits, cache = apply(tokens[:, i:i + 1], cache, method=method)
         steps.append(np.asarray(logits[:, 0]))
     full_emb = np.concatenate([emb, np.asarray(apply(tokens, method="embed"))], axis=1)
     full_pos = np.tile(np.arange(prompt_len + new), (2, 1))
     full = np.asarray(apply(full_emb, full_pos, np.ones((2, prompt_len + new), np.int32),
                             np.pad(dropped, ((0, 0), (0, new))), prompt_len + new - 6))
     np.testing.assert_allclose(np.stack(steps, 1), full[:, prompt_len:], rtol=1e-5, atol=1e-5)
+    last, _ = apply(emb, pos, seg, prompt_len, dropped, prompt_len - 6, last_only=True,
+                    method="prefill")  # the last prompt token's logits alone
+    np.testing.assert_allclose(last[:, 0], full[:, prompt_len - 1], rtol=1e-5, atol=1e-5)

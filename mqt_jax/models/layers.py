@@ -181,6 +181,8 @@ class Attention(nn.Module):
         With a KV cache {"k", "v": [B, S, kv_heads, D], "index": [B]} (decoding), the new keys
         and values are written into each row's cache at its own index, the queries attend to
         the whole cache (`mask` [B, 1, T, S] says which slots), and (out, new_cache) returns.
+        A cache with a "layer" holds every layer ([L, B, S, kv_heads, D], index [L, B]); see
+        `write_in_place`.
         """
         inputs_v = inputs_k if inputs_v is None else inputs_v
         kv_heads = self.num_kv_heads or self.num_heads
@@ -197,7 +199,10 @@ class Attention(nn.Module):
         batch = max(q.shape[0], k.shape[0], v.shape[0])
         q, k, v = (jnp.broadcast_to(t, (batch,) + t.shape[1:]) for t in (q, k, v))
         q = constrain(q, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
-        if cache is not None:
+        if cache is not None and "layer" in cache:
+            cache, k, v = write_in_place(cache, k, v)
+            k, v = k.astype(self.dtype), v.astype(self.dtype)
+        elif cache is not None:
             write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, 0))
             cache = {"k": write(cache["k"], k.astype(cache["k"].dtype), cache["index"]),
                      "v": write(cache["v"], v.astype(cache["v"].dtype), cache["index"]),
@@ -219,6 +224,19 @@ class Attention(nn.Module):
         )(out)
         out = constrain(out, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
         return out if cache is None else (out, cache)
+
+
+def write_in_place(cache: dict, k: Array, v: Array):
+    """One token's keys and values [B, 1, kv_heads, D] written into the whole-stack cache at
+    (layer, row, the row's index): a scatter of B vectors that XLA does in place when the
+    cache is a loop's carry, where slicing the layer out and writing it back would copy all
+    of it every token. Returns (cache, this layer's keys, values [B, S, kv_heads, D]); the
+    index is left for the caller to advance once every layer has written."""
+    layer, index = cache["layer"], cache["index"][cache["layer"]]
+    rows = jnp.arange(k.shape[0])
+    ks = cache["k"].at[layer, rows, index].set(k[:, 0].astype(cache["k"].dtype), mode="drop")
+    vs = cache["v"].at[layer, rows, index].set(v[:, 0].astype(cache["v"].dtype), mode="drop")
+    return dict(cache, k=ks, v=vs), ks[layer], vs[layer]
 
 
 def quick_gelu(x: Array) -> Array:

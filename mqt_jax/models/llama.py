@@ -28,8 +28,10 @@ def decoder_block(cfg: LLMConfig, kw: dict, x, mask, positions, cache):
     """One pre-norm LLaMA layer (its parameters created in the calling module). mask None:
     decoding, where each layer's own cache index says which slots its token sees."""
     if mask is None:
-        slots = cache["k"].shape[1]
-        mask = (jnp.arange(slots)[None, :] <= cache["index"][:, None])[:, None, None, :]
+        stacked = "layer" in cache  # the whole stack's cache, see layers.write_in_place
+        slots = cache["k"].shape[2 if stacked else 1]
+        index = cache["index"][cache["layer"]] if stacked else cache["index"]
+        mask = (jnp.arange(slots)[None, :] <= index[:, None])[:, None, None, :]
     h = layers.RMSNorm(cfg.rms_norm_eps, name="attn_norm", **kw)(x)
     attended = layers.Attention(
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
@@ -194,10 +196,12 @@ class Llama(nn.Module):
         return causal_segment_mask(padded)[:, :, : segment_ids.shape[1]]
 
     def prefill(self, embeddings, positions, segment_ids, cache_len: int, dropped=None,
-                kept_len=None):
+                kept_len=None, last_only: bool = False):
         """Run right-padded prompts (one per row; segment_ids 1 on the prompt, 0 after) and
         return (logits [B, T, vocab], a KV cache of `cache_len` slots whose per-row index is
-        the prompt's length: decoding continues right after each row's last real token)."""
+        the prompt's length: decoding continues right after each row's last real token).
+        last_only: the logits of each row's last prompt token alone, [B, 1, vocab] (all that
+        decoding needs; the head over every position costs T times more)."""
         b, _ = segment_ids.shape
         cfg, n = self.config, self.config.num_layers
         shape = (n, b, cache_len, cfg.num_kv_heads, cfg.head_dim)
@@ -205,6 +209,9 @@ class Llama(nn.Module):
                  "index": jnp.zeros((n, b), jnp.int32)}
         x, cache, placement = self._layers(embeddings, positions, segment_ids, cache, dropped,
                                            kept_len)
+        if last_only:  # the last layer's index is the row's length in x (survivors with a drop)
+            last = cache["index"][-1] - 1
+            return self._logits(jnp.take_along_axis(x, last[:, None, None], axis=1)), cache
         return unpack(self._logits(x), placement, segment_ids.shape[1]), cache
 
     def decode(self, token_ids, cache):
@@ -221,3 +228,25 @@ class Llama(nn.Module):
         else:
             x, cache = self.layers(x, None, positions, cache)
         return self._logits(x), cache
+
+    def decode_in_place(self, token_ids, cache):
+        """`decode` for a long-lived cache holding every layer ({"k", "v": [L, B, S, kv_heads,
+        D], "index": [L, B]}): the layers run as a loop whose carry is the cache, so each
+        writes its token's keys and values where they lie (layers.write_in_place), instead of
+        the cache being sliced per layer into the scan and stacked again on the way out (a
+        copy of all of it per token). Same parameters, same values as `decode`."""
+        x = layers.constrain(self.embed(token_ids), (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+        positions = cache["index"][0][:, None]
+        layer = DecoderLayer(self.config, self.dtype, self.param_dtype, parent=None)  # applied per layer
+
+        def body(carry, xs):
+            x, k, v = carry
+            params, i = xs
+            x, new = layer.apply({"params": params}, x, None, positions,
+                                 {"k": k, "v": v, "index": cache["index"], "layer": i})
+            return (x, new["k"], new["v"]), None
+
+        stack = self.variables["params"]["layers"]
+        (x, k, v), _ = jax.lax.scan(body, (x, cache["k"], cache["v"]),
+                                    (stack, jnp.arange(self.config.num_layers)))
+        return self._logits(x), {"k": k, "v": v, "index": cache["index"] + 1}

@@ -45,11 +45,15 @@ class VisionLanguageModel(nn.Module):
         picked = jnp.take_along_axis(hidden, question_end[..., None], axis=1)
         return jax.lax.stop_gradient(picked)
 
-    def embed(self, images, m, token_ids, visual_index, positions, segment_ids, question_end):
+    def embed(self, images, m, token_ids, visual_index, positions, segment_ids, question_end,
+              visual=None):
         """The LLM's input embeddings [B, T, hidden]: text embeddings with visual tokens
-        spliced in where visual_index >= 0."""
+        spliced in where visual_index >= 0. visual: the rows' visual tokens [B, I * M, hidden]
+        already computed (a server's vision cache); then `images` is not read."""
         b, i = m.shape
         text = self.llm.embed(token_ids)
+        if visual is not None:
+            return splice.splice(text, visual, visual_index)
         guidance = None
         if self.config.query.variant == "quecc":
             guidance = self.question_states(text, visual_index, positions, segment_ids, question_end)
@@ -76,14 +80,19 @@ class VisionLanguageModel(nn.Module):
         return self.llm(x, positions, segment_ids, **self._drop(visual_index, m.shape[1]))
 
     def prefill(self, images, m, token_ids, visual_index, positions, segment_ids, question_end,
-                cache_len):
-        """Prompts (one per row, right-padded) -> (logits, KV cache); see Llama.prefill."""
-        x = self.embed(images, m, token_ids, visual_index, positions, segment_ids, question_end)
-        return self.llm.prefill(x, positions, segment_ids, cache_len,
+                cache_len, visual=None, last_only: bool = False):
+        """Prompts (one per row, right-padded) -> (logits, KV cache); see Llama.prefill and,
+        for `visual`, embed."""
+        x = self.embed(images, m, token_ids, visual_index, positions, segment_ids, question_end,
+                       visual)
+        return self.llm.prefill(x, positions, segment_ids, cache_len, last_only=last_only,
                                 **self._drop(visual_index, m.shape[1]))
 
     def decode(self, token_ids, cache):
         return self.llm.decode(token_ids, cache)
+
+    def decode_in_place(self, token_ids, cache):
+        return self.llm.decode_in_place(token_ids, cache)
 
     def logits(self, batch: dict) -> jax.Array:
         """__call__ on a batch dict (the pipeline's and splice.layout_rows' keys)."""

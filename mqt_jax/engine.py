@@ -1,0 +1,446 @@
+"""Continuous batching: a fixed number of decode slots over one preallocated KV cache;
+requests enter between decode steps and leave when done, each at its own m.
+
+Three jitted steps, named as in JetStream: `prefill` (a group of prompts of one length bucket,
+rows at any m -> each row's first token and its keys and values), `insert` (those into free
+slots) and `decode` (one token for every slot, the cache updated where it lies). Shapes are
+static: prefill and insert compile once per length bucket, decode once; never per request or
+per m (m is data: `mqt_jax.splice`).
+
+Vision cache: the compressor's M tokens of an image, kept on the host (LRU, bounded in bytes,
+keyed by a hash of the preprocessed pixels). Where token i does not depend on m (the official
+resampler, a qformer with causal queries, the fixed-token projectors) one entry serves every
+m, so the same image at another m costs no vision pass; otherwise the key adds m.
+
+`Engine.step` is the whole schedule (admit, prefill + insert, decode, deliver); a server runs
+it in a thread (`Engine.start`), tests and benchmarks call `Engine.run` directly.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import itertools
+import threading
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mqt_jax import sharding, splice
+from mqt_jax.generate import next_token
+from mqt_jax.models.vlm import VisionLanguageModel
+
+POLICIES = ("mixed", "per_m", "static")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    slots: int = 8  # rows decoded together (a multiple of the mesh's data x fsdp devices)
+    cache_len: int = 1024  # KV slots per row: prompt (text + m visual tokens) + answer
+    prefill_batch: int = 4  # rows per prefill (rounded up to a multiple of the batch devices)
+    bucket: int = 32  # prompt lengths round up to a multiple of this
+    max_queue: int = 256  # requests waiting beyond this are refused (QueueFull)
+    vision_cache_mb: float = 256.0  # 0: no vision cache
+    # "mixed": any m shares a batch; "per_m": a batch holds one m at a time (what a server
+    # that cannot mix m must do); "static": a batch is admitted only into an empty engine and
+    # runs to its longest answer (classic static batching). The last two are for comparison.
+    policy: str = "mixed"
+
+    def __post_init__(self):
+        for name in ("slots", "cache_len", "prefill_batch", "bucket", "max_queue"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name}={getattr(self, name)!r} must be an integer >= 1")
+        if self.vision_cache_mb < 0:
+            raise ValueError(f"EngineConfig.vision_cache_mb={self.vision_cache_mb} must be >= 0")
+        if self.policy not in POLICIES:
+            raise ValueError(f"EngineConfig.policy={self.policy!r}: expected one of {POLICIES}")
+
+
+class QueueFull(Exception):
+    """The engine holds max_queue waiting requests (a server answers 429)."""
+
+
+class Stopped(Exception):
+    """The engine admits nothing more: it is draining or stopped (a server answers 503)."""
+
+
+_ids = itertools.count()
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One prompt at its m. `emit(token, finish)` is called on the engine's thread for each
+    generated token (finish None), then once with token None and finish "stop" (EOS or a stop
+    token), "length" (max_new_tokens) or "cancelled"."""
+
+    prompt: splice.Example  # at most one <image> placeholder
+    image: np.ndarray | None  # [S, S, 3] preprocessed (Model.image); None: text only
+    m: int
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_ids: frozenset = frozenset()  # tokens whose text holds a stop string
+    emit: Callable | None = None
+    # Set by the engine:
+    id: int = dataclasses.field(default_factory=lambda: next(_ids))
+    tokens: list = dataclasses.field(default_factory=list)
+    finish: str | None = None
+    submitted: float = 0.0
+    first_token_at: float = 0.0
+    done_at: float = 0.0
+    cancelled: bool = False
+    prompt_len: int = 0  # in the LLM's sequence: text + m visual tokens
+
+    @property
+    def has_image(self) -> bool:
+        return self.prompt.num_images > 0
+
+
+class VisionCache:
+    """LRU of visual tokens [M, hidden] on the host, bounded in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: collections.OrderedDict = collections.OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key):
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            self.hits += 1
+            return self.entries[key]
+        self.misses += 1
+        return None
+
+    def put(self, key, tokens: np.ndarray) -> None:
+        if tokens.nbytes > self.max_bytes or key in self.entries:
+            return
+        self.entries[key] = tokens
+        self.bytes += tokens.nbytes
+        while self.bytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.nbytes
+
+
+def m_independent(model_config) -> bool:
+    """Whether an image's token i is the same at every m (one cache entry serves all m)."""
+    q = model_config.query
+    return (not model_config.has_m or q.variant == "official"
+            or (q.variant == "qformer" and q.query_mask == "causal"))
+
+
+# ---- the jitted steps (module-level: the model is static, so compiled code is shared) ----
+
+def _row_keys(seeds, counts):
+    return jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, counts)
+
+
+def _vision(module: VisionLanguageModel, params, images, m):
+    return module.apply({"params": params}, images, m, method="visual_tokens")
+
+
+def _prefill(module: VisionLanguageModel, params, visual, prompts, sampling):
+    """A group of prompts [P, T] with their visual tokens [P, M, hidden] -> (first tokens
+    [P], keys and values [L, P, T, ...] and each layer's index [L, P])."""
+    logits, kv = module.apply(
+        {"params": params}, None, prompts["m"], prompts["token_ids"], prompts["visual_index"],
+        prompts["positions"], prompts["segment_ids"], prompts["question_end"],
+        prompts["token_ids"].shape[1], visual=visual, last_only=True, method="prefill")
+    keys = _row_keys(sampling["seed"], jnp.zeros_like(sampling["seed"]))
+    return next_token(logits[:, 0], sampling["temperature"], sampling["top_p"], keys), kv
+
+
+def _insert(state, kv, first, slot, sampling):
+    """Prefilled rows into the slots `slot` [P] (padding rows carry slot = slots: dropped)."""
+    t = kv["k"].shape[2]
+    put = lambda a, x: a.at[:, slot, :t].set(x.astype(a.dtype), mode="drop")  # noqa: E731
+    row = lambda a, x: a.at[slot].set(x, mode="drop")  # noqa: E731
+    return dict(state, k=put(state["k"], kv["k"]), v=put(state["v"], kv["v"]),
+                index=state["index"].at[:, slot].set(kv["index"], mode="drop"),
+                tokens=row(state["tokens"], first), count=row(state["count"], jnp.ones_like(first)),
+                **{k: row(state[k], v) for k, v in sampling.items()})
+
+
+def _decode(module: VisionLanguageModel, params, state):
+    """One token for every slot; returns (state, the tokens [slots])."""
+    cache = {k: state[k] for k in ("k", "v", "index")}
+    logits, cache = module.apply({"params": params}, state["tokens"][:, None], cache,
+                                 method="decode_in_place")
+    keys = _row_keys(state["seed"], state["count"])
+    token = next_token(logits[:, 0], state["temperature"], state["top_p"], keys)
+    return dict(state, **cache, tokens=token, count=state["count"] + 1), token
+
+
+class Engine:
+    """Continuous batching over `model` (an `mqt_jax.api.Model`); see the module docstring."""
+
+    def __init__(self, model, config: EngineConfig = EngineConfig()):
+        cfg = model.config
+        if cfg.query.variant == "quecc":
+            raise ValueError("the engine serves compressors whose visual tokens depend on the "
+                             "image alone; quecc's depend on the question: use Model.generate")
+        divisor = sharding.batch_divisor(model.mesh)
+        if config.slots % divisor:
+            raise ValueError(f"EngineConfig.slots={config.slots} is not a multiple of the mesh's "
+                             f"data x fsdp = {divisor} devices")
+        self.model, self.config, self.eos_id = model, config, model.tokenizer.eos_id
+        self.cache_len = min(config.cache_len, cfg.llm.max_length)
+        self.prefill_rows = -(-config.prefill_batch // divisor) * divisor
+        self.nested = m_independent(cfg)
+        self.vision_cache = VisionCache(int(config.vision_cache_mb * 2**20))
+        mesh, rows = model.mesh, sharding.BATCH_AXES
+        self._batch = sharding.batch_sharding(mesh)
+        llm = cfg.llm
+        shape = (llm.num_layers, config.slots, self.cache_len, llm.num_kv_heads, llm.head_dim)
+        per_slot = NamedSharding(mesh, P(rows))
+        self._state_sharding = {"k": NamedSharding(mesh, P(None, rows)),
+                                "v": NamedSharding(mesh, P(None, rows)),
+                                "index": NamedSharding(mesh, P(None, rows)),
+                                **{k: per_slot for k in ("tokens", "count", "temperature",
+                                                          "top_p", "seed")}}
+        dtype = jnp.dtype(cfg.dtype)
+        zeros = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                 "index": jnp.zeros(shape[:2], jnp.int32),
+                 "tokens": jnp.zeros(config.slots, jnp.int32),
+                 "count": jnp.zeros(config.slots, jnp.int32),
+                 "temperature": jnp.zeros(config.slots, jnp.float32),
+                 "top_p": jnp.ones(config.slots, jnp.float32),
+                 "seed": jnp.zeros(config.slots, jnp.uint32)}
+        self.state = jax.device_put(zeros, self._state_sharding)
+        module = model.module
+        replicated = sharding.replicated(mesh)
+        self._vision_fn = jax.jit(functools.partial(_vision, module), out_shardings=replicated)
+        self._prefill_fn = jax.jit(functools.partial(_prefill, module))
+        self._insert_fn = jax.jit(_insert, donate_argnums=0,
+                                  out_shardings=self._state_sharding)
+        self._decode_fn = jax.jit(functools.partial(_decode, module), donate_argnums=1,
+                                  out_shardings=(self._state_sharding, replicated))
+        self.live: list[Request | None] = [None] * config.slots
+        self.queue: collections.deque[Request] = collections.deque()
+        self._lock = threading.Condition()
+        self._admitting, self._thread = True, None
+        self.stats = collections.Counter()  # prefills, decode_steps, tokens, requests, ...
+
+    # ---- admission (any thread) ----
+    def check(self, request: Request) -> None:
+        """A ValueError naming what is wrong with a request, before it is queued."""
+        cfg = self.model.config
+        cfg.check_m([request.m])
+        if request.prompt.num_images > 1:
+            raise ValueError(f"the prompt holds {request.prompt.num_images} images; the "
+                             f"template takes one")
+        if request.has_image != (request.image is not None):
+            raise ValueError("a prompt with an <image> needs its image, and only then")
+        if cfg.dropped_per_image and not request.has_image:
+            raise ValueError(f"the {cfg.query.variant} model needs an image in every prompt")
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={request.max_new_tokens} must be >= 1")
+        if request.temperature < 0 or not 0 < request.top_p <= 1:
+            raise ValueError(f"temperature={request.temperature} must be >= 0 and top_p="
+                             f"{request.top_p} in (0, 1]")
+        length = splice.true_length(request.prompt, [request.m])
+        if length + request.max_new_tokens > self.cache_len:
+            raise ValueError(f"the prompt is {length} tokens at m={request.m}; with max_tokens="
+                             f"{request.max_new_tokens} it needs {length + request.max_new_tokens} "
+                             f"of the {self.cache_len} the cache holds per request")
+        request.prompt_len = length
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request (checked first). Raises ValueError, QueueFull or Stopped."""
+        self.check(request)
+        with self._lock:
+            if not self._admitting:
+                raise Stopped("the server is shutting down")
+            if len(self.queue) >= self.config.max_queue:
+                raise QueueFull(f"{len(self.queue)} requests are waiting; try again later")
+            request.submitted = time.perf_counter()
+            self.queue.append(request)
+            self._lock.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request (a client that went away): its slot frees at the next step."""
+        request.cancelled = True
+        with self._lock:
+            self._lock.notify()
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.queue)
+
+    @property
+    def live_slots(self) -> int:
+        return sum(r is not None for r in self.live)
+
+    # ---- the schedule (the engine's thread) ----
+    def step(self) -> bool:
+        """Admit what fits, prefill and insert it, decode one token for every live slot and
+        deliver it. Returns whether there was anything to do."""
+        with self._lock:
+            for r in [r for r in self.queue if r.cancelled]:
+                self.queue.remove(r)
+                self._finish(r, "cancelled")
+            for slot, r in enumerate(self.live):
+                if r is not None and r.cancelled:
+                    self._free(slot, "cancelled")
+            admitted = self._admit()
+        if admitted:
+            self._prefill_and_insert(admitted)
+        if any(r is not None for r in self.live):
+            self._decode_step()
+            return True
+        return bool(admitted)
+
+    def _admit(self) -> list[tuple[int, Request]]:
+        free = [s for s, r in enumerate(self.live) if r is None]
+        policy = self.config.policy
+        if not free or not self.queue or (policy == "static" and len(free) < len(self.live)):
+            return []
+        if policy == "per_m":
+            live_m = {r.m for r in self.live if r is not None}
+            m = live_m.pop() if live_m else self.queue[0].m
+            chosen = [r for r in self.queue if r.m == m][: len(free)]
+        else:
+            chosen = list(itertools.islice(self.queue, len(free)))
+        for r in chosen:
+            self.queue.remove(r)
+        return list(zip(free, chosen))
+
+    def _bucket(self, length: int) -> int:
+        return min(-(-length // self.config.bucket) * self.config.bucket, self.cache_len)
+
+    def _prefill_and_insert(self, admitted: list[tuple[int, Request]]) -> None:
+        groups = collections.defaultdict(list)
+        for slot, r in admitted:
+            groups[self._bucket(r.prompt_len)].append((slot, r))
+        for t, group in sorted(groups.items()):
+            for start in range(0, len(group), self.prefill_rows):
+                self._prefill_group(t, group[start:start + self.prefill_rows])
+
+    def _prefill_group(self, t: int, group: list[tuple[int, Request]]) -> None:
+        n, cfg = self.prefill_rows, self.model.config
+        requests = [r for _, r in group] + [group[-1][1]] * (n - len(group))
+        slots = np.array([s for s, _ in group] + [self.config.slots] * (n - len(group)), np.int32)
+        m = np.array([[r.m] for r in requests], np.int32)
+        laid = splice.layout_rows([[r.prompt] for r in requests], m, cfg.num_queries, t)
+        if cfg.dropped_per_image:
+            splice.check_survivors({**laid, "m": m}, cfg.num_queries, cfg.dropped_per_image)
+        prompts = {"m": m, **{k: laid[k] for k in ("token_ids", "visual_index", "positions",
+                                                    "segment_ids", "question_end")}}
+        sampling = {"temperature": np.array([r.temperature for r in requests], np.float32),
+                    "top_p": np.array([r.top_p for r in requests], np.float32),
+                    "seed": np.array([r.seed % 2**32 for r in requests], np.uint32)}
+        put = lambda tree: jax.device_put(tree, self._batch)  # noqa: E731
+        with sharding.activate(self.model.mesh):
+            visual = put(self._visual_tokens(requests[: len(group)], n))
+            first, kv = self._prefill_fn(self.model.params, visual, put(prompts), put(sampling))
+            self.state = self._insert_fn(self.state, kv, first, put(slots), put(sampling))
+        self.stats["prefills"] += 1
+        first = np.asarray(jax.device_get(first))
+        now = time.perf_counter()
+        for (slot, r), token in zip(group, first[: len(group)]):
+            self.live[slot] = r
+            r.first_token_at = now
+            self._deliver(slot, int(token))
+
+    def _visual_tokens(self, requests: list[Request], rows: int) -> np.ndarray:
+        """[rows, M, hidden] for a prefill group: from the vision cache, else one vision pass
+        over the missing images (zeros for text-only and padding rows, which read none)."""
+        cfg = self.model.config
+        out = np.zeros((rows, cfg.num_queries, cfg.llm.hidden), np.float32)
+        keys, missing = [], []
+        for i, r in enumerate(requests):
+            if not r.has_image:
+                keys.append(None)
+                continue
+            digest = hashlib.blake2b(np.ascontiguousarray(r.image).tobytes(), digest_size=16)
+            key = digest.hexdigest() if self.nested else (digest.hexdigest(), r.m)
+            keys.append(key)
+            cached = self.vision_cache.get(key) if self.vision_cache.max_bytes else None
+            if cached is None:
+                missing.append(i)
+            else:
+                out[i] = cached
+        if missing:
+            images = np.stack([requests[i].image for i in missing]).astype(np.float32)
+            m = np.array([requests[i].m for i in missing], np.int32)
+            pad = self.prefill_rows - len(missing)  # one compiled shape
+            images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
+            m = np.concatenate([m, np.repeat(m[-1:], pad)])
+            tokens = np.asarray(jax.device_get(self._vision_fn(self.model.params, images, m)))
+            self.stats["vision_passes"] += 1
+            for j, i in enumerate(missing):
+                out[i] = tokens[j]
+                self.vision_cache.put(keys[i], tokens[j])
+        return out
+
+    def _decode_step(self) -> None:
+        with sharding.activate(self.model.mesh):
+            self.state, tokens = self._decode_fn(self.model.params, self.state)
+        tokens = np.asarray(jax.device_get(tokens))
+        self.stats["decode_steps"] += 1
+        for slot, r in enumerate(self.live):
+            if r is not None:
+                self._deliver(slot, int(tokens[slot]))
+
+    def _deliver(self, slot: int, token: int) -> None:
+        r = self.live[slot]
+        if token == self.eos_id:
+            return self._free(slot, "stop")
+        r.tokens.append(token)
+        self.stats["tokens"] += 1
+        if r.emit:
+            r.emit(token, None)
+        if token in r.stop_ids:
+            self._free(slot, "stop")
+        elif len(r.tokens) >= r.max_new_tokens:
+            self._free(slot, "length")
+
+    def _free(self, slot: int, finish: str) -> None:
+        self._finish(self.live[slot], finish)
+        self.live[slot] = None
+
+    def _finish(self, r: Request, finish: str) -> None:
+        r.finish, r.done_at = finish, time.perf_counter()
+        self.stats["requests"] += 1
+        if r.emit:
+            r.emit(None, finish)
+
+    # ---- running ----
+    def run(self, requests: list[Request] | None = None) -> list[Request]:
+        """Submit `requests` and step until nothing is queued or live (offline use)."""
+        for r in requests or []:
+            self.submit(r)
+        while self.queue or any(r is not None for r in self.live):
+            self.step()
+        return requests or []
+
+    def start(self) -> None:
+        """Run the schedule in a background thread until `stop`."""
+        self._thread = threading.Thread(target=self._loop, name="mqt-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self.queue and not any(self.live) and self._admitting:
+                    self._lock.wait(timeout=0.5)
+                if not self._admitting and not self.queue and not any(self.live):
+                    return
+            self.step()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Admit nothing more, finish what is queued and running, end the thread."""
+        with self._lock:
+            self._admitting = False
+            self._lock.notify()
+        if self._thread:
+            self._thread.join(timeout)
