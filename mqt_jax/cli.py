@@ -167,6 +167,26 @@ def cmd_gradcam(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from mqt_jax.engine import Engine, EngineConfig
+    from mqt_jax.server import ServeConfig, serve
+
+    if args.image_root and not Path(args.image_root).is_dir():
+        raise FileNotFoundError(f"--image_root {args.image_root} is not a folder")
+    engine_config = EngineConfig(slots=args.slots, cache_len=args.cache_len,
+                                 prefill_batch=args.prefill_batch, max_queue=args.max_queue,
+                                 vision_cache_mb=args.vision_cache_mb)
+    model = open_model(args, [args.default_m])
+    if model.tokenizer is None:
+        raise ValueError(f"{model.run.path}: the run's config names no tokenizer "
+                         f"(EvalConfig.tokenizer_dir): nothing to read requests with")
+    engine = Engine(model, engine_config)
+    name = args.model_name or Path(args.ckpt or args.workdir).absolute().name
+    config = ServeConfig(default_m=args.default_m, model_name=name, image_root=args.image_root,
+                         max_image_bytes=int(args.max_image_mb * 2**20))
+    return serve(model, engine, config, args.host, args.port)
+
+
 def cmd_data_shapes(args) -> int:
     from mqt_jax.data.shapes import write_shapes
 
@@ -334,6 +354,26 @@ def main(argv=None) -> int:
     cam_p.add_argument("--out", required=True, help="the picture (.png)")
     cam_p.add_argument("--max_new_tokens", type=positive_int, default=16)
     cam_p.set_defaults(func=cmd_gradcam)
+    serve_p = sub.add_parser("serve", help="an OpenAI-compatible server where each request "
+                             "picks its m (continuous batching mixes m in one batch)")
+    add_run_args(serve_p)
+    serve_p.add_argument("--default_m", type=positive_int, required=True, help="m for requests "
+                         "that do not give one (a request's extra field \"m\" overrides it)")
+    serve_p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    serve_p.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    serve_p.add_argument("--slots", type=positive_int, default=8, help="requests decoded together")
+    serve_p.add_argument("--cache_len", type=positive_int, default=1024,
+                         help="KV cache per slot: prompt (text + m visual tokens) + answer")
+    serve_p.add_argument("--prefill_batch", type=positive_int, default=4)
+    serve_p.add_argument("--max_queue", type=positive_int, default=256,
+                         help="waiting requests beyond this get 429")
+    serve_p.add_argument("--vision_cache_mb", type=float, default=256.0,
+                         help="visual tokens kept per image (0: none)")
+    serve_p.add_argument("--image_root", default="", help="the folder local image paths may "
+                         "name (default: none; data: URLs always work)")
+    serve_p.add_argument("--max_image_mb", type=float, default=20.0)
+    serve_p.add_argument("--model_name", help="the name clients send (default: the folder's)")
+    serve_p.set_defaults(func=cmd_serve)
     conv_p = sub.add_parser("convert", help="a Hugging Face checkpoint -> an orbax run folder")
     conv_p.add_argument("--kind", required=True, choices=("clip-vision", "llama", "llava-1.5", "mqt-llava"))
     conv_p.add_argument("--src", required=True, help="Hugging Face folder (config.json, safetensors)")

@@ -87,7 +87,8 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    stop_ids: frozenset = frozenset()  # tokens whose text holds a stop string
+    stop_ids: frozenset = frozenset()  # tokens whose text holds a stop string: the row ends
+    stop: tuple[str, ...] = ()  # the stop strings themselves (a server cuts the text at them)
     emit: Callable | None = None
     # Set by the engine:
     id: int = dataclasses.field(default_factory=lambda: next(_ids))

@@ -129,11 +129,19 @@ def encode_conversation(conversations, template: str, tokenizer: Tokenizer, has_
 def encode_prompt(question: str, template: str, tokenizer: Tokenizer, has_image: bool = True):
     """A one-question prompt that ends where the assistant's answer begins ("... ASSISTANT:",
     without the space, which training tokenises into the answer's first token)."""
-    pieces = render([{"from": "human", "value": question}, {"from": "gpt", "value": "-"}],
-                    template, has_image)
+    return encode_chat([{"from": "human", "value": question}], template, tokenizer, has_image)
+
+
+def encode_chat(turns: list[dict], template: str, tokenizer: Tokenizer, has_image: bool = True):
+    """A conversation ({"from": "human" | "gpt", "value"} turns, the last a human one) as a
+    prompt that ends where the next answer begins; the image goes as `render` puts it."""
+    if not turns or not isinstance(turns[-1], dict) or turns[-1].get("from") != "human":
+        raise BadRecord("no_question", "the conversation must end with a human (user) turn")
+    pieces = render(list(turns) + [{"from": "gpt", "value": "-"}], template, has_image)
     if template == "plain":
         pieces = pieces[:-1]  # the image alone; the caption follows
     else:
-        pieces = pieces[: pieces.index(("ASSISTANT: ", False))] + [("ASSISTANT:", False)]
+        last = len(pieces) - 1 - pieces[::-1].index(("ASSISTANT: ", False))
+        pieces = pieces[:last] + [("ASSISTANT:", False)]
     example = tokenize(pieces, tokenizer)
     return Example(example.tokens, [IGNORE] * len(example.tokens))
