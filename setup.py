@@ -33,9 +33,15 @@ setup(
         "etils[epath]",
         "tensorflow-datasets",  # local ArrayRecord builders only; never TensorFlow itself
         "importlib_resources",  # imported by tensorflow-datasets without being declared
+        # mqt-jax serve: the HTTP stack (no hand-written HTTP) and its metrics
+        "fastapi",
+        "uvicorn",
+        "pydantic>=2",
+        "prometheus_client",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3"],  # tests run in parallel (-n 2)
+        # tests run in parallel (-n 2); the server is tested with the official openai client
+        "test": ["pytest>=8", "pytest-xdist>=3", "openai"],
         # libtpu: TPU runs, and `mqt-jax aot` on any host (TPU topologies without a TPU).
         "tpu": ["jax[tpu]"],
     },

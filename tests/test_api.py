@@ -1,0 +1,90 @@
+"""mqt_jax.load and Model: a run folder opened from anywhere, rows at different m in one
+batch equal to each row alone, log-probabilities equal to a plain forward's."""
+
+import jax
+import numpy as np
+import pytest
+
+import mqt_jax
+from helpers import write_run
+from mqt_jax import splice
+from mqt_jax.models.vlm import MODEL_INPUTS
+
+QUESTIONS = ["What shape is in the picture?", "How many triangles are there?",
+             "Describe the image in one word.", "What colour?"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("api") / "run"
+    write_run(folder)
+    return folder
+
+
+def images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (40, 30 + i, 3), dtype=np.uint8) for i in range(n)]
+
+
+def test_a_mixed_m_batch_equals_each_row_alone(run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no gin parsed first, any working directory
+    model = mqt_jax.load(run)
+    assert model.config.num_queries == 16 and model.template == "vicuna_v1"
+    m = [1, 4, 16, 2]
+    together = model.generate(images(4), QUESTIONS, m=m, max_new_tokens=8)
+    alone = [model.generate(images(4)[i], QUESTIONS[i], m=m[i], max_new_tokens=8)[0]
+             for i in range(4)]
+    assert together == alone
+    assert len(set(together)) > 1  # the rows differ: the comparison compares something
+    # m matters: the same rows at M give other answers
+    assert model.generate(images(4), QUESTIONS, m=16, max_new_tokens=8) != together
+
+
+def test_details_give_tokens_and_their_log_probabilities(run):
+    model = mqt_jax.load(run)
+    answers = model.generate(images(2), QUESTIONS[:2], m=[3, 9], max_new_tokens=6, details=True)
+    for answer, image, question in zip(answers, images(2), QUESTIONS):
+        # Reference: one forward over prompt + answer, log-softmax in numpy.
+        prompt = model.prompt(question)
+        example = splice.Example(list(prompt.tokens) + answer.tokens,
+                                 [splice.IGNORE] * (len(prompt.tokens) + len(answer.tokens)))
+        laid = splice.layout_rows([[example]], np.array([[answer.m]]), 16, 256)
+        batch = {"images": model.image(image)[None, None], "m": np.array([[answer.m]]), **laid}
+        logits = np.asarray(jax.jit(model.module.apply)({"params": jax.device_get(model.params)},
+                                                        *(batch[k] for k in MODEL_INPUTS)))[0]
+        start = splice.true_length(prompt, [answer.m]) - 1
+        rows = logits[start:start + len(answer.tokens)].astype(np.float64)
+        logp = rows - rows.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        assert answer.tokens == rows.argmax(-1).tolist()  # greedy: the argmax each time
+        np.testing.assert_allclose(answer.logprobs, logp[np.arange(len(answer.tokens)), answer.tokens],
+                                   atol=1e-4)
+    scored = model.score(images(2), QUESTIONS[:2], [a.text for a in answers], m=[3, 9])
+    assert scored.shape == (2,) and np.all(scored < 0)
+
+
+def test_visual_tokens_are_the_really_truncated_computation(run):
+    model = mqt_jax.load(run)
+    tokens = model.visual_tokens(images(2))
+    assert tokens.shape == (2, 16, model.config.llm.hidden)
+    pixels = np.stack([model.image(i) for i in images(2)])
+    truncated = jax.jit(model.module.apply, static_argnames=("num_queries", "method"))(
+        {"params": jax.device_get(model.params)}, pixels, np.full(2, 4), num_queries=4,
+        method="visual_tokens")
+    np.testing.assert_allclose(tokens[:, :4], truncated, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_calls_are_named(run, tmp_path):
+    model = mqt_jax.load(run)
+    with pytest.raises(ValueError, match=r"m=\[0\] outside \[1, 16\]"):
+        model.generate(images(1), QUESTIONS[:1], m=0)
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        model.generate(images(2), QUESTIONS[:1])
+    with pytest.raises(ValueError, match="m has 3 values for 2 rows"):
+        model.generate(images(2), QUESTIONS[:2], m=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"\[H, W, 3\] uint8"):
+        model.generate(np.zeros((4, 4), np.uint8), QUESTIONS[0])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        mqt_jax.load(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="no config.gin"):
+        mqt_jax.load(tmp_path)
