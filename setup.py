@@ -41,7 +41,7 @@ setup(
     ],
     extras_require={
         # tests run in parallel (-n 2); the server is tested with the official openai client
-        "test": ["pytest>=8", "pytest-xdist>=3", "openai"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "openai", "httpx"],
         # libtpu: TPU runs, and `mqt-jax aot` on any host (TPU topologies without a TPU).
         "tpu": ["jax[tpu]"],
     },

@@ -429,6 +429,7 @@ class Completion:
 def serve(model, engine: Engine, config: ServeConfig, host: str, port: int) -> int:
     """Bind host:port (a clear error if taken), print the address, serve until SIGTERM or
     Ctrl-C (then finish running requests and return 0)."""
+    import signal
     import socket
 
     import uvicorn
@@ -442,7 +443,15 @@ def serve(model, engine: Engine, config: ServeConfig, host: str, port: int) -> i
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     bound = sock.getsockname()[1]
     app = make_app(model, engine, config)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None))
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # uvicorn re-raises a captured signal once shut down, so the process would die by
+            # SIGTERM after finishing its requests; a clean drain exits 0 instead.
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:
+                self._captured_signals = [s for s in self._captured_signals if s != sig]
+
+    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None))
     print(f"serving {config.model_name} (M={model.config.num_queries}, default m="
           f"{config.default_m}, {engine.config.slots} slots) on http://{host}:{bound}/v1",
           flush=True)

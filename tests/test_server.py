@@ -1,0 +1,252 @@
+"""`mqt-jax serve` with the official openai client, on 127.0.0.1 and a port the server picks:
+plain and streamed answers, 32 concurrent requests mixing m equal to the offline answers, every
+bad input refused with a message (and the server serving on), a client that goes away, a full
+queue, SIGTERM."""
+
+import base64
+import concurrent.futures
+import io
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+import mqt_jax
+from helpers import write_run
+
+QUESTIONS = ["What shape is in the picture?", "How many triangles are there?",
+             "Describe the image in one word.", "What colour?", "Hi",
+             "Yes, no, left, right, top, bottom. What shape is in the picture?"]
+
+
+def png(seed, size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 255, size + (3,), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(raw: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(raw).decode()
+
+
+def user(text, url=None):
+    parts = [{"type": "image_url", "image_url": {"url": url}}] if url else []
+    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+
+
+class Server:
+    def __init__(self, folder, tmp, *flags):
+        self.log = open(tmp / "server.err", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mqt_jax.cli", "serve", "--workdir", str(folder), "--port", "0",
+             "--cache_len", "384", "--model_name", "tiny", *flags],
+            stdout=subprocess.PIPE, stderr=self.log, text=True)
+        deadline = time.time() + 180
+        line = ""
+        while time.time() < deadline and "serving" not in line:
+            line = self.proc.stdout.readline()
+            if not line and self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {(tmp / 'server.err').read_text()[-2000:]}")
+        self.url = re.search(r"(http://127\.0\.0\.1:\d+)/v1", line).group(1)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0,
+                                    timeout=120)
+
+    def ask(self, text="What colour?", url=None, **kw):
+        kw.setdefault("max_tokens", 4)
+        kw.setdefault("temperature", 0)
+        return self.client.chat.completions.create(model="tiny", messages=user(text, url), **kw)
+
+    def metric(self, name) -> float:
+        text = httpx.get(self.url + "/metrics").text
+        return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("served") / "run"
+    write_run(folder)
+    (folder.parent / "images").mkdir()
+    (folder.parent / "images" / "a.png").write_bytes(png(0))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    s = Server(run, run.parent, "--default_m", "4", "--image_root", str(run.parent / "images"),
+               "--max_image_mb", "1")
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def model(run):
+    return mqt_jax.load(run)
+
+
+def test_plain_and_streamed_answers_equal_the_offline_one(server, model):
+    image = png(1)
+    offline = model.generate(image, QUESTIONS[0], m=4, max_new_tokens=8)[0]
+    plain = server.ask(QUESTIONS[0], data_url(image), max_tokens=8)  # m: the server's default 4
+    assert plain.choices[0].message.content == offline
+    assert plain.usage.model_extra == {"visual_tokens": 4, "m": 4}
+    assert plain.usage.completion_tokens == 8 and plain.choices[0].finish_reason == "length"
+    chunks = list(server.ask(QUESTIONS[0], data_url(image), max_tokens=8, stream=True,
+                             stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == offline
+    assert chunks[-1].usage.model_extra["m"] == 4 and chunks[-2].choices[0].finish_reason == "length"
+    at16 = server.ask(QUESTIONS[0], data_url(image), max_tokens=8, extra_body={"m": 16})
+    assert at16.choices[0].message.content == model.generate(image, QUESTIONS[0], m=16,
+                                                              max_new_tokens=8)[0]
+    models = server.client.models.list().data
+    assert [m.id for m in models] == ["tiny"] and models[0].model_extra["default_m"] == 4
+    # a local path under --image_root, and a text-only question
+    local = server.ask(QUESTIONS[1], "a.png", max_tokens=6)
+    assert local.choices[0].message.content == model.generate(png(0), QUESTIONS[1], m=4,
+                                                               max_new_tokens=6)[0]
+    assert server.ask("Hi").usage.model_extra["visual_tokens"] == 0
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_32_concurrent_requests_mixing_m_each_equal_offline(server, model):
+    jobs = [(i, [1, 4, 8, 16][i % 4], QUESTIONS[i % len(QUESTIONS)], 3 + i % 5) for i in range(32)]
+    images = {i: png(100 + i % 6) for i, *_ in jobs}
+    hits_before = server.metric("mqt_vision_cache_hits_total")
+
+    def ask(job):
+        i, m, question, n = job
+        return server.ask(question, data_url(images[i]), max_tokens=n, extra_body={"m": m})
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, jobs))
+    for (i, m, question, n), answer in zip(jobs, answers):
+        want = model.generate(images[i], question, m=m, max_new_tokens=n)[0]
+        assert answer.choices[0].message.content == want, (i, m)
+        assert answer.usage.model_extra["m"] == m
+    # 6 images at several m each: most of them come from the vision cache
+    assert server.metric("mqt_vision_cache_hits_total") - hits_before >= 20
+    assert server.metric('mqt_requests_total{m="16"}') >= 8
+
+
+BAD = [  # (what, request keyword arguments or a raw body, status, words of the message)
+    ("unknown model", dict(model="other"), 404, "'other' is not served"),
+    ("m = 0", dict(extra_body={"m": 0}), 400, "m=0 outside [1, 16]"),
+    ("m above M", dict(extra_body={"m": 17}), 400, "m=17 outside"),
+    ("negative m", dict(extra_body={"m": -3}), 400, "m=-3 outside"),
+    ("m not an integer", dict(extra_body={"m": 2.5}), 400, "m: Input should be a valid integer"),
+    ("m a string", dict(extra_body={"m": "4"}), 400, "m: Input should be a valid integer"),
+    ("max_tokens 0", dict(max_tokens=0), 400, "max_tokens=0 must be >= 1"),
+    ("too long", dict(max_tokens=5000), 400, "of the 384 the cache holds"),
+    ("temperature < 0", dict(temperature=-0.5), 400, "temperature=-0.5 must be >= 0"),
+    ("top_p 0", dict(top_p=0), 400, "top_p=0.0 must be in (0, 1]"),
+    ("top_p above 1", dict(top_p=1.5), 400, "top_p=1.5 must be in (0, 1]"),
+    ("invalid base64", dict(url="data:image/png;base64,@@@not-base64"), 400, "invalid base64"),
+    ("not base64 at all", dict(url="data:image/png,rawbytes"), 400, "must be base64"),
+    ("undecodable bytes", dict(url=data_url(b"this is not an image")), 400, "the image"),
+    ("over the byte limit", dict(url=data_url(b"\0" * (2 << 20))), 400, "byte limit"),
+    ("http URL", dict(url="http://example.com/cat.png"), 400, "fetches nothing"),
+    ("path outside the root", dict(url="../run/config.gin"), 400, "not a path inside"),
+    ("absolute path", dict(url="/etc/passwd"), 400, "not a path inside"),
+    ("missing file", dict(url="nothing.png"), 400, "not found under --image_root"),
+    ("two images", dict(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "a.png"}},
+        {"type": "image_url", "image_url": {"url": "a.png"}}]}]), 400, "2 images"),
+    ("system message", dict(messages=[{"role": "system", "content": "be brief"}] + user("hi")),
+     400, "system messages are not supported"),
+    ("empty text", dict(messages=[{"role": "user", "content": "  "}]), 400, "has no text"),
+    ("ends with the assistant", dict(messages=user("hi") + [{"role": "assistant", "content": "x"}]),
+     400, "end with a human"),
+    ("bad role", dict(messages=[{"role": "robot", "content": "hi"}]), 400, "messages.0.role"),
+]
+
+
+@pytest.mark.parametrize("what,kw,status,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_refused_by_name_and_the_server_serves_on(server, what, kw, status, words):
+    kw = dict(kw)
+    url = kw.pop("url", None)
+    messages = kw.pop("messages", user("What colour?", url))
+    args = dict(model="tiny", messages=messages, max_tokens=4, temperature=0)
+    with pytest.raises(openai.APIStatusError) as raised:
+        server.client.chat.completions.create(**{**args, **kw})
+    assert raised.value.status_code == status
+    assert words in raised.value.body["message"], raised.value.body
+    assert server.ask().choices[0].message.content is not None  # still serving
+
+
+@pytest.mark.parametrize("body,words", [(b"{not json", "malformed JSON"),
+                                        (b'{"model": "tiny"}', "messages: Field required"),
+                                        (b"[1, 2]", "body")])
+def test_malformed_bodies(server, body, words):
+    reply = httpx.post(server.url + "/v1/chat/completions", content=body,
+                       headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and words in reply.json()["error"]["message"]
+
+
+def test_a_pixel_bomb_is_refused_before_decoding(server):
+    buf = io.BytesIO()
+    Image.new("L", (9000, 9000)).save(buf, "PNG")  # 81 M pixels in a small file
+    with pytest.raises(openai.BadRequestError, match="pixels"):
+        server.ask(url=data_url(buf.getvalue()))
+
+
+def test_a_client_that_goes_away_frees_its_slot(server):
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={
+            "model": "tiny", "messages": user("Hi"), "max_tokens": 150, "stream": True}) as reply:
+        lines = reply.iter_lines()
+        next(lines), next(lines)  # the stream has started; then the client leaves
+    deadline = time.time() + 30
+    while server.metric("mqt_live_slots") > 0 and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.metric("mqt_live_slots") == 0
+    assert server.ask().choices[0].finish_reason in ("length", "stop")
+
+
+def test_full_queue_429_then_sigterm_finishes_running_requests_and_exits_0(run, tmp_path):
+    s = Server(run, tmp_path, "--default_m", "2", "--slots", "8", "--max_queue", "1")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(lambda _: _status(s), range(16)))
+        assert 429 in replies and 200 in replies, replies
+        chunks, done = [], threading.Event()
+
+        def stream():
+            for c in s.ask("Hi", max_tokens=60, stream=True):
+                chunks.append(c)
+            done.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        while not chunks:
+            time.sleep(0.05)
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=120) == 0
+        reader.join(10)
+        assert done.is_set() and chunks[-1].choices[0].finish_reason == "length"
+        assert sum(bool(c.choices[0].delta.content) for c in chunks) > 1
+        with pytest.raises(openai.APIConnectionError):
+            s.ask()
+    finally:
+        s.close()
+
+
+def _status(s) -> int:
+    try:
+        s.ask(max_tokens=30)
+        return 200
+    except openai.APIStatusError as e:
+        return e.status_code
