@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from mqt_jax import sharding, splice
 from mqt_jax.generate import next_token
+from mqt_jax.models.llama import Llama
 from mqt_jax.models.vlm import VisionLanguageModel
 
 POLICIES = ("mixed", "per_m", "static")
@@ -161,8 +162,8 @@ def _prefill(module: VisionLanguageModel, params, visual, prompts, sampling):
 
 def _insert(state, kv, first, slot, sampling):
     """Prefilled rows into the slots `slot` [P] (padding rows carry slot = slots: dropped)."""
-    t = kv["k"].shape[2]
-    put = lambda a, x: a.at[:, slot, :t].set(x.astype(a.dtype), mode="drop")  # noqa: E731
+    kv, t = Llama.stacked(kv), kv["k"].shape[2]
+    put = lambda a, x: a.at[:, slot, :, :t].set(x.astype(a.dtype), mode="drop")  # noqa: E731
     row = lambda a, x: a.at[slot].set(x, mode="drop")  # noqa: E731
     return dict(state, k=put(state["k"], kv["k"]), v=put(state["v"], kv["v"]),
                 index=state["index"].at[:, slot].set(kv["index"], mode="drop"),
@@ -170,9 +171,11 @@ def _insert(state, kv, first, slot, sampling):
                 **{k: row(state[k], v) for k, v in sampling.items()})
 
 
-def _decode(module: VisionLanguageModel, params, state):
-    """One token for every slot; returns (state, the tokens [slots])."""
+def _decode(module: VisionLanguageModel, params, state, live):
+    """One token for every slot (live [slots]: the rows in use, whose lengths bound the
+    slots attention reads); returns (state, the tokens [slots])."""
     cache = {k: state[k] for k in ("k", "v", "index")}
+    cache["span"] = jnp.where(live, state["index"][0], 0).max() + 1
     logits, cache = module.apply({"params": params}, state["tokens"][:, None], cache,
                                  method="decode_in_place")
     keys = _row_keys(state["seed"], state["count"])
@@ -183,7 +186,8 @@ def _decode(module: VisionLanguageModel, params, state):
 class Engine:
     """Continuous batching over `model` (an `mqt_jax.api.Model`); see the module docstring."""
 
-    def __init__(self, model, config: EngineConfig = EngineConfig()):
+    def __init__(self, model, config: EngineConfig = EngineConfig(), eos_id: int | None = None):
+        """eos_id: default the model's tokenizer's (-1: never stop at one, for benchmarks)."""
         cfg = model.config
         if cfg.query.variant == "quecc":
             raise ValueError("the engine serves compressors whose visual tokens depend on the "
@@ -192,7 +196,8 @@ class Engine:
         if config.slots % divisor:
             raise ValueError(f"EngineConfig.slots={config.slots} is not a multiple of the mesh's "
                              f"data x fsdp = {divisor} devices")
-        self.model, self.config, self.eos_id = model, config, model.tokenizer.eos_id
+        self.model, self.config = model, config
+        self.eos_id = model.tokenizer.eos_id if eos_id is None else eos_id
         self.cache_len = min(config.cache_len, cfg.llm.max_length)
         self.prefill_rows = -(-config.prefill_batch // divisor) * divisor
         self.nested = m_independent(cfg)
@@ -200,7 +205,7 @@ class Engine:
         mesh, rows = model.mesh, sharding.BATCH_AXES
         self._batch = sharding.batch_sharding(mesh)
         llm = cfg.llm
-        shape = (llm.num_layers, config.slots, self.cache_len, llm.num_kv_heads, llm.head_dim)
+        shape = (llm.num_layers, config.slots, llm.num_kv_heads, self.cache_len, llm.head_dim)
         per_slot = NamedSharding(mesh, P(rows))
         self._state_sharding = {"k": NamedSharding(mesh, P(None, rows)),
                                 "v": NamedSharding(mesh, P(None, rows)),
@@ -385,7 +390,9 @@ class Engine:
 
     def _decode_step(self) -> None:
         with sharding.activate(self.model.mesh):
-            self.state, tokens = self._decode_fn(self.model.params, self.state)
+            live = jax.device_put(np.array([r is not None for r in self.live]),
+                                  self._state_sharding["tokens"])
+            self.state, tokens = self._decode_fn(self.model.params, self.state, live)
         tokens = np.asarray(jax.device_get(tokens))
         self.stats["decode_steps"] += 1
         for slot, r in enumerate(self.live):

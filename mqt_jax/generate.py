@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from mqt_jax import sharding, splice
 from mqt_jax.config import ModelConfig
+from mqt_jax.models.llama import Llama
 from mqt_jax.models.vlm import MODEL_INPUTS, VisionLanguageModel
 
 
@@ -81,6 +82,7 @@ def _generate(model: VisionLanguageModel, max_new_tokens: int, params, prompts: 
     logits, cache = model.apply({"params": params}, *(prompts[k] for k in MODEL_INPUTS),
                                 seq_len + max_new_tokens, last_only=True, method="prefill")
     first = next_token(logits[:, 0], temperature, top_p, jax.random.fold_in(key, 0))
+    cache = Llama.stacked(cache)
     out = jnp.full((first.shape[0], max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first)
 
     def more(carry):

@@ -62,3 +62,22 @@ def test_remat_policies_change_memory_not_values(policy):
     g = grad(params, VisionTower(cfg, remat_policy=policy))
     for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("span", [1, 5, 24])
+def test_attend_span_equals_attend_over_the_slots_each_row_sees(span):
+    """One query per row over a heads-first whole-stack cache, read chunk by chunk up to
+    `span`: the same as plain attention masked to slots <= the row's index."""
+    from mqt_jax.models.layers import attend, attend_span
+
+    rng = np.random.default_rng(span)
+    layers_, b, kv, heads, slots, d = 2, 3, 2, 6, 24, 8
+    k_all = rng.normal(size=(layers_, b, kv, slots, d)).astype(np.float32)
+    v_all = rng.normal(size=(layers_, b, kv, slots, d)).astype(np.float32)
+    q = rng.normal(size=(b, 1, heads, d)).astype(np.float32)
+    index = np.minimum(np.array([[0, span - 1, span // 2]] * layers_), slots - 1)
+    cache = {"k": k_all, "v": v_all, "index": index, "layer": 1, "span": span}
+    got = attend_span(jnp.asarray(q), cache, chunk=8)
+    mask = (np.arange(slots)[None, :] <= index[1][:, None])[:, None, None, :]
+    want = attend(q, np.swapaxes(k_all[1], 1, 2), np.swapaxes(v_all[1], 1, 2), mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -123,6 +123,7 @@ def test_victor_decode_with_the_cache_equals_the_full_forward(method):
     tokens = np.array([[5, 9], [17, 3]], np.int32)
     apply = lambda *a, **k: model.apply({"params": params}, *a, **k)  # noqa: E731
     _, cache = apply(emb, pos, seg, prompt_len + new, dropped, prompt_len - 6, method="prefill")
+    cache = Llama.stacked(cache) if method == "decode_in_place" else cache
     steps = []
     for i in range(new):
         logits, cache = apply(tokens[:, i:i + 1], cache, method=method)

@@ -199,9 +199,9 @@ class Attention(nn.Module):
         batch = max(q.shape[0], k.shape[0], v.shape[0])
         q, k, v = (jnp.broadcast_to(t, (batch,) + t.shape[1:]) for t in (q, k, v))
         q = constrain(q, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
-        if cache is not None and "layer" in cache:
-            cache, k, v = write_in_place(cache, k, v)
-            k, v = k.astype(self.dtype), v.astype(self.dtype)
+        stacked = cache is not None and "layer" in cache
+        if stacked:
+            cache = write_in_place(cache, k, v)
         elif cache is not None:
             write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, 0))
             cache = {"k": write(cache["k"], k.astype(cache["k"].dtype), cache["index"]),
@@ -216,6 +216,8 @@ class Attention(nn.Module):
             self.sow("intermediates", "weights", weights)
             v = jnp.repeat(v, q.shape[2] // v.shape[2], axis=2)
             out = jnp.einsum("bhts,bshd->bthd", weights.astype(v.dtype), v)
+        elif stacked:
+            out = attend_span(q.astype(cache["k"].dtype), cache).astype(self.dtype)
         else:
             out = attend(q, k, v, mask)
         out = dense(
@@ -226,17 +228,51 @@ class Attention(nn.Module):
         return out if cache is None else (out, cache)
 
 
-def write_in_place(cache: dict, k: Array, v: Array):
-    """One token's keys and values [B, 1, kv_heads, D] written into the whole-stack cache at
-    (layer, row, the row's index): a scatter of B vectors that XLA does in place when the
-    cache is a loop's carry, where slicing the layer out and writing it back would copy all
-    of it every token. Returns (cache, this layer's keys, values [B, S, kv_heads, D]); the
-    index is left for the caller to advance once every layer has written."""
+def write_in_place(cache: dict, k: Array, v: Array) -> dict:
+    """One token's keys and values [B, 1, kv_heads, D] written into the whole-stack cache
+    {"k", "v": [L, B, kv_heads, S, D], "index": [L, B], "layer", "span"} at (layer, row, the
+    row's index): a scatter of B vectors that XLA does in place when the cache is a loop's
+    carry, where slicing the layer out and writing it back would copy all of it every token.
+    The index is left for the caller to advance once every layer has written."""
     layer, index = cache["layer"], cache["index"][cache["layer"]]
     rows = jnp.arange(k.shape[0])
-    ks = cache["k"].at[layer, rows, index].set(k[:, 0].astype(cache["k"].dtype), mode="drop")
-    vs = cache["v"].at[layer, rows, index].set(v[:, 0].astype(cache["v"].dtype), mode="drop")
-    return dict(cache, k=ks, v=vs), ks[layer], vs[layer]
+    ks = cache["k"].at[layer, rows, :, index].set(k[:, 0].astype(cache["k"].dtype), mode="drop")
+    vs = cache["v"].at[layer, rows, :, index].set(v[:, 0].astype(cache["v"].dtype), mode="drop")
+    return dict(cache, k=ks, v=vs)
+
+
+def attend_span(q: Array, cache: dict, chunk: int = 128) -> Array:
+    """`attend` for one query per row [B, 1, heads, D] over layer `cache["layer"]` of a
+    whole-stack cache (see write_in_place), reading only its first `cache["span"]` slots (the
+    longest row's; a traced value) chunk by chunk with a running softmax, so a step costs what
+    the rows hold, not the cache's length. Row b sees slots <= its index; grouped heads share
+    their kv head (head j reads kv head j // (heads / kv_heads), as `attend` does)."""
+    k_all, v_all, layer = cache["k"], cache["v"], cache["layer"]
+    _, b, kv_heads, slots, d = k_all.shape
+    index = cache["index"][layer]
+    while slots % chunk:
+        chunk //= 2
+    groups = q.reshape(b, kv_heads, q.shape[2] // kv_heads, d).astype(jnp.float32) / np.sqrt(d)
+    low = jnp.finfo(jnp.float32).min
+
+    def step(i, carry):
+        top, total, acc = carry
+        start = (layer, 0, 0, i * chunk, 0)
+        k = jax.lax.dynamic_slice(k_all, start, (1, b, kv_heads, chunk, d))[0]
+        v = jax.lax.dynamic_slice(v_all, start, (1, b, kv_heads, chunk, d))[0]
+        logits = jnp.einsum("bkgd,bksd->bkgs", groups, k.astype(jnp.float32))
+        seen = (i * chunk + jnp.arange(chunk))[None, :] <= index[:, None]
+        logits = jnp.where(seen[:, None, None, :], logits, low)
+        new_top = jnp.maximum(top, logits.max(-1))
+        p = jnp.exp(logits - new_top[..., None])
+        scale = jnp.exp(top - new_top)
+        return (new_top, total * scale + p.sum(-1),
+                acc * scale[..., None] + jnp.einsum("bkgs,bksd->bkgd", p, v.astype(jnp.float32)))
+
+    init = (jnp.full(groups.shape[:3], low), jnp.zeros(groups.shape[:3]), jnp.zeros(groups.shape))
+    chunks = jnp.minimum((cache["span"] + chunk - 1) // chunk, slots // chunk)
+    _, total, acc = jax.lax.fori_loop(0, chunks, step, init)
+    return (acc / total[..., None]).reshape(q.shape).astype(q.dtype)
 
 
 def quick_gelu(x: Array) -> Array:

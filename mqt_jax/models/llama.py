@@ -27,11 +27,9 @@ def causal_segment_mask(segment_ids: jax.Array) -> jax.Array:
 def decoder_block(cfg: LLMConfig, kw: dict, x, mask, positions, cache):
     """One pre-norm LLaMA layer (its parameters created in the calling module). mask None:
     decoding, where each layer's own cache index says which slots its token sees."""
-    if mask is None:
-        stacked = "layer" in cache  # the whole stack's cache, see layers.write_in_place
-        slots = cache["k"].shape[2 if stacked else 1]
-        index = cache["index"][cache["layer"]] if stacked else cache["index"]
-        mask = (jnp.arange(slots)[None, :] <= index[:, None])[:, None, None, :]
+    if mask is None and "layer" not in cache:  # (a whole-stack cache masks by its index)
+        slots = cache["k"].shape[1]
+        mask = (jnp.arange(slots)[None, :] <= cache["index"][:, None])[:, None, None, :]
     h = layers.RMSNorm(cfg.rms_norm_eps, name="attn_norm", **kw)(x)
     attended = layers.Attention(
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
@@ -229,21 +227,32 @@ class Llama(nn.Module):
             x, cache = self.layers(x, None, positions, cache)
         return self._logits(x), cache
 
+    @staticmethod
+    def stacked(cache: dict) -> dict:
+        """A prefill's cache ([L, B, S, kv_heads, D]) in decode_in_place's layout (heads first)."""
+        return dict(cache, k=jnp.swapaxes(cache["k"], 2, 3), v=jnp.swapaxes(cache["v"], 2, 3))
+
     def decode_in_place(self, token_ids, cache):
-        """`decode` for a long-lived cache holding every layer ({"k", "v": [L, B, S, kv_heads,
-        D], "index": [L, B]}): the layers run as a loop whose carry is the cache, so each
-        writes its token's keys and values where they lie (layers.write_in_place), instead of
-        the cache being sliced per layer into the scan and stacked again on the way out (a
-        copy of all of it per token). Same parameters, same values as `decode`."""
+        """`decode` for a long-lived cache holding every layer ({"k", "v": [L, B, kv_heads, S,
+        D], "index": [L, B]}, see `stacked`; optionally "span", the slots to read): the layers
+        run as a loop whose carry is the cache, so each writes its token's keys and values
+        where they lie (layers.write_in_place) and reads only the slots in use
+        (layers.attend_span), instead of the cache being sliced per layer into the scan and
+        stacked again on the way out (a copy of all of it per token). Same parameters, same
+        values as `decode`."""
         x = layers.constrain(self.embed(token_ids), (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
         positions = cache["index"][0][:, None]
+        # Slots any row reads: up to the longest row's new token (a server passes only its
+        # live rows' lengths; idle rows then read garbage, which nobody uses).
+        span = cache.get("span", cache["index"].max() + 1)
         layer = DecoderLayer(self.config, self.dtype, self.param_dtype, parent=None)  # applied per layer
 
         def body(carry, xs):
             x, k, v = carry
             params, i = xs
             x, new = layer.apply({"params": params}, x, None, positions,
-                                 {"k": k, "v": v, "index": cache["index"], "layer": i})
+                                 {"k": k, "v": v, "index": cache["index"], "layer": i,
+                                  "span": span})
             return (x, new["k"], new["v"]), None
 
         stack = self.variables["params"]["layers"]
