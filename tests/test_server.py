@@ -250,3 +250,26 @@ def _status(s) -> int:
         return 200
     except openai.APIStatusError as e:
         return e.status_code
+
+
+class Pieces:
+    """A tokenizer whose token i decodes to PIECES[i] (concatenated)."""
+
+    PIECES = [" Hel", "lo", " wor", "ld", "\ufffd", "!"]
+
+    def decode(self, ids):
+        text = "".join(self.PIECES[i] for i in ids)
+        return text.replace("\ufffd!", "é")  # a character completed by the next token
+
+
+def test_detokenizer_holds_back_stop_prefixes_and_incomplete_characters():
+    from mqt_jax.server import Detokenizer
+
+    text = Detokenizer(Pieces(), ("world",))
+    assert text.add(0) == ("Hel", False)  # leading space dropped
+    assert text.add(1) == ("lo", False)
+    assert text.add(2) == (" ", False)  # "wor" may begin "world": held
+    assert text.add(3) == ("", True)  # "world" appeared: the text ends before it
+    assert text.text == "Hello " and text.rest() == ""
+    text = Detokenizer(Pieces(), ())
+    assert [text.add(i) for i in (0, 4, 5)] == [("Hel", False), ("", False), ("é", False)]
