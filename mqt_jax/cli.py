@@ -169,10 +169,11 @@ def cmd_gradcam(args) -> int:
 
 def cmd_serve(args) -> int:
     from mqt_jax.engine import Engine, EngineConfig
-    from mqt_jax.server import ServeConfig, serve
+    from mqt_jax.server import ServeConfig, listen, serve
 
     if args.image_root and not Path(args.image_root).is_dir():
         raise FileNotFoundError(f"--image_root {args.image_root} is not a folder")
+    sock = listen(args.host, args.port)
     engine_config = EngineConfig(slots=args.slots, cache_len=args.cache_len,
                                  prefill_batch=args.prefill_batch, max_queue=args.max_queue,
                                  vision_cache_mb=args.vision_cache_mb)
@@ -184,7 +185,7 @@ def cmd_serve(args) -> int:
     name = args.model_name or Path(args.ckpt or args.workdir).absolute().name
     config = ServeConfig(default_m=args.default_m, model_name=name, image_root=args.image_root,
                          max_image_bytes=int(args.max_image_mb * 2**20))
-    return serve(model, engine, config, args.host, args.port)
+    return serve(model, engine, config, sock)
 
 
 def cmd_data_shapes(args) -> int:

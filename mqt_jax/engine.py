@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import threading
 import time
+import traceback
 from typing import Callable
 
 import jax
@@ -79,7 +80,7 @@ _ids = itertools.count()
 class Request:
     """One prompt at its m. `emit(token, finish)` is called on the engine's thread for each
     generated token (finish None), then once with token None and finish "stop" (EOS or a stop
-    token), "length" (max_new_tokens) or "cancelled"."""
+    token), "length" (max_new_tokens), "cancelled" or "error" (the engine failed)."""
 
     prompt: splice.Example  # at most one <image> placeholder
     image: np.ndarray | None  # [S, S, 3] preprocessed (Model.image); None: text only
@@ -192,6 +193,10 @@ class Engine:
         if cfg.query.variant == "quecc":
             raise ValueError("the engine serves compressors whose visual tokens depend on the "
                              "image alone; quecc's depend on the question: use Model.generate")
+        if jax.process_count() > 1:
+            raise ValueError("the engine runs in one process (a multi-process server, with the "
+                             "admitted work broadcast to every process, is not built yet); "
+                             "Model.generate works across processes")
         divisor = sharding.batch_divisor(model.mesh)
         if config.slots % divisor:
             raise ValueError(f"EngineConfig.slots={config.slots} is not a multiple of the mesh's "
@@ -443,7 +448,22 @@ class Engine:
                     self._lock.wait(timeout=0.5)
                 if not self._admitting and not self.queue and not any(self.live):
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception:  # fail-stop: the donated state may be gone; end every request
+                traceback.print_exc()
+                with self._lock:
+                    self._admitting = False
+                    for slot, r in enumerate(self.live):
+                        if r is not None:
+                            self._free(slot, "error")
+                    while self.queue:
+                        self._finish(self.queue.popleft(), "error")
+                return
+
+    @property
+    def admitting(self) -> bool:
+        return self._admitting
 
     def stop(self, timeout: float | None = None) -> None:
         """Admit nothing more, finish what is queued and running, end the thread."""

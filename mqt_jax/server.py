@@ -313,7 +313,7 @@ def make_app(model, engine: Engine, config: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if not engine._admitting:
+        if not engine.admitting:
             return error(503, "shutting down")
         return {"status": "ok", "live_slots": engine.live_slots, "queue_length": engine.queue_length}
 
@@ -401,6 +401,8 @@ class Completion:
         text, finish = [], None
         async for delta, finish in self.tokens():
             text.append(delta)
+        if finish == "error":
+            return error(500, "the engine failed (see the server's log); it serves no more")
         return {"id": self.id, "object": "chat.completion", "created": self.created,
                 "model": self.config.model_name,
                 "choices": [{"index": 0, "finish_reason": finish,
@@ -426,13 +428,10 @@ class Completion:
         yield "data: [DONE]\n\n"
 
 
-def serve(model, engine: Engine, config: ServeConfig, host: str, port: int) -> int:
-    """Bind host:port (a clear error if taken), print the address, serve until SIGTERM or
-    Ctrl-C (then finish running requests and return 0)."""
-    import signal
+def listen(host: str, port: int):
+    """A socket bound to host:port (port 0: any free one), or an OSError saying why not;
+    bound before the model loads, so a taken port fails at once."""
     import socket
-
-    import uvicorn
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -441,8 +440,18 @@ def serve(model, engine: Engine, config: ServeConfig, host: str, port: int) -> i
     except OSError as e:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    bound = sock.getsockname()[1]
+    return sock
+
+
+def serve(model, engine: Engine, config: ServeConfig, sock) -> int:
+    """Serve on the bound socket `sock` (see `listen`) until SIGTERM or Ctrl-C; then finish
+    the admitted requests and return 0."""
+    import signal
+
+    import uvicorn
+
     app = make_app(model, engine, config)
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
             # uvicorn re-raises a captured signal once shut down, so the process would die by
@@ -452,8 +461,9 @@ def serve(model, engine: Engine, config: ServeConfig, host: str, port: int) -> i
                 self._captured_signals = [s for s in self._captured_signals if s != sig]
 
     server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None))
+    host, port = sock.getsockname()[:2]
     print(f"serving {config.model_name} (M={model.config.num_queries}, default m="
-          f"{config.default_m}, {engine.config.slots} slots) on http://{host}:{bound}/v1",
+          f"{config.default_m}, {engine.config.slots} slots) on http://{host}:{port}/v1",
           flush=True)
     server.run(sockets=[sock])
     return 0

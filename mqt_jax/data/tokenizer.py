@@ -26,7 +26,9 @@ class Tokenizer:
         return (np.asarray(ids, np.int32), np.asarray(begins, np.int64), np.asarray(ends, np.int64))
 
     def decode(self, ids) -> str:
-        return self._decode([int(i) for i in ids])
+        """The text of `ids`; ids outside the tokenizer's vocabulary (an LLM's table padded
+        past it can produce them) decode to nothing."""
+        return self._decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
     def __repr__(self):
         return f"Tokenizer({self.source}, vocab_size={self.vocab_size})"
