@@ -173,7 +173,11 @@ def cmd_serve(args) -> int:
 
     if args.image_root and not Path(args.image_root).is_dir():
         raise FileNotFoundError(f"--image_root {args.image_root} is not a folder")
-    sock = listen(args.host, args.port)
+    join_processes(args)
+    import jax
+
+    leader = jax.process_index() == 0  # takes the HTTP traffic; the others follow its steps
+    sock = listen(args.host, args.port) if leader else None
     engine_config = EngineConfig(slots=args.slots, cache_len=args.cache_len,
                                  prefill_batch=args.prefill_batch, max_queue=args.max_queue,
                                  vision_cache_mb=args.vision_cache_mb)
@@ -182,10 +186,26 @@ def cmd_serve(args) -> int:
         raise ValueError(f"{model.run.path}: the run's config names no tokenizer "
                          f"(EvalConfig.tokenizer_dir): nothing to read requests with")
     engine = Engine(model, engine_config)
+    if not leader:
+        return follow(engine)
     name = args.model_name or Path(args.ckpt or args.workdir).absolute().name
     config = ServeConfig(default_m=args.default_m, model_name=name, image_root=args.image_root,
                          max_image_bytes=int(args.max_image_mb * 2**20))
     return serve(model, engine, config, sock)
+
+
+def follow(engine) -> int:
+    """A process other than 0 of a multi-process server: it takes the steps process 0
+    broadcasts and exits when process 0 has drained (a SIGTERM here is left to process 0)."""
+    import signal
+
+    import jax
+
+    signal.signal(signal.SIGTERM, lambda *_: print(
+        f"process {jax.process_index()}: SIGTERM: process 0 decides "
+        f"when the server stops", flush=True))
+    engine.follow()
+    return 0
 
 
 def cmd_data_shapes(args) -> int:
@@ -374,6 +394,7 @@ def main(argv=None) -> int:
                          "name (default: none; data: URLs always work)")
     serve_p.add_argument("--max_image_mb", type=float, default=20.0)
     serve_p.add_argument("--model_name", help="the name clients send (default: the folder's)")
+    add_multiprocess_args(serve_p)
     serve_p.set_defaults(func=cmd_serve)
     conv_p = sub.add_parser("convert", help="a Hugging Face checkpoint -> an orbax run folder")
     conv_p.add_argument("--kind", required=True, choices=("clip-vision", "llama", "llava-1.5", "mqt-llava"))

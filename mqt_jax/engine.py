@@ -14,6 +14,12 @@ m, so the same image at another m costs no vision pass; otherwise the key adds m
 
 `Engine.step` is the whole schedule (admit, prefill + insert, decode, deliver); a server runs
 it in a thread (`Engine.start`), tests and benchmarks call `Engine.run` directly.
+
+Several processes (one per host): process 0 holds the queue and decides each step (which
+slots its cancellations free, which requests enter which slots) and broadcasts that plan; every
+other process runs `Engine.follow`, so all take the same jitted steps on the same data. The
+rest is deterministic given the plan (tokens come back replicated; EOS, stop tokens and
+lengths end rows alike everywhere; the vision caches see the same keys in the same order).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import io
 import itertools
 import threading
 import time
@@ -31,6 +38,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -193,10 +201,6 @@ class Engine:
         if cfg.query.variant == "quecc":
             raise ValueError("the engine serves compressors whose visual tokens depend on the "
                              "image alone; quecc's depend on the question: use Model.generate")
-        if jax.process_count() > 1:
-            raise ValueError("the engine runs in one process (a multi-process server, with the "
-                             "admitted work broadcast to every process, is not built yet); "
-                             "Model.generate works across processes")
         divisor = sharding.batch_divisor(model.mesh)
         if config.slots % divisor:
             raise ValueError(f"EngineConfig.slots={config.slots} is not a multiple of the mesh's "
@@ -218,18 +222,20 @@ class Engine:
                                 **{k: per_slot for k in ("tokens", "count", "temperature",
                                                           "top_p", "seed")}}
         dtype = jnp.dtype(cfg.dtype)
-        zeros = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-                 "index": jnp.zeros(shape[:2], jnp.int32),
-                 "tokens": jnp.zeros(config.slots, jnp.int32),
-                 "count": jnp.zeros(config.slots, jnp.int32),
-                 "temperature": jnp.zeros(config.slots, jnp.float32),
-                 "top_p": jnp.ones(config.slots, jnp.float32),
-                 "seed": jnp.zeros(config.slots, jnp.uint32)}
-        self.state = jax.device_put(zeros, self._state_sharding)
+        zeros = lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),  # noqa: E731
+                         "index": jnp.zeros(shape[:2], jnp.int32),
+                         "tokens": jnp.zeros(config.slots, jnp.int32),
+                         "count": jnp.zeros(config.slots, jnp.int32),
+                         "temperature": jnp.zeros(config.slots, jnp.float32),
+                         "top_p": jnp.ones(config.slots, jnp.float32),
+                         "seed": jnp.zeros(config.slots, jnp.uint32)}
+        self.state = jax.jit(zeros, out_shardings=self._state_sharding)()  # made in place
         module = model.module
         replicated = sharding.replicated(mesh)
         self._vision_fn = jax.jit(functools.partial(_vision, module), out_shardings=replicated)
-        self._prefill_fn = jax.jit(functools.partial(_prefill, module))
+        # the first tokens come back replicated: every process reads them
+        self._prefill_fn = jax.jit(functools.partial(_prefill, module),
+                                   out_shardings=(replicated, None))
         self._insert_fn = jax.jit(_insert, donate_argnums=0,
                                   out_shardings=self._state_sharding)
         self._decode_fn = jax.jit(functools.partial(_decode, module), donate_argnums=1,
@@ -239,6 +245,7 @@ class Engine:
         self._lock = threading.Condition()
         self._admitting, self._thread = True, None
         self.stats = collections.Counter()  # prefills, decode_steps, tokens, requests, ...
+        self.leader = jax.process_index() == 0  # takes the requests; the others follow it
 
     # ---- admission (any thread) ----
     def check(self, request: Request) -> None:
@@ -294,15 +301,43 @@ class Engine:
     # ---- the schedule (the engine's thread) ----
     def step(self) -> bool:
         """Admit what fits, prefill and insert it, decode one token for every live slot and
-        deliver it. Returns whether there was anything to do."""
+        deliver it. Returns whether there was anything to do. Process 0 only (see `follow`)."""
+        if not self.leader:
+            raise RuntimeError("process 0 steps the engine; the other processes run follow()")
         with self._lock:
             for r in [r for r in self.queue if r.cancelled]:
                 self.queue.remove(r)
                 self._finish(r, "cancelled")
-            for slot, r in enumerate(self.live):
-                if r is not None and r.cancelled:
-                    self._free(slot, "cancelled")
+            freed = [slot for slot, r in enumerate(self.live) if r is not None and r.cancelled]
+            for slot in freed:
+                self._free(slot, "cancelled")
             admitted = self._admit()
+        if jax.process_count() > 1:
+            self._broadcast(encode_plan(freed, admitted))
+        return self._take_step(admitted)
+
+    def follow(self) -> None:
+        """On a process other than 0: take the steps process 0 broadcasts, until it stops."""
+        while True:
+            plan = decode_plan(self._broadcast(b""))
+            if plan is None:
+                return
+            freed, admitted = plan
+            for slot in freed:
+                self.live[slot] = None
+            for _, r in admitted:
+                self.check(r)  # sets its prompt length
+            self._take_step(admitted)
+
+    def _broadcast(self, payload: bytes) -> bytes:
+        """Process 0's payload, on every process (two broadcasts: its size, then the bytes
+        padded to a power of two, so few shapes compile)."""
+        size = int(multihost_utils.broadcast_one_to_all(np.array([len(payload)], np.int32))[0])
+        buffer = np.zeros(1 << max(10, (size - 1).bit_length()), np.uint8)
+        buffer[:len(payload)] = np.frombuffer(payload, np.uint8)
+        return multihost_utils.broadcast_one_to_all(buffer)[:size].tobytes()
+
+    def _take_step(self, admitted: list[tuple[int, Request]]) -> bool:
         if admitted:
             self._prefill_and_insert(admitted)
         if any(r is not None for r in self.live):
@@ -349,7 +384,7 @@ class Engine:
         sampling = {"temperature": np.array([r.temperature for r in requests], np.float32),
                     "top_p": np.array([r.top_p for r in requests], np.float32),
                     "seed": np.array([r.seed % 2**32 for r in requests], np.uint32)}
-        put = lambda tree: jax.device_put(tree, self._batch)  # noqa: E731
+        put = self._put
         with sharding.activate(self.model.mesh):
             visual = put(self._visual_tokens(requests[: len(group)], n))
             first, kv = self._prefill_fn(self.model.params, visual, put(prompts), put(sampling))
@@ -386,7 +421,9 @@ class Engine:
             pad = self.prefill_rows - len(missing)  # one compiled shape
             images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
             m = np.concatenate([m, np.repeat(m[-1:], pad)])
-            tokens = np.asarray(jax.device_get(self._vision_fn(self.model.params, images, m)))
+            with sharding.activate(self.model.mesh):
+                tokens = self._vision_fn(self.model.params, self._put(images), self._put(m))
+            tokens = np.asarray(jax.device_get(tokens))
             self.stats["vision_passes"] += 1
             for j, i in enumerate(missing):
                 out[i] = tokens[j]
@@ -395,14 +432,21 @@ class Engine:
 
     def _decode_step(self) -> None:
         with sharding.activate(self.model.mesh):
-            live = jax.device_put(np.array([r is not None for r in self.live]),
-                                  self._state_sharding["tokens"])
+            live = self._put(np.array([r is not None for r in self.live]))
             self.state, tokens = self._decode_fn(self.model.params, self.state, live)
         tokens = np.asarray(jax.device_get(tokens))
         self.stats["decode_steps"] += 1
         for slot, r in enumerate(self.live):
             if r is not None:
                 self._deliver(slot, int(tokens[slot]))
+
+    def _put(self, tree):
+        """Host arrays (the same on every process) whose first axis is rows -> global arrays
+        split over the batch axes, each process giving the rows its devices hold."""
+        def put(x):
+            rows = sharding.process_rows(self.model.mesh, x.shape[0])
+            return jax.make_array_from_process_local_data(self._batch, x[rows], x.shape)
+        return jax.tree.map(put, tree)
 
     def _deliver(self, slot: int, token: int) -> None:
         r = self.live[slot]
@@ -444,10 +488,11 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self.queue and not any(self.live) and self._admitting:
-                    self._lock.wait(timeout=0.5)
-                if not self._admitting and not self.queue and not any(self.live):
-                    return
+                idle = not self.queue and not any(self.live)
+                if idle and not self._admitting:
+                    break
+                if idle:  # an idle step each second: the other processes hear from us
+                    self._lock.wait(timeout=1.0)
             try:
                 self.step()
             except Exception:  # fail-stop: the donated state may be gone; end every request
@@ -460,6 +505,11 @@ class Engine:
                     while self.queue:
                         self._finish(self.queue.popleft(), "error")
                 return
+        self._release_followers()
+
+    def _release_followers(self) -> None:
+        if jax.process_count() > 1:
+            self._broadcast(encode_plan([], [], stop=True))
 
     @property
     def admitting(self) -> bool:
@@ -472,3 +522,41 @@ class Engine:
             self._lock.notify()
         if self._thread:
             self._thread.join(timeout)
+        elif self.leader:  # stepped by hand (run)
+            self._release_followers()
+
+
+# ---- the plan process 0 broadcasts each step (npz: arrays only, nothing to unpickle) ----
+
+def encode_plan(freed: list[int], admitted: list[tuple[int, Request]], stop: bool = False) -> bytes:
+    arrays = {"stop": np.array(stop), "freed": np.array(freed, np.int32),
+              "slot": np.array([s for s, _ in admitted], np.int32)}
+    for name, dtype in (("m", np.int32), ("max_new_tokens", np.int32),
+                        ("temperature", np.float32), ("top_p", np.float32), ("seed", np.int64)):
+        arrays[name] = np.array([getattr(r, name) % 2**32 if name == "seed" else getattr(r, name)
+                                 for _, r in admitted], dtype)
+    for i, (_, r) in enumerate(admitted):
+        arrays[f"prompt{i}"] = np.asarray(r.prompt.tokens, np.int32)
+        arrays[f"stop_ids{i}"] = np.array(sorted(r.stop_ids), np.int32)
+        if r.image is not None:
+            arrays[f"image{i}"] = np.asarray(r.image, np.float32)
+    out = io.BytesIO()
+    np.savez(out, **arrays)
+    return out.getvalue()
+
+
+def decode_plan(payload: bytes) -> tuple[list[int], list[tuple[int, Request]]] | None:
+    """(freed slots, admitted (slot, request)), or None: stop."""
+    plan = np.load(io.BytesIO(payload), allow_pickle=False)
+    if plan["stop"]:
+        return None
+    admitted = []
+    for i, slot in enumerate(plan["slot"].tolist()):
+        tokens = plan[f"prompt{i}"].tolist()
+        image = plan[f"image{i}"] if f"image{i}" in plan.files else None
+        admitted.append((slot, Request(
+            splice.Example(tokens, [splice.IGNORE] * len(tokens)), image, int(plan["m"][i]),
+            int(plan["max_new_tokens"][i]), float(plan["temperature"][i]),
+            float(plan["top_p"][i]), int(plan["seed"][i]),
+            stop_ids=frozenset(plan[f"stop_ids{i}"].tolist()))))
+    return plan["freed"].tolist(), admitted

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import re
+import subprocess
+import sys
+import time
+
 import numpy as np
 
 from mqt_jax import splice
@@ -91,3 +98,62 @@ def write_run(folder, variant="official", query_mask="prefix", num_queries=16, s
               "EvalConfig.template = 'vicuna_v1'"]
     save_params(folder, jax.device_get(params), "\n".join(lines) + "\n")
     return cfg
+
+
+# ---- a live server (tests/test_server.py, tests/test_multihost.py) ----
+
+def png(seed, size=(40, 30)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 255, size + (3,), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(raw: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(raw).decode()
+
+
+def user(text, url=None):
+    parts = [{"type": "image_url", "image_url": {"url": url}}] if url else []
+    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+
+
+class Server:
+    """`mqt-jax serve` of a run folder on a free port of 127.0.0.1, with an openai client."""
+
+    def __init__(self, folder, tmp, *flags, env=None):
+        self.log = open(tmp / "server.err", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mqt_jax.cli", "serve", "--workdir", str(folder), "--port", "0",
+             "--cache_len", "384", "--model_name", "tiny", *flags],
+            stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+        deadline = time.time() + 180
+        line = ""
+        while time.time() < deadline and "serving" not in line:
+            line = self.proc.stdout.readline()
+            if not line and self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {(tmp / 'server.err').read_text()[-2000:]}")
+        self.url = re.search(r"(http://127\.0\.0\.1:\d+)/v1", line).group(1)
+        import openai
+
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0,
+                                    timeout=120)
+
+    def ask(self, text="What colour?", url=None, **kw):
+        kw.setdefault("max_tokens", 4)
+        kw.setdefault("temperature", 0)
+        return self.client.chat.completions.create(model="tiny", messages=user(text, url), **kw)
+
+    def metric(self, name) -> float:
+        import httpx
+
+        text = httpx.get(self.url + "/metrics").text
+        return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.log.close()

@@ -1,9 +1,11 @@
 """Two CPU processes with 4 devices each (gloo collectives) train on one 8-device mesh, through
 launch/local_processes.sh, then evaluate (sharded generation), and match a single process with
-8 devices."""
+8 devices; a server on two processes answers as one process does."""
 
+import concurrent.futures
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import mqt_jax
+from helpers import Server, data_url, png, write_run
 from mqt_jax.data.shapes import write_shapes
+from mqt_jax.engine import Engine, EngineConfig, Request
 from mqt_jax.sharding import initialize_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,9 +92,7 @@ def test_generation_on_two_processes_matches_one(tmp_path):
     single = subprocess.run(worker + ["--out", str(tmp_path / "one.json")], env=env(8),
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
-    with socket.socket() as s:  # a free port for the coordinator
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # for the coordinator
     procs = [subprocess.Popen(worker + ["--out", str(tmp_path / "two.json"), "--coordinator_address",
                                         f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)],
                               env=env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -104,6 +107,61 @@ def test_generation_on_two_processes_matches_one(tmp_path):
         assert all(len({tuple(row) for row in rows}) > 8 for rows in by_m.values())
         assert by_m["1"] != by_m["16"]
     assert one["ids"]["greedy"] != one["ids"]["sampled"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_serving_on_two_processes_matches_one(tmp_path):
+    """`mqt-jax serve` on 2 processes x 4 devices (process 0 takes the requests and broadcasts
+    each step's plan): concurrent requests mixing m, greedy and seeded sampling, give what one
+    process with 8 devices gives; SIGTERM to process 0 drains, and both exit 0."""
+    write_run(tmp_path / "run")
+    env = {**ENV, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": ENV["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4"}
+    multi = ["--coordinator_address", f"127.0.0.1:{free_port()}", "--num_processes", "2"]
+    follower_log = open(tmp_path / "process_1.log", "w")
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "mqt_jax.cli", "serve", "--workdir", str(tmp_path / "run"),
+         "--default_m", "4", "--cache_len", "384", *multi, "--process_id", "1"],
+        env=env, stdout=follower_log, stderr=subprocess.STDOUT)
+    server = Server(tmp_path / "run", tmp_path, "--default_m", "4", *multi, "--process_id", "0",
+                    env=env)
+    try:
+        questions = ["What shape is in the picture?", "How many triangles are there?", "Hi",
+                     "Describe the image in one word. What colour?"]
+        jobs = [(i, [1, 4, 16][i % 3], questions[i % 4], 3 + i % 4) for i in range(12)]
+        sampled = dict(temperature=1.0, top_p=0.9, seed=5)
+
+        def ask(job):
+            i, m, question, n = job
+            extra = sampled if i == 0 else {}
+            return server.ask(question, data_url(png(i % 5)), max_tokens=n, extra_body={"m": m},
+                              **extra).choices[0].message.content
+
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(ask, jobs))
+        # one process, 8 devices: the same requests through the engine
+        model = mqt_jax.load(tmp_path / "run")
+        requests = [Request(model.prompt(q), model.image(png(i % 5)), m, n,
+                            **(sampled if i == 0 else {})) for i, m, q, n in jobs]
+        Engine(model, EngineConfig(cache_len=384)).run(requests)
+        want = [model.tokenizer.decode(r.tokens).strip() for r in requests]
+        assert answers == want
+        assert len(set(answers)) > 6
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=120) == 0
+        assert follower.wait(timeout=120) == 0
+    finally:
+        server.close()
+        if follower.poll() is None:
+            follower.kill()
+        follower_log.close()
+    assert "Traceback" not in (tmp_path / "process_1.log").read_text()
 
 
 def test_launcher_dry_run_prints_one_command_per_process():

@@ -3,77 +3,23 @@ plain and streamed answers, 32 concurrent requests mixing m equal to the offline
 bad input refused with a message (and the server serving on), a client that goes away, a full
 queue, SIGTERM."""
 
-import base64
 import concurrent.futures
 import io
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
-import numpy as np
 import openai
 import pytest
 from PIL import Image
 
 import mqt_jax
-from helpers import write_run
+from helpers import Server, data_url, png, user, write_run
 
 QUESTIONS = ["What shape is in the picture?", "How many triangles are there?",
              "Describe the image in one word.", "What colour?", "Hi",
              "Yes, no, left, right, top, bottom. What shape is in the picture?"]
-
-
-def png(seed, size=(40, 30)) -> bytes:
-    buf = io.BytesIO()
-    pixels = np.random.default_rng(seed).integers(0, 255, size + (3,), dtype=np.uint8)
-    Image.fromarray(pixels).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def data_url(raw: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(raw).decode()
-
-
-def user(text, url=None):
-    parts = [{"type": "image_url", "image_url": {"url": url}}] if url else []
-    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
-
-
-class Server:
-    def __init__(self, folder, tmp, *flags):
-        self.log = open(tmp / "server.err", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mqt_jax.cli", "serve", "--workdir", str(folder), "--port", "0",
-             "--cache_len", "384", "--model_name", "tiny", *flags],
-            stdout=subprocess.PIPE, stderr=self.log, text=True)
-        deadline = time.time() + 180
-        line = ""
-        while time.time() < deadline and "serving" not in line:
-            line = self.proc.stdout.readline()
-            if not line and self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {(tmp / 'server.err').read_text()[-2000:]}")
-        self.url = re.search(r"(http://127\.0\.0\.1:\d+)/v1", line).group(1)
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0,
-                                    timeout=120)
-
-    def ask(self, text="What colour?", url=None, **kw):
-        kw.setdefault("max_tokens", 4)
-        kw.setdefault("temperature", 0)
-        return self.client.chat.completions.create(model="tiny", messages=user(text, url), **kw)
-
-    def metric(self, name) -> float:
-        text = httpx.get(self.url + "/metrics").text
-        return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
