@@ -1,6 +1,7 @@
 """Serving under load, and the decode step against the PyTorch peer; prints Markdown tables.
 
     python benchmarks/serve_load.py [--requests 40] [--rates 1,2] [--sections decode,cache,load]
+        [--m_values 16,64,256] [--lengths 8,32,64]
 
 Model: the "mid" model of inference_latency.py (224 px, M = 256, a 12 x 768 LLM), random
 weights (speed does not depend on training), a small sentencepiece tokenizer.
@@ -11,11 +12,12 @@ weights (speed does not depend on training), a small sentencepiece tokenizer.
   the extra tokens over the extra time of generating N tokens instead of 1 (prefill cancels).
 - cache: the same image asked again at another m, with the vision cache on and off.
 - load: `mqt-jax serve`'s app on 127.0.0.1, a fixed number of streamed requests arriving as a
-  Poisson process at each rate, m drawn from {16, 64, 256} and answer lengths from
-  {8, 32, 64} (EOS off, so every answer has its length); requests/s, output tokens/s, time to
+  Poisson process at each rate, m drawn from --m_values (default {16, 64, 256}) and answer
+  lengths from --lengths (default {8, 32, 64}; EOS off, so every answer has its length); requests/s, output tokens/s, time to
   first token and latency p50 / p99, in all and per m, for three schedules of the same
   engine: static batching (a batch enters an empty engine and runs to its longest answer),
-  one m at a time (continuous, but a batch never mixes m) and mixed m (continuous).
+  one m at a time (continuous, but a batch never mixes m) and mixed m (continuous). The
+  output head keeps only the tokenizer's ids (`speaking`), so every token streams text.
 """
 
 from __future__ import annotations
@@ -60,6 +62,21 @@ def build_model() -> Model:
     folder = Path(tempfile.mkdtemp(prefix="serve_load_"))
     train_sentencepiece([" ".join(rng.choice(WORDS, 12)) for _ in range(400)], folder, 300)
     return Model(TrainedRun(folder, 0, cfg, EvalConfig(), mesh, params), load_tokenizer(folder))
+
+
+def speaking(model: Model) -> Model:
+    """The model with its output head's columns beyond the tokenizer's pieces zeroed: random
+    weights then mostly pick ids that have text, so streamed chunks carry content (time to
+    first token is seen by the client) at the same cost per step (the head keeps its shape)."""
+    import jax.numpy as jnp
+
+    head = model.params["llm"]["lm_head"]
+    keep = jnp.arange(head["kernel"].shape[-1]) < model.tokenizer.vocab_size
+    kernel = jax.jit(lambda k: jnp.where(keep, k, 0))(head["kernel"])
+    params = dict(model.params, llm=dict(model.params["llm"], lm_head=dict(head, kernel=kernel)))
+    run = model.run
+    return Model(TrainedRun(run.path, 0, model.config, run.eval_config, run.mesh, params),
+                 model.tokenizer)
 
 
 def fmt(rows, cols):
@@ -206,12 +223,13 @@ def summarise(results: list[dict], seconds: float) -> dict:
             "lat_p50": np.percentile(lat, 50), "lat_p99": np.percentile(lat, 99)}
 
 
-def load_section(model: Model, n: int, rates: list[float], text_tokens: int) -> str:
+def load_section(model: Model, n: int, rates: list[float], text_tokens: int,
+                 m_values: list[int], lengths: list[int]) -> str:
     rng = np.random.default_rng(1)
     images = [png_url(i, 224) for i in range(12)]
     jobs = [{"model": "mid", "stream": True, "stream_options": {"include_usage": True},
-             "temperature": 0, "m": int(rng.choice([16, 64, 256])),
-             "max_tokens": int(rng.choice([8, 32, 64])),
+             "temperature": 0, "m": int(rng.choice(m_values)),
+             "max_tokens": int(rng.choice(lengths)),
              "messages": [{"role": "user", "content": [
                  {"type": "image_url", "image_url": {"url": images[int(rng.integers(12))]}},
                  {"type": "text", "text": " ".join(rng.choice(WORDS, int(rng.integers(4, text_tokens))))}]}]}
@@ -226,7 +244,7 @@ def load_section(model: Model, n: int, rates: list[float], text_tokens: int) -> 
             results, seconds = asyncio.run(offered_load(url, jobs, rate, seed=2))
             rows.append({"schedule": names[policy], "rate": rate, "m": "all",
                          **summarise(results, seconds)})
-            for m in (16, 64, 256):
+            for m in m_values:
                 part = [r for r in results if r["m"] == m]
                 rows.append({"schedule": names[policy], "rate": rate, "m": str(m),
                              **summarise(part, seconds)})
@@ -243,6 +261,8 @@ def main():
     parser.add_argument("--requests", type=int, default=40, help="requests per rate")
     parser.add_argument("--rates", default="1,2", help="offered requests per second")
     parser.add_argument("--text_tokens", type=int, default=32)
+    parser.add_argument("--m_values", default="16,64,256", help="load: the m drawn per request")
+    parser.add_argument("--lengths", default="8,32,64", help="load: the answer lengths drawn")
     args = parser.parse_args()
     sections = args.sections.split(",")
     model = build_model()
@@ -257,9 +277,11 @@ def main():
         print(cache_section(model, args.text_tokens) + "\n", flush=True)
     if "load" in sections:
         rates = [float(r) for r in args.rates.split(",")]
-        print(f"## Load: {args.requests} streamed requests per rate, Poisson arrivals, 8 slots "
-              f"(seconds; rates in requests/s)\n")
-        print(load_section(model, args.requests, rates, args.text_tokens), flush=True)
+        m_values, lengths = ([int(v) for v in a.split(",")] for a in (args.m_values, args.lengths))
+        print(f"## Load: {args.requests} streamed requests per rate, Poisson arrivals, 8 slots, "
+              f"m in {m_values}, answers of {lengths} tokens (seconds; rates in requests/s)\n")
+        print(load_section(speaking(model), args.requests, rates, args.text_tokens, m_values, lengths),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -209,6 +209,7 @@ class Engine:
         self.eos_id = model.tokenizer.eos_id if eos_id is None else eos_id
         self.cache_len = min(config.cache_len, cfg.llm.max_length)
         self.prefill_rows = -(-config.prefill_batch // divisor) * divisor
+        self._divisor = divisor
         self.nested = m_independent(cfg)
         self.vision_cache = VisionCache(int(config.vision_cache_mb * 2**20))
         mesh, rows = model.mesh, sharding.BATCH_AXES
@@ -360,6 +361,13 @@ class Engine:
             self.queue.remove(r)
         return list(zip(free, chosen))
 
+    def _group_rows(self, n: int) -> int:
+        """Rows a group of n prompts (or images) runs as: the batch devices times a power of
+        two, at most prefill_rows. A lone arrival is not padded to a full prefill (what
+        continuous batching mostly sees), and few shapes compile."""
+        per_device = -(-n // self._divisor)
+        return min(self._divisor << max(per_device - 1, 0).bit_length(), self.prefill_rows)
+
     def _bucket(self, length: int) -> int:
         return min(-(-length // self.config.bucket) * self.config.bucket, self.cache_len)
 
@@ -372,7 +380,7 @@ class Engine:
                 self._prefill_group(t, group[start:start + self.prefill_rows])
 
     def _prefill_group(self, t: int, group: list[tuple[int, Request]]) -> None:
-        n, cfg = self.prefill_rows, self.model.config
+        n, cfg = self._group_rows(len(group)), self.model.config
         requests = [r for _, r in group] + [group[-1][1]] * (n - len(group))
         slots = np.array([s for s, _ in group] + [self.config.slots] * (n - len(group)), np.int32)
         m = np.array([[r.m] for r in requests], np.int32)
@@ -390,6 +398,7 @@ class Engine:
             first, kv = self._prefill_fn(self.model.params, visual, put(prompts), put(sampling))
             self.state = self._insert_fn(self.state, kv, first, put(slots), put(sampling))
         self.stats["prefills"] += 1
+        self.stats["prefill_rows"] += n  # beyond the requests prefilled: padding
         first = np.asarray(jax.device_get(first))
         now = time.perf_counter()
         for (slot, r), token in zip(group, first[: len(group)]):
@@ -418,7 +427,7 @@ class Engine:
         if missing:
             images = np.stack([requests[i].image for i in missing]).astype(np.float32)
             m = np.array([requests[i].m for i in missing], np.int32)
-            pad = self.prefill_rows - len(missing)  # one compiled shape
+            pad = self._group_rows(len(missing)) - len(missing)  # few compiled shapes
             images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
             m = np.concatenate([m, np.repeat(m[-1:], pad)])
             with sharding.activate(self.model.mesh):

@@ -5,10 +5,11 @@ import dataclasses
 
 import numpy as np
 import pytest
+from helpers import write_run
 
 import mqt_jax
-from helpers import write_run
 from mqt_jax.engine import Engine, EngineConfig, QueueFull, Request, Stopped
+from mqt_jax.splice import true_length
 from mqt_jax.train import CompileCounter
 
 QUESTIONS = ["What shape is in the picture?", "How many triangles are there?",
@@ -73,6 +74,31 @@ def test_every_answer_equals_the_offline_one_at_its_m_with_bounded_compiles(mode
     assert counts["_prefill"] == counts["_insert"] == len(buckets) and len(buckets) >= 2, counts
     assert counts["_decode"] == 1 and counts["_vision"] == 1, counts
     assert engine.stats["decode_steps"] < sum(len(r.tokens) for r in requests)  # shared steps
+
+
+def test_arrivals_prefill_in_groups_of_their_size(model):
+    """On a mesh of 4 batch devices (fsdp 4 x tensor 2) with prefill_batch 8, a lone arrival
+    prefills as 4 rows (not padded to 8), five together as 8; answers equal the offline ones."""
+    narrow = mqt_jax.load(model.run.path, gin_params=["MeshConfig.fsdp = 4", "MeshConfig.tensor = 2"])
+    engine = Engine(narrow, CONFIG)
+    assert [engine._group_rows(n) for n in range(1, 9)] == [4, 4, 4, 4, 8, 8, 8, 8]
+    bucket = lambda m: engine._bucket(true_length(narrow.prompt(QUESTIONS[1]), [m]))  # noqa: E731
+    ms = [m for m in range(1, 17) if bucket(m) == bucket(1)]  # five m in one length bucket
+    ms = ms[::len(ms) // 5][:5]
+    assert len(set(ms)) == 5
+    pictures = images(6)
+    with CompileCounter() as compiles:
+        first = engine.submit(request(narrow, 0, 4))
+        engine.step()
+        assert engine.stats["prefill_rows"] == 4
+        rest = [engine.submit(request(narrow, 1, m, image=pictures[k + 1])) for k, m in enumerate(ms)]
+        engine.run()
+    assert first.tokens == offline(narrow, 0, 4)
+    want = narrow.generate(pictures[1:6], [QUESTIONS[1]] * 5, m=ms, max_new_tokens=8, details=True)
+    assert [r.tokens for r in rest] == [a.tokens for a in want]
+    assert (engine.stats["prefills"], engine.stats["prefill_rows"], engine.stats["vision_passes"]) == (2, 12, 2)
+    counts = {name.split("(")[-1].rstrip(")"): n for name, n in compiles.counts.items()}
+    assert counts == {"_vision": 2, "_prefill": 2, "_insert": 2, "_decode": 1}, counts
 
 
 def test_the_same_image_at_another_m_needs_no_vision_pass(model):
