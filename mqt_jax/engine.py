@@ -4,8 +4,9 @@ requests enter between decode steps and leave when done, each at its own m.
 Three jitted steps, named as in JetStream: `prefill` (a group of prompts of one length bucket,
 rows at any m -> each row's first token and its keys and values), `insert` (those into free
 slots) and `decode` (one token for every slot, the cache updated where it lies). Shapes are
-static: prefill and insert compile once per length bucket, decode once; never per request or
-per m (m is data: `mqt_jax.splice`).
+static: prefill and insert compile once per (length bucket, group size: the batch devices
+times a power of two, up to prefill_batch), decode once; never per request or per m (m is
+data: `mqt_jax.splice`).
 
 Vision cache: the compressor's M tokens of an image, kept on the host (LRU, bounded in bytes,
 keyed by a hash of the preprocessed pixels). Where token i does not depend on m (the official
