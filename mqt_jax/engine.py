@@ -514,7 +514,7 @@ class Engine:
                             self._free(slot, "error")
                     while self.queue:
                         self._finish(self.queue.popleft(), "error")
-                return
+                break
         self._release_followers()
 
     def _release_followers(self) -> None:
