@@ -5,13 +5,15 @@ compiles them about 3x faster and changes code generation only, not what is comp
 
 XLA aborts the process when one of the 8 simulated devices waits more than 40 s for the others
 at a collective. On a loaded 2-core CI machine (two pytest workers, plus the multi-process
-tests' subprocesses) a device thread can be starved that long: wait up to 30 min instead.
+tests' subprocesses) a device thread can be starved that long: wait up to 30 min instead
+(both the collective-call rendezvous timeout and the CPU collectives' own).
 """
 
 import os
 
 for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
-              "--xla_cpu_collective_call_terminate_timeout_seconds=1800"):
+              "--xla_cpu_collective_call_terminate_timeout_seconds=1800",
+              "--xla_cpu_collective_timeout_seconds=1800"):
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
