@@ -245,7 +245,7 @@ class Engine:
         self.live: list[Request | None] = [None] * config.slots
         self.queue: collections.deque[Request] = collections.deque()
         self._lock = threading.Condition()
-        self._admitting, self._thread = True, None
+        self._admitting, self._thread, self._released = True, None, False
         self.stats = collections.Counter()  # prefills, decode_steps, tokens, requests, ...
         self.leader = jax.process_index() == 0  # takes the requests; the others follow it
 
@@ -518,7 +518,9 @@ class Engine:
         self._release_followers()
 
     def _release_followers(self) -> None:
-        if jax.process_count() > 1:
+        """Once: the followers have left after the first stop plan (a second would hang)."""
+        if jax.process_count() > 1 and not self._released:
+            self._released = True
             self._broadcast(encode_plan([], [], stop=True))
 
     @property

@@ -462,6 +462,7 @@ def serve(model, engine: Engine, config: ServeConfig, sock) -> int:
 
     server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None))
     host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     print(f"serving {config.model_name} (M={model.config.num_queries}, default m="
           f"{config.default_m}, {engine.config.slots} slots) on http://{host}:{port}/v1",
           flush=True)
