@@ -100,6 +100,12 @@ def percent(x: float) -> float:
     return 100.0 * float(x)
 
 
+def stderr(outcomes: list[bool]) -> float:
+    """The standard error (in points) of an accuracy over these right / wrong outcomes."""
+    p, n = float(np.mean(outcomes)), len(outcomes)
+    return percent(np.sqrt(p * (1 - p) / n))
+
+
 # ---------------------------------------------------------------- VQAv2 / VizWiz / TextVQA
 # The EvalAI answer normalisation of the VQA evaluation (data tables from its vqaEval.py).
 CONTRACTIONS = {
@@ -290,18 +296,25 @@ class Shapes(Benchmark):
     name = "shapes"
 
     def score(self, predictions, questions, refs):
+        """{"score", each category's accuracy, "stderr": {the same keys}, "by_type": {question
+        type: accuracy}, "by_type_stderr": {...}}: exact-match %, standard errors in points."""
         ok = {q.question_id: shapes_normalize(predictions.get(q.question_id, ""))
               == shapes_normalize(refs[q.question_id]["answer"]) for q in questions}
-        out = {"score": percent(np.mean(list(ok.values())))}
-        out.update(self.by_category(ok, refs))
-        return out
+        overall = {"score": list(ok.values()), **dict(sorted(self.groups(ok, refs, "category").items()))}
+        by_type = self.groups(ok, refs, "type")
+        return {**{k: percent(np.mean(v)) for k, v in overall.items()},
+                "stderr": {k: stderr(v) for k, v in overall.items()},
+                **({"by_type": {k: percent(np.mean(v)) for k, v in by_type.items()},
+                    "by_type_stderr": {k: stderr(v) for k, v in by_type.items()}} if by_type else {})}
 
     @staticmethod
-    def by_category(ok: dict[str, bool], refs) -> dict[str, float]:
+    def groups(ok: dict[str, bool], refs, field: str) -> dict[str, list[bool]]:
+        """The questions' results grouped by their reference's `field` (first-seen order)."""
         groups = defaultdict(list)
         for qid, good in ok.items():
-            groups[refs[qid].get("category", "all")].append(good)
-        return {g: percent(np.mean(v)) for g, v in sorted(groups.items()) if g != "all"}
+            if field in refs[qid]:
+                groups[refs[qid][field]].append(good)
+        return dict(groups)
 
     def majority_baseline(self, questions, refs) -> dict[str, float]:
         kind = lambda r: r.get("type", r.get("category", "all"))  # noqa: E731

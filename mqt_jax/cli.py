@@ -160,7 +160,7 @@ def cmd_gradcam(args) -> int:
         maps = gradcam_maps(model.config, model.params, prompt, image,
                             {a.m: a.tokens for a in answers}, model.tokenizer.eos_id)
     texts = {a.m: model.tokenizer.decode(a.tokens).strip() for a in answers}
-    draw(image, maps, texts, args.out, title=args.prompt.splitlines()[0])
+    draw(image, maps, texts, args.out, title=args.prompt.splitlines()[0], reference=args.answer)
     for m in m_values:
         print(f"m={m}: {texts[m]}")
     print(f"wrote {args.out}")
@@ -374,6 +374,7 @@ def main(argv=None) -> int:
     add_run_args(cam_p, image_prompt=True)
     cam_p.add_argument("--out", required=True, help="the picture (.png)")
     cam_p.add_argument("--max_new_tokens", type=positive_int, default=16)
+    cam_p.add_argument("--answer", default="", help="the reference answer, shown beside the model's")
     cam_p.set_defaults(func=cmd_gradcam)
     serve_p = sub.add_parser("serve", help="an OpenAI-compatible server where each request "
                              "picks its m (continuous batching mixes m in one batch)")

@@ -88,10 +88,11 @@ def load_images(questions: list[benchmarks.Question], root: str, size: int, mode
 
 
 def evaluate(model_config: ModelConfig, params, config: EvalConfig, mesh,
-             out_dir: str | Path | None = None) -> dict:
+             out_dir: str | Path | None = None, about: dict | None = None) -> dict:
     """Score per m on config.questions; with out_dir, writes the files listed above.
-    Returns eval.json's content. In a multi-process run every process calls it (the batches
-    are spread over all devices; every process gets every answer) and process 0 writes."""
+    Returns eval.json's content (`about`, e.g. the run and step scored, goes into it). In a
+    multi-process run every process calls it (the batches are spread over all devices; every
+    process gets every answer) and process 0 writes."""
     bench = benchmarks.get(config.benchmark)
     m_values = m_values_for(config, model_config)
     if config.limit < 0:
@@ -114,7 +115,7 @@ def evaluate(model_config: ModelConfig, params, config: EvalConfig, mesh,
     generator = Generator(model_config, params, mesh, tokenizer.eos_id, greedy,
                           batch_size=config.batch_size, bucket=config.bucket)
     text_tokens = int(np.mean([len(p.tokens) - 1 for p in prompts]))  # less the image slot
-    results = {"benchmark": bench.name, "questions": len(questions), "rows": []}
+    results = {"benchmark": bench.name, "questions": len(questions), **(about or {}), "rows": []}
     if isinstance(bench, benchmarks.Shapes):
         results["majority_baseline"] = bench.majority_baseline(questions, refs)
     lead = jax.process_index() == 0
@@ -178,8 +179,14 @@ def markdown_table(header: list, rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
+def with_error(value, error) -> str:
+    return fmt(value) + (f" ± {error:.1f}" if error is not None and value is not None else "")
+
+
 def sweep_tables(results: dict) -> tuple[str, str]:
-    """(CSV, Markdown) of one benchmark's rows: score and details per m, TFLOPs, prefill ms."""
+    """(CSV, Markdown) of one benchmark's rows: score and details per m (with their standard
+    errors, where the benchmark gives them), prefill GFLOPs and milliseconds; Markdown adds a
+    table by question type where the benchmark has types."""
     rows = [flat_row(r) for r in results["rows"]]
     names = columns(rows)
     buf = io.StringIO()
@@ -187,11 +194,29 @@ def sweep_tables(results: dict) -> tuple[str, str]:
     writer.writerow(["benchmark"] + names)
     for r in rows:
         writer.writerow([results["benchmark"]] + [r.get(c, "") for c in names])
-    cells = [[fmt(r.get(c)) for c in names] for r in rows]
-    base = results.get("majority_baseline")
+    shown = [c for c in names if not c.startswith(("stderr/", "by_type"))]
+    base = flat_row(results.get("majority_baseline") or {})
+
+    def cell(row: dict, name: str, errors: bool = True) -> str:
+        if name == "tflops":  # shown in GFLOPs: a tiny model's prefill is a few
+            return "" if row.get(name) is None else f"{1e3 * row[name]:.4g}"
+        return with_error(row.get(name), row.get(f"stderr/{name}") if errors else None)
+
+    cells = [[cell(r, c) for c in shown] for r in rows]
     if base:
-        cells.append(["majority baseline"] + [fmt(base.get(c)) for c in names[1:]])
-    return buf.getvalue(), markdown_table(names, cells) + "\n"
+        cells.append(["majority baseline"] + [cell(base, c, errors=False) for c in shown[1:]])
+    header = ["GFLOPs" if c == "tflops" else c for c in shown]
+    text = markdown_table(header, cells) + "\n"
+    types = [k for k in results["rows"][0].get("by_type", {})] if results["rows"] else []
+    if types:
+        type_rows = [[t] + [with_error(r["by_type"].get(t), r["by_type_stderr"].get(t))
+                            for r in results["rows"]]
+                     + ([fmt(results["majority_baseline"]["by_type"].get(t))] if base else [])
+                     for t in types]
+        text += ("\nBy question type (exact match %, ± standard error):\n\n"
+                 + markdown_table(["type"] + [f"m = {r['m']}" for r in results["rows"]]
+                                  + (["majority"] if base else []), type_rows) + "\n")
+    return buf.getvalue(), text
 
 
 def write_sweep(results: dict, out_dir: Path) -> None:
@@ -199,52 +224,61 @@ def write_sweep(results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "eval.json", json.dumps(results, indent=1))
     write_atomic(out_dir / "eval.csv", text_csv)
-    write_atomic(out_dir / "eval.md", f"{results['benchmark']}: {results['questions']} questions\n\n"
-                 + text_md)
+    about = "".join(f", {k} {results[k]}" for k in ("run", "step", "date") if k in results)
+    write_atomic(out_dir / "eval.md", f"{results['benchmark']}: {results['questions']} questions"
+                 f"{about}\n\n" + text_md)
     plot_sweep([results], out_dir / "eval.png")
 
 
 def plot_sweep(all_results: list[dict], path: Path) -> None:
-    """Score against m (log axis), one line per benchmark, TFLOPs per request on the right."""
+    """Score against m (log axis, ticks at the m evaluated), one line per benchmark with its
+    standard errors as error bars; prefill GFLOPs per request on the right. PNG and PDF."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120, layout="constrained")
     for results in all_results:
         rows = [r for r in results["rows"] if "score" in r]
         if rows:
-            ax.plot([r["m"] for r in rows], [r["score"] for r in rows], "o-", label=results["benchmark"])
+            errors = [r.get("stderr", {}).get("score", 0.0) for r in rows]
+            ax.errorbar([r["m"] for r in rows], [r["score"] for r in rows], yerr=errors, fmt="o-",
+                        capsize=3, label=results["benchmark"])
     base = all_results[0].get("majority_baseline", {}).get("score") if len(all_results) == 1 else None
     if base is not None:
         ax.axhline(base, color="grey", ls=":", label="majority baseline")
     rows = all_results[0]["rows"]
     ax.set_xscale("log", base=2)
     ax.set_xticks([r["m"] for r in rows], [str(r["m"]) for r in rows])
+    ax.minorticks_off()
     ax.set_xlabel("visual tokens m")
     ax.set_ylabel("score (%)")
+    handles, labels = ax.get_legend_handles_labels()
     if all(r.get("tflops") is not None for r in rows):
         right = ax.twinx()
-        right.plot([r["m"] for r in rows], [r["tflops"] for r in rows], "s--", color="tab:red",
-                   alpha=0.6, label="TFLOPs / request")
-        right.set_ylabel("prefill TFLOPs per request", color="tab:red")
+        line = right.plot([r["m"] for r in rows], [1e3 * r["tflops"] for r in rows], "s--",
+                          color="tab:red", alpha=0.6, label="prefill GFLOPs / request")
+        right.set_ylabel("prefill GFLOPs per request", color="tab:red")
         right.tick_params(axis="y", colors="tab:red")
-        right.legend(loc="lower right", fontsize=8)
-    ax.legend(loc="upper left", fontsize=8)
+        right.set_ylim(bottom=0)
+        handles, labels = handles + line, labels + ["prefill GFLOPs / request"]
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    # Below the axes, where it covers no data.
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), fontsize=8)
     save_figure(fig, path)
 
 
 def save_figure(fig, path: Path) -> None:
-    """Save a matplotlib figure as PNG under a temporary name, then rename; close it."""
+    """Save a matplotlib figure as PNG (path) and PDF (beside it), each under a temporary
+    name, then renamed; close it."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
+    for target in (path, path.with_suffix(".pdf")):
+        tmp = target.with_name(target.name + ".tmp" + target.suffix)
+        fig.savefig(tmp)
+        tmp.replace(target)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write_collection(root: Path) -> list[dict]:

@@ -91,28 +91,33 @@ def gradcam_maps(model_config: ModelConfig, params, prompt: splice.Example, imag
 
 
 def draw(image: np.ndarray, maps: dict[int, np.ndarray], answers: dict[int, str], path: str | Path,
-         title: str = "") -> None:
-    """One row: the image, then per m the image under its [H, W] heat map, titled with the
-    answer."""
+         title: str = "", reference: str = "") -> None:
+    """One row: the image (titled with the reference answer, when given), then per m the image
+    under its [H, W] heat map, titled with the model's answer; every map on one colour scale
+    (the largest value over all m is 1), with a colour bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pixels = np.clip(image * np.array(CLIP_STD) + np.array(CLIP_MEAN), 0, 1)
-    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(2.6 * (len(maps) + 1), 3.0), dpi=120)
-    axes[0].imshow(pixels)
-    axes[0].set_title("image", fontsize=9)
-    for ax, (m, cam) in zip(axes[1:], maps.items()):
+    for m, cam in maps.items():
         if cam.shape != pixels.shape[:2]:
             raise ValueError(f"the m={m} map is {cam.shape}, the image {pixels.shape[:2]}")
-        scaled = cam / cam.max() if cam.max() > 0 else cam
+    top = max(float(cam.max()) for cam in maps.values()) if maps else 0.0
+    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(2.6 * (len(maps) + 1) + 0.6, 3.0), dpi=120,
+                             layout="constrained")
+    axes[0].imshow(pixels)
+    axes[0].set_title(f"reference: {reference[:24]}" if reference else "image", fontsize=9)
+    shown = None
+    for ax, (m, cam) in zip(axes[1:], maps.items()):
         ax.imshow(pixels)
-        ax.imshow(scaled, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        shown = ax.imshow(cam / top if top > 0 else cam, cmap="jet", alpha=0.5, vmin=0, vmax=1)
         ax.set_title(f"m={m}: {answers[m][:28]}", fontsize=9)
     for ax in axes:
         ax.axis("off")
+    if shown is not None:
+        fig.colorbar(shown, ax=list(axes[1:]), shrink=0.8, label="Grad-CAM (shared scale)")
     if title:
         fig.suptitle(title[:100], fontsize=9)
-    fig.tight_layout()
     save_figure(fig, Path(path))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import json
 from pathlib import Path
 
 import gin
@@ -12,6 +14,7 @@ import jax
 
 from mqt_jax import sharding
 from mqt_jax.checkpoint import restore_params
+from mqt_jax.clip_pretrain import CLIPConfig, train_clip
 from mqt_jax.config import ModelConfig
 from mqt_jax.data.pipeline import DataConfig
 from mqt_jax.data.shapes import write_shapes
@@ -28,6 +31,11 @@ class Recipe:
     stages: tuple[str, ...] = ()
     # Generate shapes-VQA into this folder first when it does not exist (the default data).
     shapes_dir: str = ""
+    # Stage 0, cached in this folder (a second run skips what is there): a mini-CLIP trained
+    # on the first stage's image-caption pairs (its DataConfig), its vision side written as a
+    # CLIPVisionModel folder (P/clip-vit) and converted into P/clip; and the LLM pretrained as
+    # a language model in the gin scope `pretrain_llm` (a training run in P/llm). Empty: none.
+    pretrained: str = ""
 
 
 def scoped(stage: str):
@@ -39,7 +47,11 @@ def run(workdir: str) -> dict | None:
     """Train every stage (resuming, and skipping those already complete), then evaluate.
     Returns eval.json's content, or None without EvalConfig.questions."""
     recipe, workdir = Recipe(), Path(workdir)
-    for stage in recipe.stages or ("",):  # bad settings fail here, before any work
+    first = recipe.stages[0] if recipe.stages else ""
+    with scoped(first):
+        clip_config, clip_data = CLIPConfig(), DataConfig()
+    for stage in ((PRETRAIN_LLM,) if recipe.pretrained else ()) + (recipe.stages or ("",)):
+        # bad settings fail here, before any work
         with scoped(stage):
             model_config = ModelConfig()
             model_config.check_m(MSampler().support(model_config.num_queries))
@@ -58,6 +70,10 @@ def run(workdir: str) -> dict | None:
                                     f"generate it first (mqt-jax data shapes --out ...)")
         say(f"generating shapes-VQA into {recipe.shapes_dir}")
         write_shapes(recipe.shapes_dir)
+    if recipe.pretrained:
+        with scoped(first):
+            vision = ModelConfig().vision
+        pretrain(Path(recipe.pretrained), vision, clip_data, clip_config, say)
     final, scope = workdir, ""
     for stage in recipe.stages:
         with scoped(stage):
@@ -69,9 +85,59 @@ def run(workdir: str) -> dict | None:
     with scoped(scope):
         if not EvalConfig().questions:
             return None
+    with scoped(scope):
+        done = scored(final, workdir / "eval" / EvalConfig().benchmark)
+    if done:
+        say(f"complete: {workdir / 'eval' / done['benchmark'] / 'eval.json'} already scores "
+            f"step {done['step']} of {final} (remove it to evaluate again, or run `mqt-jax eval`)")
+        return done
     run_ = open_run(final, scope)
     say(f"== eval: {final} step {run_.step} on {run_.eval_config.questions}")
     return evaluate_run(run_, workdir / "eval")
+
+
+def scored(run: Path, out_dir: Path) -> dict | None:
+    """out_dir's eval.json when it scores the latest checkpoint of `run` with the settings in
+    effect now, else None."""
+    from mqt_jax.checkpoint import Checkpointer
+
+    try:
+        done = json.loads((out_dir / "eval.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ckpt = Checkpointer(run / "checkpoints")
+    try:
+        latest = ckpt.latest_step()
+    finally:
+        ckpt.close()
+    same = (done.get("run") == str(run.absolute()) and done.get("step") == latest
+            and done.get("eval_config") == json.loads(json.dumps(dataclasses.asdict(EvalConfig()))))
+    return done if same else None
+
+
+PRETRAIN_LLM = "pretrain_llm"  # the gin scope of stage 0's language-model pretraining
+
+
+def pretrain(folder: Path, vision, data: DataConfig, clip_config: CLIPConfig, say=print) -> None:
+    """Stage 0 into `folder`, each part skipped when already there (see Recipe.pretrained)."""
+    from mqt_jax.convert import convert
+
+    clip, tower = folder / "clip", folder / "clip-vit"
+    if (clip / "checkpoints").is_dir():
+        say(f"== stage 0: mini-CLIP: {clip} is there (cached)")
+    else:
+        if jax.process_count() > 1:
+            raise FileNotFoundError(f"{clip} does not exist; stage 0 runs in a single process")
+        if not (tower / "config.json").is_file():
+            say(f"== stage 0: mini-CLIP on {data.data_path} -> {tower}")
+            result, _ = train_clip(vision, data.data_path, data.image_root, data.tokenizer_dir,
+                                tower, clip_config)
+            say(f"mini-CLIP: loss {result['loss']:.3f}, in-batch retrieval accuracy "
+                f"{100 * result['retrieval_accuracy']:.1f}%")
+        convert("clip-vision", tower, clip, progress=False)
+    with scoped(PRETRAIN_LLM):
+        say(f"== stage 0: language model: {folder / 'llm'}")
+        train(str(folder / "llm"))
 
 
 def check_data_paths(config, generated: str = "",
@@ -141,9 +207,12 @@ def evaluate_run(run_: TrainedRun, out_root: Path, config: EvalConfig | None = N
     """Evaluate into out_root/<benchmark>/ and refresh out_root's sweep table and plot
     (process 0 writes and prints)."""
     config = config or run_.eval_config
+    about = {"run": str(run_.path.absolute()), "step": run_.step,
+             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "config": str(run_config_file(run_.path)), "eval_config": dataclasses.asdict(config)}
     with sharding.activate(run_.mesh):
         results = evaluate(run_.model_config, run_.params, config, run_.mesh,
-                           out_root / config.benchmark)
+                           out_root / config.benchmark, about)
     if jax.process_index() > 0:
         return results
     write_collection(out_root)

@@ -58,9 +58,11 @@ class TrainConfig:
     trainable: tuple[str, ...] = ("query_transformer",)
     frozen: tuple[str, ...] = (r"query_transformer/pos_embed$",)  # fixed sin-cos table
     # Start from another run's parameters (e.g. stage 2 from stage 1): its workdir or
-    # checkpoints folder; a relative path names a sibling of this run's workdir. Only the
-    # parameters matching `init_from_params` are taken; the rest keep their initialisation.
-    init_from: str = ""
+    # checkpoints folder, taking the parameters that match `init_from_params`; or a dict
+    # {run: (regexes, ...)} taking parts of several runs (the vision tower of one, the LLM of
+    # another). A relative path names a sibling of this run's workdir when there is one, else
+    # a path from the working directory. The parameters not taken keep their initialisation.
+    init_from: str | dict = ""
     init_from_params: tuple[str, ...] = (".*",)
     seed: int = 0
     log_every: int = 1
@@ -85,9 +87,16 @@ class TrainConfig:
                                  + ("]" if name == "warmup_fraction" else ")"))
         if not self.grad_clip > 0:
             raise ValueError(f"TrainConfig.grad_clip={self.grad_clip!r}: must be > 0")
-        for name in ("trainable", "frozen", "init_from_params"):
-            patterns = getattr(self, name)
-            if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        sources = self.init_from if isinstance(self.init_from, dict) else {"": self.init_from_params}
+        if not isinstance(self.init_from, (str, dict)) or not all(
+                isinstance(k, str) and k for k in sources if isinstance(self.init_from, dict)):
+            raise ValueError(f"TrainConfig.init_from={self.init_from!r}: a run's path, or a dict "
+                             f"{{path: (regexes, ...)}}")
+        named = {"trainable": self.trainable, "frozen": self.frozen,
+                 **{f"init_from_params" if not k else f"init_from[{k!r}]": v for k, v in sources.items()}}
+        for name, patterns in named.items():
+            if isinstance(patterns, str) or not isinstance(patterns, (tuple, list)) \
+                    or not all(isinstance(p, str) for p in patterns):
                 raise ValueError(f"TrainConfig.{name}={patterns!r}: a tuple of regexes, "
                                  f"e.g. ('query_transformer',)")
             for pattern in patterns:
@@ -248,19 +257,22 @@ class Trainer:
             merge_params(self.abstract_state.trainable, self.abstract_state.frozen),
             merge_params(self.state_shardings.trainable, self.state_shardings.frozen))
 
-    def init_state(self, seed: int | None = None, init_from: Path | None = None) -> TrainState:
+    def init_state(self, seed: int | None = None, init_from: Path | dict | None = None) -> TrainState:
         """Parameters created directly in their shardings, never whole on one device; then,
-        with `init_from`, the parameters matching `init_from_params` read from that run."""
+        with `init_from` (a run, or {run: regexes}), the matching parameters read from each
+        run in turn (a run without its own regexes: those of `init_from_params`)."""
         seed = self.config.seed if seed is None else seed
         with sharding.activate(self.mesh):
             init = jax.jit(self._init_state, out_shardings=self.state_shardings)
             state = init(jax.random.key(seed))
         if init_from is None:
             return state
-        loaded, _ = restore_params(init_from, self.abstract_params(),
-                                   only=self.config.init_from_params)
-        trainable, frozen = split_params(
-            merge_params(loaded, merge_params(state.trainable, state.frozen)), self.config)
+        sources = init_from if isinstance(init_from, dict) else {init_from: self.config.init_from_params}
+        params = merge_params(state.trainable, state.frozen)
+        for run, patterns in sources.items():
+            loaded, _ = restore_params(run, self.abstract_params(), only=tuple(patterns))
+            params = merge_params(loaded, params)
+        trainable, frozen = split_params(params, self.config)
         return state.replace(trainable=trainable, frozen=frozen)
 
     def loss(self, params: dict, batch: dict):
@@ -581,6 +593,23 @@ def no_more_data(step: int, steps: int, batches) -> ValueError:
                       f"(DataConfig.num_epochs; skipped records: {skipped})")
 
 
+def init_sources(config: TrainConfig, workdir: Path) -> dict[Path, tuple[str, ...]] | None:
+    """TrainConfig.init_from as {checkpoints folder: regexes}, each folder checked to exist."""
+    if not config.init_from:
+        return None
+    given = config.init_from if isinstance(config.init_from, dict) else {
+        config.init_from: config.init_from_params}
+    sources = {}
+    for name, patterns in given.items():
+        sibling = workdir.absolute().parent / name  # an absolute name stays itself
+        run = checkpoint_dir(sibling if sibling.exists() else Path(name))
+        if not run.is_dir():
+            raise FileNotFoundError(f"TrainConfig.init_from: {name!r} does not exist (neither "
+                                    f"{sibling}, a sibling of the workdir, nor {Path(name).absolute()})")
+        sources[run] = tuple(patterns)
+    return sources
+
+
 @gin.configurable
 def train(workdir: str) -> list[dict]:
     """Train, resuming from W/checkpoints if a checkpoint is there; write W/config.gin and
@@ -589,13 +618,7 @@ def train(workdir: str) -> list[dict]:
     model_config, config, sampler = ModelConfig(), TrainConfig(), MSampler()
     mesh = sharding.make_mesh(sharding.MeshConfig())
     workdir_path = Path(workdir)
-    init_from = None
-    if config.init_from:
-        init_from = checkpoint_dir(workdir_path.parent / config.init_from)  # absolute stays
-        if not init_from.is_dir():
-            raise FileNotFoundError(f"TrainConfig.init_from={config.init_from!r}: {init_from} "
-                                    f"does not exist (a relative path names a sibling of the "
-                                    f"workdir {workdir_path})")
+    init_from = init_sources(config, workdir_path)
     workdir_path.mkdir(parents=True, exist_ok=True)
     is_chief = jax.process_index() == 0
     preempted, lock, ckpt, out = Preempted(), None, None, None
@@ -612,8 +635,9 @@ def train(workdir: str) -> list[dict]:
                 print(f"resumed from step {start} of {ckpt.directory}")
         else:
             start, state = 0, trainer.init_state(init_from=init_from)
-            if init_from and is_chief:
-                print(f"initialised {list(config.init_from_params)} from {init_from}")
+            for run, patterns in (init_from or {}).items():
+                if is_chief:
+                    print(f"initialised {list(patterns)} from {run}")
         if preempted.requested:
             raise Preemption(f"SIGTERM during start-up: nothing trained since step {start}; exiting")
         out = MetricsLog(workdir_path, start) if is_chief else None

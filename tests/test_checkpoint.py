@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -207,6 +208,44 @@ def test_init_from_takes_the_matching_parameters_of_another_run(tmp_path):
     kernels = [k for k in got if k[-1] == "kernel"]
     assert all(not np.array_equal(saved[k], fresh[k]) for k in kernels)  # the seeds differ
     assert state.trainable["query_transformer"]["proj"]["kernel"].sharding.mesh.shape["fsdp"] == 4
+
+
+def test_init_from_several_runs_takes_each_ones_parts(tmp_path):
+    """Stage 1's start: the vision tower of one run (a CLIP), the LLM of another (a language
+    model), the query transformer fresh; a path is found from the working directory when it
+    is no sibling of the workdir."""
+    from flax.traverse_util import flatten_dict
+
+    from mqt_jax.train import init_sources, merge_params
+
+    saved = {}
+    for name, seed in (("clip", 1), ("lm", 2)):
+        state = trainer_on(jax.devices()[:1], mesh=(1, 1, 1)).init_state(seed=seed)
+        ckpt = Checkpointer(tmp_path / "pretrained" / name / "checkpoints")
+        ckpt.save(3, state, {"step": 3}, "config")
+        ckpt.wait()
+        ckpt.close()
+        saved[name] = flatten_dict(jax.device_get(merge_params(*_parts(state))))
+    config = TrainConfig(batch_size=8, seq_len=40, trainable=("query_transformer",), init_from={
+        str(tmp_path / "pretrained/clip"): ("vision_tower",), "pretrained/lm": ("llm",)})
+    stage1 = Trainer(tiny_config(), config, make_mesh(MeshConfig(1, 4, 1), devices=jax.devices()[:4]))
+    fresh = flatten_dict(jax.device_get(merge_params(*_parts(stage1.init_state(seed=5)))))
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        sources = init_sources(config, Path("w/stage1"))
+    finally:
+        os.chdir(cwd)
+    assert list(sources) == [tmp_path / "pretrained/clip/checkpoints",
+                             tmp_path / "pretrained/lm/checkpoints"]
+    got = flatten_dict(merge_params(*_parts(stage1.init_state(seed=5, init_from=sources))))
+    for key, value in got.items():
+        want = {"vision_tower": saved["clip"], "llm": saved["lm"]}.get(key[0], fresh)[key]
+        np.testing.assert_array_equal(np.asarray(value), want, err_msg="/".join(key))
+    with pytest.raises(FileNotFoundError, match="'pretrained/nope' does not exist"):
+        init_sources(TrainConfig(init_from={"pretrained/nope": ("llm",)}), tmp_path / "w")
+    with pytest.raises(ValueError, match=r"init_from\['x'\]"):
+        TrainConfig(init_from={"x": "llm"})  # a string, not a tuple of regexes
 
 
 def _parts(state):

@@ -42,6 +42,14 @@ def test_plain_layout_by_hand(words):
     assert list(ex.labels) == [X, X, v["Red"], v["circle"], v["\n"]]
 
 
+def test_lm_template_is_vicuna_v1_with_every_token_a_target(words):
+    _, tok = words
+    chat = encode_conversation(TWO_TURNS[2:], "vicuna_v1", tok, has_image=False)
+    lm = encode_conversation(TWO_TURNS[2:], "lm", tok, has_image=False)
+    assert lm.tokens == chat.tokens
+    assert list(lm.labels) == [X] + list(lm.tokens[1:])  # all but BOS, which nothing predicts
+
+
 def test_text_only_record_has_no_image_token(words):
     _, tok = words
     ex = encode_conversation(TWO_TURNS[2:], "vicuna_v1", tok, has_image=False)

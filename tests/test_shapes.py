@@ -34,6 +34,28 @@ def test_files_and_formats(shapes):
     assert not shapes.with_name("shapes.partial").exists()
 
 
+def test_text_corpus_and_validation_split(shapes, tmp_path):
+    """Stage 0's corpus is the training split's conversations without their images; the
+    validation split is drawn apart from both the training and the held-out images, and
+    leaves them as they are."""
+    qa = json.loads((shapes / "shapes_qa.json").read_text())
+    text = json.loads((shapes / "shapes_text.json").read_text())
+    assert len(text) == len(qa) and all("image" not in r for r in text)
+    for with_image, alone in zip(qa, text):
+        values = [t["value"] for t in with_image["conversations"]]
+        assert [t["value"] for t in alone["conversations"]] == [values[0].removeprefix("<image>\n"), *values[1:]]
+    assert not any("<image>" in t["value"] for r in text for t in r["conversations"])
+    val = read_jsonl(shapes / "val/questions.jsonl")
+    assert len(val) == 200 * 5 and all(q["image"].startswith("val/") for q in val)
+    assert len(read_jsonl(shapes / "val/answers.jsonl")) == len(val)
+    train_pixels = {np.asarray(Image.open(p)).tobytes() for p in (shapes / "images/train").glob("*.png")}
+    assert not any(np.asarray(Image.open(p)).tobytes() in train_pixels
+                   for p in sorted((shapes / "images/val").glob("*.png"))[:20])
+    fewer = write_shapes(tmp_path / "s", num_train=30, num_eval=12, seed=3, num_val=0, tfds=False)
+    for name in ("eval/questions.jsonl", "eval/answers.jsonl", "shapes_qa.json"):
+        assert (fewer / name).read_text() == (shapes / name).read_text()
+
+
 def test_fine_answers_match_the_pixels(shapes):
     questions = read_jsonl(shapes / "eval/questions.jsonl")
     answers = {a["question_id"]: a["answer"] for a in read_jsonl(shapes / "eval/answers.jsonl")}

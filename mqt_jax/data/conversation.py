@@ -18,7 +18,8 @@ VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant "
     "gives helpful, detailed, and polite answers to the user's questions."
 )
-TEMPLATES = ("plain", "vicuna_v1")
+# "lm": the vicuna_v1 conversation with loss on every token (stage 0's language-model pretraining).
+TEMPLATES = ("plain", "vicuna_v1", "lm")
 ROLES = {"human": "USER", "gpt": "ASSISTANT"}
 
 
@@ -85,6 +86,8 @@ def render(conversations: list[dict], template: str, has_image: bool) -> list:
             pieces.append((" ", False))
         else:
             pieces += [("ASSISTANT: ", False), (value, True), (EOS, True)]
+    if template == "lm":
+        return [piece if piece is IMAGE else (piece[0], True) for piece in pieces]
     return pieces
 
 

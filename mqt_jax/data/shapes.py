@@ -6,10 +6,14 @@ one of five colours). Coarse questions are answerable at a glance ("Is there a r
 shape in row 2, column 3?", "How many small blue triangles are there?"), so accuracy should
 rise with the number of visual tokens.
 
-Written as: images/{train,eval}/NNNNNN.png; shapes_captions.json (stage 1) and shapes_qa.json
-(stage 2), LLaVA training files; eval/questions.jsonl and eval/answers.jsonl (LLaVA's
-question-file / answer-file form); tokenizer/tokenizer.model (sentencepiece, trained here);
-tfds/ (the same records as a TFDS ArrayRecord dataset, see shapes_tfds.py).
+Written as: images/{train,val,eval}/NNNNNN.png; shapes_captions.json (stage 1) and
+shapes_qa.json (stage 2), LLaVA training files; shapes_text.json (the same training split's
+captions, questions and answers without images: stage 0's language-model corpus);
+eval/questions.jsonl and eval/answers.jsonl (LLaVA's question-file / answer-file form), and
+val/ in the same form: a validation split drawn like the training images (for choosing a
+recipe; the held-out eval split is never used for that); tokenizer/tokenizer.model
+(sentencepiece, trained here); tfds/ (the same records as a TFDS ArrayRecord dataset, see
+shapes_tfds.py).
 """
 
 from __future__ import annotations
@@ -113,14 +117,20 @@ def qa_record(image: str, record_id: str, qas) -> dict:
     return {"id": record_id, "image": image, "conversations": conversations}
 
 
+# Validation images are drawn from this index on: the training and held-out images (indices
+# below num_train + num_eval) are the same whatever num_val is.
+VAL_INDEX = 1_000_000
+
+
 @gin.configurable
 def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 300,
                  seed: int = 0, image_size: int = 64, vocab_size: int = 512,
-                 tfds: bool = True) -> Path:
+                 tfds: bool = True, num_val: int = 200) -> Path:
     """Generate the dataset into `out` (built under a temporary name, then renamed)."""
     out = Path(out)
-    if num_train < 1 or num_eval < 1:
-        raise ValueError(f"num_train={num_train} and num_eval={num_eval} must be >= 1")
+    if num_train < 1 or num_eval < 1 or num_val < 0:
+        raise ValueError(f"num_train={num_train} and num_eval={num_eval} must be >= 1, "
+                         f"num_val={num_val} >= 0")
     if image_size < 16:
         raise ValueError(f"image_size={image_size}: the 3 x 3 grid of shapes needs at least 16 px")
     if out.exists():
@@ -129,15 +139,18 @@ def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images" / "train").mkdir(parents=True)
     (tmp / "images" / "eval").mkdir(parents=True)
+    (tmp / "images" / "val").mkdir(parents=True)
     (tmp / "eval").mkdir()
+    (tmp / "val").mkdir()
     # The system prompt opens every stage-2 example: weight it so it tokenises compactly.
-    captions, qa, eval_questions, eval_answers, texts = [], [], [], [], [VICUNA_SYSTEM] * 200
-    total = num_train + num_eval
-    for index in tqdm(range(total), desc="shapes-vqa", unit="image"):
+    captions, qa, text_only, texts = [], [], [], [VICUNA_SYSTEM] * 200
+    scored = {"eval": ([], []), "val": ([], [])}  # questions, answers
+    indices = [*range(num_train + num_eval), *range(VAL_INDEX, VAL_INDEX + num_val)]
+    for index in tqdm(indices, desc="shapes-vqa", unit="image"):
         rng = np.random.default_rng([seed, index])
         shapes = random_scene(rng)
-        split = "train" if index < num_train else "eval"
-        number = index if split == "train" else index - num_train
+        split = "train" if index < num_train else "eval" if index < VAL_INDEX else "val"
+        number = {"train": index, "eval": index - num_train, "val": index - VAL_INDEX}[split]
         image = f"{split}/{number:06d}.png"
         draw(shapes, image_size).save(tmp / "images" / image)
         qas = questions(shapes, rng)
@@ -148,19 +161,26 @@ def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 
             # In a random order (evaluation asks each question first, on its own), with a
             # detailed-description turn as LLaVA-Instruct's conversations have.
             turns = qas + [(DESCRIBE_PROMPT, caption(shapes), "description")]
-            qa.append(qa_record(image, f"qa{number:06d}", [turns[i] for i in rng.permutation(len(turns))]))
+            record = qa_record(image, f"qa{number:06d}", [turns[i] for i in rng.permutation(len(turns))])
+            qa.append(record)
+            first, *rest = record["conversations"]  # the text alone: no image placeholder
+            text_only.append({"id": f"txt{number:06d}", "conversations": [
+                {**first, "value": first["value"].removeprefix("<image>\n")}, *rest]})
             texts += [caption(shapes)] + [f"USER: {q}\n{SHORT_ANSWER} ASSISTANT: {a}" for q, a, _ in qas]
         else:
+            questions_, answers = scored[split]
             for k, (question, answer, category) in enumerate(qas):
                 qid = f"{number:06d}_{k}"
-                eval_questions.append({"question_id": qid, "image": image, "category": category,
-                                       "text": f"{question}\n{SHORT_ANSWER}"})
-                eval_answers.append({"question_id": qid, "answer": answer, "category": category,
-                                     "type": QUESTION_TYPES[k]})
+                questions_.append({"question_id": qid, "image": image, "category": category,
+                                   "text": f"{question}\n{SHORT_ANSWER}"})
+                answers.append({"question_id": qid, "answer": answer, "category": category,
+                                "type": QUESTION_TYPES[k]})
     (tmp / "shapes_captions.json").write_text(json.dumps(captions))
     (tmp / "shapes_qa.json").write_text(json.dumps(qa))
-    for name, rows in (("questions", eval_questions), ("answers", eval_answers)):
-        (tmp / "eval" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp / "shapes_text.json").write_text(json.dumps(text_only))
+    for split, (questions_, answers) in scored.items():
+        for name, rows in (("questions", questions_), ("answers", answers)):
+            (tmp / split / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     train_sentencepiece(texts, tmp / "tokenizer", vocab_size)
     if tfds:
         from mqt_jax.data.shapes_tfds import prepare

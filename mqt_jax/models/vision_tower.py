@@ -46,7 +46,10 @@ class VisionTower(nn.Module):
     remat_policy: str = "nothing_saveable"
 
     @nn.compact
-    def __call__(self, images: jax.Array, extra_layers: tuple[int, ...] = ()):
+    def __call__(self, images: jax.Array, extra_layers: tuple[int, ...] = (),
+                 class_token: bool = False):
+        """class_token: the selected layer's states with the class token first,
+        [N, 1 + num_patches, width] (CLIP's own pooling, for contrastive pretraining)."""
         cfg = self.config
         if images.ndim != 4 or images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
             raise ValueError(
@@ -80,6 +83,8 @@ class VisionTower(nn.Module):
         if cfg.num_layers_built:
             blocks = layers.scan_blocks(EncoderLayer, cfg.num_layers_built, self.remat_policy, 1)
             x, hidden = blocks(cfg, emit=bool(extra_layers), name="layers", **kw)(x, None)
+        if class_token:
+            return x
         if not extra_layers:
             return x[:, 1:]  # drop the class token
         state = lambda i: first if i == 0 else hidden[i - 1]  # noqa: E731  (i: after layer i)
