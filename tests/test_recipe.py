@@ -14,6 +14,8 @@ from mqt_jax import cli
 
 ENV = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "PYTHONUNBUFFERED": "1"}
 SHORT = ["--gin_param", "stage1/TrainConfig.steps = 2", "--gin_param", "stage2/TrainConfig.steps = 2",
+         "--gin_param", "CLIPConfig.steps = 2", "--gin_param", "CLIPConfig.batch_size = 8",
+         "--gin_param", "pretrain_llm/TrainConfig.steps = 2",
          "--gin_param", "write_shapes.num_train = 12", "--gin_param", "write_shapes.num_eval = 2",
          "--gin_param", "EvalConfig.m_values = (2,)", "--workdir", "w"]
 
@@ -49,10 +51,24 @@ def test_default_run_generates_data_trains_two_stages_and_evaluates(default_run)
     for name in ("sweep.csv", "sweep.md", "sweep.png"):
         assert (tmp_path / "w/eval" / name).is_file()
 
-    # Complete: nothing is retrained (and, without questions, nothing evaluated again).
-    again = mqt_jax("train", *SHORT, "--gin_param", "EvalConfig.questions = ''", cwd=tmp_path)
+    # Stage 0 went to the data folder: the CLIP tower as transformers would save it, converted
+    # like any CLIP tower; stage 1 started from it and from the pretrained LLM.
+    pretrained = tmp_path / "data/shapes/pretrained"
+    assert json.loads((pretrained / "clip-vit/config.json").read_text())["model_type"] == "clip_vision_model"
+    assert (pretrained / "clip/checkpoints/0").is_dir() and (pretrained / "llm/checkpoints/2").is_dir()
+    assert "'lm'" in (pretrained / "llm/config.gin").read_text()
+    assert f"initialised ['vision_tower'] from {pretrained / 'clip/checkpoints'}" in out.stdout
+    assert f"initialised ['llm'] from {pretrained / 'llm/checkpoints'}" in out.stdout
+    assert results["step"] == 2 and results["run"] == str(tmp_path / "w/stage2")
+    assert results["config"] == str(tmp_path / "w/stage2/config.gin") and "date" in results
+    assert "By question type" in (tmp_path / "w/eval/shapes/eval.md").read_text()
+
+    # Complete: nothing is retrained, nothing evaluated again, and it says so.
+    again = mqt_jax("train", *SHORT, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from step 2" in again.stdout and "generating" not in again.stdout
+    assert "generating" not in again.stdout and "mini-CLIP: " not in again.stdout
+    assert "(cached)" in again.stdout and "resumed from step 2" in again.stdout
+    assert "complete: " in again.stdout and "== eval" not in again.stdout
 
 
 def test_bad_setting_fails_before_the_data_is_generated(tmp_path):
