@@ -85,7 +85,6 @@ def run(workdir: str) -> dict | None:
     with scoped(scope):
         if not EvalConfig().questions:
             return None
-    with scoped(scope):
         done = scored(final, workdir / "eval" / EvalConfig().benchmark)
     if done:
         say(f"complete: {workdir / 'eval' / done['benchmark'] / 'eval.json'} already scores "
@@ -131,7 +130,7 @@ def pretrain(folder: Path, vision, data: DataConfig, clip_config: CLIPConfig, sa
         if not (tower / "config.json").is_file():
             say(f"== stage 0: mini-CLIP on {data.data_path} -> {tower}")
             result, _ = train_clip(vision, data.data_path, data.image_root, data.tokenizer_dir,
-                                tower, clip_config)
+                                   tower, clip_config)
             say(f"mini-CLIP: loss {result['loss']:.3f}, in-batch retrieval accuracy "
                 f"{100 * result['retrieval_accuracy']:.1f}%")
         convert("clip-vision", tower, clip, progress=False)

@@ -93,7 +93,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.init_from={self.init_from!r}: a run's path, or a dict "
                              f"{{path: (regexes, ...)}}")
         named = {"trainable": self.trainable, "frozen": self.frozen,
-                 **{f"init_from_params" if not k else f"init_from[{k!r}]": v for k, v in sources.items()}}
+                 **{"init_from_params" if not k else f"init_from[{k!r}]": v for k, v in sources.items()}}
         for name, patterns in named.items():
             if isinstance(patterns, str) or not isinstance(patterns, (tuple, list)) \
                     or not all(isinstance(p, str) for p in patterns):

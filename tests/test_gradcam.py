@@ -68,8 +68,23 @@ def test_compressors_without_cross_attention_are_refused(variant):
 def test_draw_writes_one_picture(tmp_path):
     image = np.random.default_rng(0).normal(size=(32, 32, 3)).astype(np.float32)
     maps = {2: np.eye(32), 8: np.ones((32, 32))}
-    draw(image, maps, {2: "red", 8: "blue"}, tmp_path / "cam.png", title="What colour?")
-    assert Image.open(tmp_path / "cam.png").size == (936, 360)  # 3 panels of 2.6 x 3 in at 120 dpi
+    draw(image, maps, {2: "red", 8: "blue"}, tmp_path / "cam.png", title="What colour?",
+         reference="blue")
+    # 3 panels of 2.6 x 3 in and 0.6 in of colour bar at 120 dpi; a PDF beside it
+    assert Image.open(tmp_path / "cam.png").size == (1008, 360)
+    assert (tmp_path / "cam.pdf").read_bytes().startswith(b"%PDF")
     with pytest.raises(ValueError, match=r"the m=2 map is \(4, 4\), the image \(32, 32\)"):
         draw(image, {2: np.eye(4)}, {2: "red"}, tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_every_map_shares_one_colour_scale(tmp_path):
+    """A map of half the other's strength looks half as strong (scaled alone, each map's own
+    maximum would be 1 and the two panels identical)."""
+    image = np.zeros((32, 32, 3), np.float32)
+    draw(image, {1: np.full((32, 32), 0.5), 4: np.ones((32, 32))}, {1: "a", 4: "b"},
+         tmp_path / "cam.png")
+    pixels = np.asarray(Image.open(tmp_path / "cam.png").convert("RGB")).astype(int)
+    width = pixels.shape[1]
+    middle = lambda panel: pixels[180, int((panel + 0.5) * 2.6 * 120)]  # noqa: E731
+    assert width == 1008 and np.abs(middle(1) - middle(2)).sum() > 60

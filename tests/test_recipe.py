@@ -113,7 +113,8 @@ def test_inference_commands_on_a_trained_run(default_run, monkeypatch, capsys):
     assert {line.split(",")[0] for line in open("ev/sweep.csv").read().splitlines()[1:]} == {"pope", "shapes"}
 
     assert cli.main(["gradcam", "--workdir", "w", "--image", image, "--prompt", question,
-                     "--m", "1,64", "--max_new_tokens", "4", "--out", "cam.png"]) == 0
+                     "--m", "1,64", "--max_new_tokens", "4", "--out", "cam.png", "--answer", "3"]) == 0
+    assert open("cam.pdf", "rb").read(4) == b"%PDF"
     assert Image.open("cam.png").size[0] > Image.open("cam.png").size[1]  # one row of panels
 
     assert cli.main(["generate", "--workdir", "w", "--image", image, "--prompt", "x", "--m", "65"]) == 2
