@@ -208,7 +208,7 @@ def evaluate_run(run_: TrainedRun, out_root: Path, config: EvalConfig | None = N
     config = config or run_.eval_config
     about = {"run": str(run_.path.absolute()), "step": run_.step,
              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "config": str(run_config_file(run_.path)), "eval_config": dataclasses.asdict(config)}
+             "config": str(run_config_file(run_.path).absolute()), "eval_config": dataclasses.asdict(config)}
     with sharding.activate(run_.mesh):
         results = evaluate(run_.model_config, run_.params, config, run_.mesh,
                            out_root / config.benchmark, about)
