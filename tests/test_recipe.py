@@ -66,7 +66,7 @@ def test_default_run_generates_data_trains_two_stages_and_evaluates(default_run)
     # Complete: nothing is retrained, nothing evaluated again, and it says so.
     again = mqt_jax("train", *SHORT, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "generating" not in again.stdout and "mini-CLIP: " not in again.stdout
+    assert "generating" not in again.stdout and "retrieval accuracy" not in again.stdout
     assert "(cached)" in again.stdout and "resumed from step 2" in again.stdout
     assert "complete: " in again.stdout and "== eval" not in again.stdout
 
