@@ -147,9 +147,12 @@ def check_data_paths(config, generated: str = "",
         value = getattr(config, name)
         if not value or "://" in value or Path(value).exists():
             continue
-        if generated and Path(value).absolute().is_relative_to(Path(generated).absolute()):
+        inside = generated and Path(value).absolute().is_relative_to(Path(generated).absolute())
+        if inside and not Path(generated).exists():
             continue
-        raise FileNotFoundError(f"{type(config).__name__}.{name}={value!r} does not exist")
+        raise FileNotFoundError(f"{type(config).__name__}.{name}={value!r} does not exist"
+                                + (f" ({generated} was written by an older version: remove it "
+                                   f"and it is generated again)" if inside else ""))
 
 
 @dataclasses.dataclass

@@ -55,6 +55,9 @@ def fails(argv, culprit, capsys, code=2):
     ("Nonexistent.value = 1", "No configurable matching 'Nonexistent'"),
     ("EvalConfig.questions = 'nowhere/questions.jsonl'", "EvalConfig.questions='nowhere/questions.jsonl' does not exist"),
     ("DataConfig.data_path = 'nowhere.json'", "DataConfig.data_path='nowhere.json' does not exist"),
+    ("CLIPConfig.steps = 0", "CLIPConfig.steps=0"),
+    ("TrainConfig.init_from = {'a': 'llm'}", "TrainConfig.init_from['a']='llm': a tuple of regexes"),
+    ("TrainConfig.init_from = {'nowhere': ('llm',)}", "TrainConfig.init_from: 'nowhere' does not exist"),
 ])
 def test_bad_setting(tmp_path, monkeypatch, capsys, binding, culprit):
     monkeypatch.chdir(tmp_path)

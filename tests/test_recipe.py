@@ -71,6 +71,14 @@ def test_default_run_generates_data_trains_two_stages_and_evaluates(default_run)
     assert "complete: " in again.stdout and "== eval" not in again.stdout
 
 
+def test_a_shapes_folder_from_an_older_version_is_named(tmp_path):
+    (tmp_path / "data/shapes").mkdir(parents=True)  # a folder without stage 0's text corpus
+    out = mqt_jax("train", "--workdir", "w", cwd=tmp_path)
+    assert out.returncode == 2 and "shapes_text.json' does not exist (data/shapes was written " \
+        "by an older version: remove it and it is generated again)" in out.stderr
+    assert not (tmp_path / "w").exists()
+
+
 def test_bad_setting_fails_before_the_data_is_generated(tmp_path):
     out = mqt_jax("train", "--gin_param", "stage2/MeshConfig.data = 3", "--workdir", "w",
                   cwd=tmp_path)
