@@ -121,12 +121,16 @@ def image_caption_pairs(captions_file: Path, image_root: Path, image_size: int, 
     captions file (the first assistant turn of each record is its caption)."""
     records = json.loads(captions_file.read_text())
     images, texts = [], []
-    for record in tqdm(records, desc="clip data", unit="pair", leave=False):
-        path = (image_root / record["image"]).resolve()
-        if not path.is_relative_to(image_root.resolve()):
-            raise ValueError(f"{captions_file}: image {record['image']!r} lies outside {image_root}")
-        images.append(clip_preprocess(open_image(path), image_size))
-        texts.append(next(t["value"] for t in record["conversations"] if t["from"] == "gpt"))
+    for number, record in enumerate(tqdm(records, desc="clip data", unit="pair", leave=False)):
+        try:
+            path = (image_root / record["image"]).resolve()
+            if not path.is_relative_to(image_root.resolve()):
+                raise ValueError(f"image {record['image']!r} lies outside {image_root}")
+            images.append(clip_preprocess(open_image(path), image_size))
+            texts.append(next(t["value"] for t in record["conversations"] if t["from"] == "gpt"))
+        except (KeyError, TypeError, StopIteration, OSError, ValueError) as e:  # BadImage too
+            raise ValueError(f"{captions_file} record {number}: not an image-caption pair "
+                             f"({type(e).__name__}: {e})") from None
     ids = [[tokenizer.bos_id, *tokenizer.encode(t)[0].tolist(), tokenizer.eos_id] for t in texts]
     tokens = np.zeros((len(ids), max(map(len, ids))), np.int32)
     for row, seq in zip(tokens, ids):

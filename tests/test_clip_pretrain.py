@@ -88,3 +88,15 @@ def test_bad_settings_are_named(trained, tmp_path):
         train_clip(VISION, shapes / "shapes_captions.json", shapes / "images", shapes / "tokenizer",
                    tmp_path / "out", CLIPConfig(batch_size=64), mesh())
     assert not (tmp_path / "out").exists()
+
+
+def test_a_record_that_is_no_image_caption_pair_is_named(trained, tmp_path):
+    _, shapes, _, _ = trained
+    records = json.loads((shapes / "shapes_captions.json").read_text())
+    for broken, why in (({**records[0], "image": "../../escape.png"}, "lies outside"),
+                        ({"id": "x", "conversations": []}, "KeyError")):
+        (tmp_path / "c.json").write_text(json.dumps([records[1], broken]))
+        with pytest.raises(ValueError, match=rf"c.json record 1: not an image-caption pair .*{why}"):
+            train_clip(VISION, tmp_path / "c.json", shapes / "images", shapes / "tokenizer",
+                       tmp_path / "out", CONFIG, mesh())
+    assert not (tmp_path / "out").exists()
