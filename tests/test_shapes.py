@@ -110,3 +110,40 @@ def test_tfds_route_gives_the_same_examples(shapes):
         a, b = from_tfds(0, record), from_json(0, original)
         assert a["example"] == b["example"]
         np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def _visual_reading():
+    """benchmarks/visual_reading.py, which is a script, not a module of the package."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "visual_reading.py"
+    spec = importlib.util.spec_from_file_location("visual_reading", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_visual_reading_labels_match_the_written_captions(shapes):
+    """The probe rebuilds each image's cells from the seed: they must be the captions' cells."""
+    import re
+
+    vr = _visual_reading()
+    captions = json.loads((shapes / "shapes_captions.json").read_text())
+    for index, record in enumerate(captions):
+        text = record["conversations"][1]["value"]
+        want = np.zeros((2, 9), int)
+        for r, c, colour, kind in re.findall(r"row (\d), column (\d): a \w+ (\w+) (\w+)", text):
+            cell = 3 * (int(r) - 1) + int(c) - 1
+            want[:, cell] = [list(COLOURS).index(colour) + 1, ["circle", "square", "triangle"].index(kind) + 1]
+        np.testing.assert_array_equal(vr.cell_labels(index, seed=3), want)
+
+
+def test_visual_reading_ridge_probe_separates_what_is_separable():
+    vr = _visual_reading()
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 300)
+    x = np.eye(3)[labels] @ rng.normal(size=(3, 40)) + 0.1 * rng.normal(size=(300, 40))
+    assert vr.ridge_accuracy(x[:200], labels[:200], x[200:], labels[200:], 3) == 1.0
+    noise = rng.normal(size=(300, 40))  # features that carry nothing: about chance
+    assert vr.ridge_accuracy(noise[:200], labels[:200], noise[200:], labels[200:], 3) < 0.5
