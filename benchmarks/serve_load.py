@@ -53,8 +53,9 @@ WORDS = ("what shape colour image picture how many where left right top bottom i
          "in on describe circle square triangle star red green blue yes no").split()
 
 
-def build_model() -> Model:
-    cfg = model_config("mid")
+def build_model(name: str = "mid") -> Model:
+    """inference_latency.py's model `name` with random weights and a small tokenizer."""
+    cfg = model_config(name)
     mesh = sharding.make_mesh(sharding.MeshConfig())
     state = Trainer(cfg, TrainConfig(batch_size=8), mesh).init_state(seed=0)
     params = merge_params(state.trainable, state.frozen)

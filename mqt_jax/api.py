@@ -27,7 +27,8 @@ from mqt_jax.config import ModelConfig
 from mqt_jax.data.conversation import encode_prompt
 from mqt_jax.data.preprocess import clip_preprocess, open_image
 from mqt_jax.data.tokenizer import Tokenizer, load_tokenizer
-from mqt_jax.generate import Generator, SamplingConfig, cut_at_stop, per_row, stop_tokens
+from mqt_jax.generate import (Generator, SamplingConfig, cut_at_stop, per_row, stop_tokens,
+                              vision_pass)
 from mqt_jax.loss import token_nll
 from mqt_jax.models.vlm import MODEL_INPUTS, VisionLanguageModel
 from mqt_jax.recipe import TrainedRun
@@ -180,9 +181,7 @@ class Model:
         return out
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _visual_tokens(module: VisionLanguageModel, params, images, m):
-    return module.apply({"params": params}, images, m, method="visual_tokens")
+_visual_tokens = jax.jit(vision_pass, static_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnums=0)

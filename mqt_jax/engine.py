@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mqt_jax import sharding, splice
-from mqt_jax.generate import next_token
+from mqt_jax.generate import next_token, vision_pass
 from mqt_jax.models.llama import Llama
 from mqt_jax.models.vlm import VisionLanguageModel
 
@@ -142,21 +142,10 @@ class VisionCache:
             self.bytes -= old.nbytes
 
 
-def m_independent(model_config) -> bool:
-    """Whether an image's token i is the same at every m (one cache entry serves all m)."""
-    q = model_config.query
-    return (not model_config.has_m or q.variant == "official"
-            or (q.variant == "qformer" and q.query_mask == "causal"))
-
-
 # ---- the jitted steps (module-level: the model is static, so compiled code is shared) ----
 
 def _row_keys(seeds, counts):
     return jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, counts)
-
-
-def _vision(module: VisionLanguageModel, params, images, m):
-    return module.apply({"params": params}, images, m, method="visual_tokens")
 
 
 def _prefill(module: VisionLanguageModel, params, visual, prompts, sampling):
@@ -211,7 +200,7 @@ class Engine:
         self.cache_len = min(config.cache_len, cfg.llm.max_length)
         self.prefill_rows = -(-config.prefill_batch // divisor) * divisor
         self._divisor = divisor
-        self.nested = m_independent(cfg)
+        self.nested = splice.tokens_reusable(cfg)
         self.vision_cache = VisionCache(int(config.vision_cache_mb * 2**20))
         mesh, rows = model.mesh, sharding.BATCH_AXES
         self._batch = sharding.batch_sharding(mesh)
@@ -234,7 +223,7 @@ class Engine:
         self.state = jax.jit(zeros, out_shardings=self._state_sharding)()  # made in place
         module = model.module
         replicated = sharding.replicated(mesh)
-        self._vision_fn = jax.jit(functools.partial(_vision, module), out_shardings=replicated)
+        self._vision_fn = jax.jit(functools.partial(vision_pass, module), out_shardings=replicated)
         # the first tokens come back replicated: every process reads them
         self._prefill_fn = jax.jit(functools.partial(_prefill, module),
                                    out_shardings=(replicated, None))

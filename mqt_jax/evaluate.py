@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mqt_jax import benchmarks, flops
+from mqt_jax import benchmarks, flops, splice
 from mqt_jax.config import ModelConfig
 from mqt_jax.data.conversation import encode_prompt
 from mqt_jax.data.conversation import BadRecord
@@ -48,6 +48,9 @@ class EvalConfig:
     max_new_tokens: int = 8
     bucket: int = 16  # prompt lengths round up to a multiple of this (one compile per bucket)
     limit: int = 0  # > 0: only the first `limit` questions (a quick look)
+    # Questions whose visual tokens are computed once for every m and held on the host at once
+    # (M x hidden each: 4 MB at 7B in float32).
+    reuse_chunk: int = 1024
 
 
 def m_values_for(config: EvalConfig, model_config: ModelConfig) -> list[int]:
@@ -98,6 +101,8 @@ def evaluate(model_config: ModelConfig, params, config: EvalConfig, mesh,
     if config.limit < 0:
         raise ValueError(f"EvalConfig.limit={config.limit}: give a number of questions >= 1 "
                          f"(0: all)")
+    if config.reuse_chunk < 1:
+        raise ValueError(f"EvalConfig.reuse_chunk={config.reuse_chunk}: must be >= 1")
     questions = bench.questions(config.questions)[: config.limit or None]
     if not questions:
         raise ValueError(f"{config.questions}: no questions")
@@ -120,9 +125,11 @@ def evaluate(model_config: ModelConfig, params, config: EvalConfig, mesh,
         results["majority_baseline"] = bench.majority_baseline(questions, refs)
     lead = jax.process_index() == 0
     out_dir = Path(out_dir) if out_dir and lead else None
-    for m in tqdm(m_values, desc=f"eval {bench.name}", unit="m", disable=not lead):
-        answers = generator.texts(prompts, images, m, tokenizer)
-        predictions = {q.question_id: a for q, a in zip(questions, answers)}
+    answers = sweep_answers(generator, prompts, images, m_values, tokenizer, config.reuse_chunk,
+                            f"eval {bench.name}", lead)
+    results["vision_passes"] = generator.vision_passes
+    for m in m_values:
+        predictions = {q.question_id: a for q, a in zip(questions, answers[m])}
         row = {"m": m, **bench.score(predictions, questions, refs),
                "tokens": model_config.visual_tokens(m)}  # what the LLM carries (Victor: R)
         row["tflops"] = prefill_tflops(model_config, m, text_tokens)
@@ -138,6 +145,25 @@ def evaluate(model_config: ModelConfig, params, config: EvalConfig, mesh,
     if out_dir:
         write_sweep(results, out_dir)
     return results
+
+
+def sweep_answers(generator: Generator, prompts, images, m_values, tokenizer, chunk: int = 1024,
+                  desc: str = "sweep", show: bool = False, reuse: bool = True) -> dict[int, list[str]]:
+    """Every question's answer at every m. Where the model's tokens serve every m
+    (`splice.tokens_reusable`), each image runs through the vision tower and the query
+    transformer once for the whole sweep, `chunk` questions at a time (the tokens of a chunk
+    are held on the host); otherwise (or with `reuse` False) once per m."""
+    reuse = reuse and splice.tokens_reusable(generator.model_config)
+    chunk = chunk if reuse else len(prompts)
+    answers = {m: [] for m in m_values}
+    with tqdm(total=len(m_values) * len(prompts), desc=desc, unit="answer", disable=not show) as bar:
+        for start in range(0, len(prompts), chunk):
+            part = slice(start, start + chunk)
+            visual = generator.visual_tokens(images[part]) if reuse else None
+            for m in m_values:
+                answers[m] += generator.texts(prompts[part], images[part], m, tokenizer, visual)
+                bar.update(len(prompts[part]))
+    return answers
 
 
 def prefill_tflops(model_config: ModelConfig, m: int, text_tokens: int) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import time
 
 import jax
@@ -76,11 +77,14 @@ def _generate(model: VisionLanguageModel, max_new_tokens: int, params, prompts: 
               stops, temperature, top_p, key):
     """prompts: the MODEL_INPUTS arrays [B, T] -> generated ids [B, max_new_tokens] (EOS
     repeated after a row's first EOS or first token where `stops` [V] is true), replicated.
+    With a "visual" entry [B, M, hidden] (tokens computed before), "images" is not needed.
     Inputs arrive placed: jit takes their shardings, and its cache (shared by every Generator)
     keys on them and on the shapes."""
     seq_len = prompts["token_ids"].shape[1]
-    logits, cache = model.apply({"params": params}, *(prompts[k] for k in MODEL_INPUTS),
-                                seq_len + max_new_tokens, last_only=True, method="prefill")
+    # "visual": the rows' visual tokens computed before (then no "images" are sent or read)
+    inputs = [prompts.get(k) for k in MODEL_INPUTS]
+    logits, cache = model.apply({"params": params}, *inputs, seq_len + max_new_tokens,
+                                visual=prompts.get("visual"), last_only=True, method="prefill")
     first = next_token(logits[:, 0], temperature, top_p, jax.random.fold_in(key, 0))
     cache = Llama.stacked(cache)
     out = jnp.full((first.shape[0], max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first)
@@ -101,6 +105,12 @@ def _generate(model: VisionLanguageModel, max_new_tokens: int, params, prompts: 
     ends = lambda token: (token == eos_id) | stops[token]  # noqa: E731
     _, out, _, _ = jax.lax.while_loop(more, decode, (1, out, cache, ends(first)))
     return jax.lax.with_sharding_constraint(out, P())  # every host gets every row
+
+
+def vision_pass(module: VisionLanguageModel, params, images, m):
+    """images [N, H, W, 3], m [N] -> all M visual tokens [N, M, hidden] (the one vision pass
+    the Generator, the API and the engine jit)."""
+    return module.apply({"params": params}, images, m, method="visual_tokens")
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -179,14 +189,19 @@ class Generator:
         param_sh = jax.tree.map(lambda x: x.sharding if whole(x) else sharding.replicated(mesh), params)
         self.params = jax.device_put(params, param_sh)  # unplaced (host) parameters: replicated
         self.batch_sharding = sharding.batch_sharding(mesh)
+        self._vision = jax.jit(functools.partial(vision_pass, self.model),
+                               out_shardings=sharding.replicated(mesh))
+        self.vision_passes = 0  # images run through the vision tower and query transformer
         self._calls = 0
 
-    def batches(self, prompts: list[splice.Example], images: np.ndarray, m):
+    def batches(self, prompts: list[splice.Example], images: np.ndarray, m, visual=None):
         """(row indices, placed batch) in order of prompt length; the last batch repeats its
         last request to fill `batch_size` rows. m: one for every row, or one per row (rows
-        of one batch may differ: m is data)."""
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
+        of one batch may differ: m is data). visual: the rows' tokens from `visual_tokens`
+        (then the batches carry them instead of the images)."""
+        if len(prompts) != len(images) or (visual is not None and len(visual) != len(prompts)):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} images"
+                             + ("" if visual is None else f" and {len(visual)} visual tokens"))
         m = per_row(m, len(prompts))
         self.model_config.check_m(m)
         lengths = np.array([splice.true_length(p, [k]) for p, k in zip(prompts, m)])
@@ -207,19 +222,24 @@ class Generator:
             if self.model_config.dropped_per_image:
                 splice.check_survivors(batch, self.model_config.num_queries,
                                        self.model_config.dropped_per_image)
+            if visual is not None:
+                del batch["images"]
+                batch["visual"] = visual[idx]
             yield idx, {k: jax.make_array_from_process_local_data(self.batch_sharding, v[rows])
                         for k, v in batch.items()}
 
     def __call__(self, prompts: list[splice.Example], images: np.ndarray, m,
-                 stops: np.ndarray | None = None) -> list[list[int]]:
+                 stops: np.ndarray | None = None, visual=None) -> list[list[int]]:
         """Generated token ids per prompt (up to, not including, EOS; up to and including the
         first token where `stops` [V] is true). images [N, H, W, 3]; m: one, or one per
-        prompt."""
+        prompt; visual: the images' tokens from `visual_tokens`, to skip the vision pass."""
         s, out = self.sampling, [None] * len(prompts)
         if stops is None:
             stops = np.zeros(self.model_config.llm.vocab_size, bool)
         with sharding.activate(self.mesh):
-            for idx, batch in self.batches(prompts, images, m):
+            if visual is None:
+                self.vision_passes += len(prompts)  # (each batch runs its rows' images)
+            for idx, batch in self.batches(prompts, images, m, visual):
                 key = jax.random.fold_in(jax.random.key(s.seed), self._calls)
                 self._calls += 1
                 ids = _generate(self.model, s.max_new_tokens, self.params, batch, self.eos_id,
@@ -228,11 +248,42 @@ class Generator:
                     out[i] = tokens
         return out
 
-    def texts(self, prompts, images, m, tokenizer) -> list[str]:
+    def texts(self, prompts, images, m, tokenizer, visual=None) -> list[str]:
         """Decoded answers, each cut before the first stop string."""
         stops = stop_tokens(tokenizer, self.sampling.stop, self.model_config.llm.vocab_size)
         return [cut_at_stop(tokenizer.decode(ids), self.sampling.stop).strip()
-                for ids in self(prompts, images, m, stops)]
+                for ids in self(prompts, images, m, stops, visual)]
+
+    def visual_tokens(self, images: np.ndarray) -> np.ndarray:
+        """All M visual tokens of each image [N, M, hidden], for a model whose tokens serve
+        every m and prompt (`splice.tokens_reusable`): an m-sweep passes them to every m's
+        call instead of running the vision tower and query transformer once per m. Equal
+        images (the same question image, byte for byte) are run once."""
+        if not splice.tokens_reusable(self.model_config):
+            raise ValueError(f"the {self.model_config.query.variant!r} compressor's tokens "
+                             f"depend on m or on the question: they cannot be computed once")
+        slot, inverse, picks = {}, [], []  # digest -> distinct index; row -> it; its first row
+        for row, image in enumerate(images):
+            digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
+            if digest not in slot:
+                slot[digest] = len(picks)
+                picks.append(row)
+            inverse.append(slot[digest])
+        distinct = images[picks]
+        rows = sharding.process_rows(self.mesh, self.batch_size)
+        big_m = np.full(self.batch_size, self.model_config.num_queries, np.int32)
+        out = []
+        with sharding.activate(self.mesh):
+            for start in range(0, len(distinct), self.batch_size):
+                chunk = distinct[start:start + self.batch_size].astype(np.float32)
+                pad = self.batch_size - len(chunk)  # one compiled shape
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
+                put = lambda x: jax.make_array_from_process_local_data(  # noqa: E731
+                    self.batch_sharding, x[rows])
+                tokens = self._vision(self.params, put(chunk), put(big_m))
+                out.append(np.asarray(jax.device_get(tokens))[: self.batch_size - pad])
+        self.vision_passes += len(distinct)
+        return np.concatenate(out)[np.asarray(inverse)]
 
     def prefill_seconds(self, prompts, images, m: int, repeats: int = 3) -> float:
         """Median wall time of one batch's prefill (the forward over prompt + m visual tokens)

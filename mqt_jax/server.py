@@ -350,10 +350,27 @@ def make_app(model, engine: Engine, config: ServeConfig) -> FastAPI:
         completion = Completion(request, model, config, metrics, engine, queue)
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(completion.events(usage), media_type="text/event-stream")
+            return EventStream(completion, usage)
         return await completion.whole()
 
     return app
+
+
+class EventStream(StreamingResponse):
+    """A completion's Server-Sent Events, which free the request's slot however they end. A
+    client that leaves while a chunk is being sent cancels the response there, leaving the
+    event generator suspended: its own `finally` would wait for the garbage collector, and the
+    slot would decode on for nobody until max_tokens."""
+
+    def __init__(self, completion: Completion, include_usage: bool):
+        super().__init__(completion.events(include_usage), media_type="text/event-stream")
+        self.completion = completion
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.completion.leave()
 
 
 class Completion:
@@ -365,6 +382,7 @@ class Completion:
         self.engine, self.queue = engine, queue
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         self.text = Detokenizer(model.tokenizer, request.stop)
+        self.left = False
 
     async def tokens(self):
         """(text delta, None) per token, then ("", finish reason)."""
@@ -386,10 +404,18 @@ class Completion:
                 yield rest, None
             yield "", finish
         finally:
-            if self.request.finish is None:  # the client went away: free the slot
-                self.engine.cancel(self.request)
-            else:
-                self.metrics.finished(self.request)
+            self.leave()
+
+    def leave(self):
+        """Free the slot if the answer is unfinished (the client went away), else count it;
+        once, however often the ways a response ends call it."""
+        if self.left:
+            return
+        self.left = True
+        if self.request.finish is None:
+            self.engine.cancel(self.request)
+        else:
+            self.metrics.finished(self.request)
 
     def usage(self) -> dict:
         r, cfg = self.request, self.model.config

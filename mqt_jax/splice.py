@@ -88,6 +88,17 @@ def expand_example(example: Example, m: Sequence[int], num_queries: int):
     return tuple(np.concatenate(p).astype(np.int32) for p in (pieces_tok, pieces_vis, pieces_lab))
 
 
+def tokens_reusable(model_config) -> bool:
+    """Whether an image's visual tokens, computed once at M, serve every m and every prompt:
+    token i is the same at every m (the official resampler, the causal qformer, and the
+    compressors without an m) and does not read the question (QueCC does)."""
+    q = model_config.query
+    if q.variant == "quecc":
+        return False
+    return not model_config.has_m or q.variant == "official" or (
+        q.variant == "qformer" and q.query_mask == "causal")
+
+
 def true_length(example: Example, m: Sequence[int]) -> int:
     """Length of the example in the LLM sequence at its m (what packing must fit)."""
     return len(example.tokens) - example.num_images + int(np.sum(m[: example.num_images]))

@@ -72,7 +72,7 @@ def test_every_answer_equals_the_offline_one_at_its_m_with_bounded_compiles(mode
     buckets = {engine._bucket(r.prompt_len) for r in requests}
     counts = {name.split("(")[-1].rstrip(")"): n for name, n in compiles.counts.items()}
     assert counts["_prefill"] == counts["_insert"] == len(buckets) and len(buckets) >= 2, counts
-    assert counts["_decode"] == 1 and counts["_vision"] == 1, counts
+    assert counts["_decode"] == 1 and counts["vision_pass"] == 1, counts
     assert engine.stats["decode_steps"] < sum(len(r.tokens) for r in requests)  # shared steps
 
 
@@ -98,7 +98,7 @@ def test_arrivals_prefill_in_groups_of_their_size(model):
     assert [r.tokens for r in rest] == [a.tokens for a in want]
     assert (engine.stats["prefills"], engine.stats["prefill_rows"], engine.stats["vision_passes"]) == (2, 12, 2)
     counts = {name.split("(")[-1].rstrip(")"): n for name, n in compiles.counts.items()}
-    assert counts == {"_vision": 2, "_prefill": 2, "_insert": 2, "_decode": 1}, counts
+    assert counts == {"vision_pass": 2, "_prefill": 2, "_insert": 2, "_decode": 1}, counts
 
 
 def test_the_same_image_at_another_m_needs_no_vision_pass(model):

@@ -211,3 +211,55 @@ def test_a_smaller_m_is_a_shorter_prefill():
     lengths = {m: int((prompt_batch(examples, images, m, 16, 64)["segment_ids"] > 0).sum())
                for m in (1, 16)}
     assert lengths[16] - lengths[1] == 15
+
+
+class NumberTokenizer:
+    """decode only: an answer's ids as text (what sweep_answers needs of a tokenizer)."""
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("variant,query_mask", [("official", "prefix"), ("qformer", "causal")])
+def test_an_m_sweep_runs_each_image_once_and_answers_as_one_pass_per_m(variant, query_mask):
+    from mqt_jax.evaluate import sweep_answers
+
+    cfg = tiny_config(variant, query_mask, num_queries=16)
+    model = VisionLanguageModel(cfg)
+    examples, images = prompts(cfg, [4, 9, 6, 5, 7], seed=2)
+    images = images[[0, 1, 0, 2, 1]]  # 5 questions on 3 images
+    params = varied(init_params(model, prompt_batch(examples, images, 4, 16, 40), method="logits"))
+    generator = make_generator(cfg, params)
+    visual = generator.visual_tokens(images)
+    assert generator.vision_passes == 3  # one per distinct image
+    for m in (1, 5, 16):  # the same tokens serve every m, equal to a fresh pass at that m
+        np.testing.assert_array_equal(np.array(generator(examples, images, m, visual=visual)),
+                                      np.array(generator(examples, images, m)))
+    m_values = [1, 2, 8, 16]
+    before = generator.vision_passes
+    reused = sweep_answers(generator, examples, images, m_values, NumberTokenizer(), chunk=3)
+    assert generator.vision_passes - before == 2 + 2  # chunks [0, 1, 0] and [2, 1]
+    before = generator.vision_passes
+    per_m = sweep_answers(generator, examples, images, m_values, NumberTokenizer(), reuse=False)
+    assert generator.vision_passes - before == 5 * len(m_values)
+    assert reused == per_m
+    assert len({a for answers in per_m.values() for a in answers}) > 2  # not one constant answer
+
+
+def test_tokens_that_depend_on_m_or_the_question_are_not_reused():
+    from types import SimpleNamespace
+
+    from mqt_jax.evaluate import sweep_answers
+
+    quecc = SimpleNamespace(has_m=True, query=SimpleNamespace(variant="quecc", query_mask="causal"))
+    assert not splice.tokens_reusable(quecc)  # its tokens read the question
+    cfg = tiny_config("qformer", "prefix", num_queries=16)  # token i depends on m
+    assert not splice.tokens_reusable(cfg)
+    model = VisionLanguageModel(cfg)
+    examples, images = prompts(cfg, [4, 6], seed=3)
+    params = init_params(model, prompt_batch(examples, images, 4, 16, 32), method="logits")
+    generator = make_generator(cfg, params)
+    with pytest.raises(ValueError, match="cannot be computed once"):
+        generator.visual_tokens(images)
+    sweep_answers(generator, examples, images, [2, 16], NumberTokenizer())
+    assert generator.vision_passes == 2 * 2  # each image at each m

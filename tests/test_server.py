@@ -3,18 +3,24 @@ plain and streamed answers, 32 concurrent requests mixing m equal to the offline
 bad input refused with a message (and the server serving on), a client that goes away, a full
 queue, SIGTERM."""
 
+import asyncio
 import concurrent.futures
+import contextlib
 import io
 import signal
 import threading
 import time
+import types
 
 import httpx
 import openai
 import pytest
 from PIL import Image
+from starlette.requests import ClientDisconnect
 
 import mqt_jax
+from mqt_jax.engine import Request
+from mqt_jax.server import Completion, EventStream
 from helpers import Server, data_url, png, user, write_run
 
 QUESTIONS = ["What shape is in the picture?", "How many triangles are there?",
@@ -165,6 +171,40 @@ def test_a_client_that_goes_away_frees_its_slot(server):
         time.sleep(0.1)
     assert server.metric("mqt_live_slots") == 0
     assert server.ask().choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("spec", ["2.3", "2.4"])
+def test_a_client_that_leaves_while_a_chunk_is_sent_frees_its_slot(spec):
+    """The disconnect then ends the response inside `send`, not inside the event generator
+    (which the test above mostly sees): the request must be cancelled all the same. ASGI 2.3
+    servers report the disconnect on `receive`; 2.4 ones raise OSError from `send`."""
+    cancelled = []
+    request = Request(prompt=None, image=None, m=4, max_new_tokens=8)
+    engine = types.SimpleNamespace(cancel=cancelled.append)
+    completion = Completion(request, types.SimpleNamespace(tokenizer=None),
+                            types.SimpleNamespace(model_name="tiny"), None, engine,
+                            asyncio.Queue())
+
+    async def leave_mid_send():
+        sending = asyncio.Event()
+
+        async def send(message):
+            if message["type"] == "http.response.body":
+                sending.set()
+                if spec == "2.4":
+                    raise OSError("the client went away")
+                await asyncio.Event().wait()  # the network stalls until the disconnect
+
+        async def receive():
+            await sending.wait()
+            return {"type": "http.disconnect"}
+
+        scope = {"type": "http", "asgi": {"spec_version": spec}}
+        with contextlib.suppress(ClientDisconnect):
+            await EventStream(completion, include_usage=False)(scope, receive, send)
+
+    asyncio.run(asyncio.wait_for(leave_mid_send(), 10))
+    assert cancelled == [request]
 
 
 def test_full_queue_429_then_sigterm_finishes_running_requests_and_exits_0(run, tmp_path):
