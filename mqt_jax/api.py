@@ -31,6 +31,7 @@ from mqt_jax.generate import (Generator, SamplingConfig, cut_at_stop, per_row, s
                               vision_pass)
 from mqt_jax.loss import token_nll
 from mqt_jax.models.vlm import MODEL_INPUTS, VisionLanguageModel
+from mqt_jax.policy import Escalate
 from mqt_jax.recipe import TrainedRun
 
 
@@ -42,6 +43,7 @@ class Answer:
     tokens: list[int]  # up to, not including, EOS
     m: int
     logprobs: list[float]  # log p(token | prompt, the tokens before it) per token, temperature 1
+    tried: tuple[int, ...] = ()  # m="auto": every m answered at on the way to `m`
 
 
 class Model:
@@ -93,6 +95,8 @@ class Model:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        if isinstance(m, str):
+            raise ValueError(f"m={m!r}: an int, one per row, or 'auto'")
         m = per_row(self.config.num_queries if m is None else m, len(prompts))
         self.config.check_m(m)
         return (np.stack([self.image(i) for i in images]), [self.prompt(p) for p in prompts],
@@ -106,24 +110,52 @@ class Model:
         return -(-min(size, max(64, divisor)) // divisor) * divisor
 
     # ---- generation ----
-    def generate(self, images, prompts, m: int | Sequence[int] | None = None,
+    def generate(self, images, prompts, m: int | Sequence[int] | str | None = None,
                  max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-                 stop: Sequence[str] = (), seed: int = 0, details: bool = False):
+                 stop: Sequence[str] = (), seed: int = 0, details: bool = False,
+                 policy: str | Escalate = "escalate"):
         """Answers, one per (image, prompt) row (a single image and prompt give a list of
-        one). m: one for every row or one per row (default M). details: `Answer`s with the
-        token ids and their log-probabilities instead of texts."""
-        images, examples, m = self._rows(images, prompts, m)
+        one). m: one for every row or one per row (default M), or "auto": each row's m chosen
+        by `policy`, the escalation calibrated by `mqt-jax eval --m auto` and saved with the
+        run (policy.json), or an `Escalate` of your own. details: `Answer`s with the token
+        ids, their log-probabilities and the m each row used instead of texts."""
+        auto = isinstance(m, str) and m == "auto"
+        if auto:
+            escalation = self.policy(policy)
+        images, examples, m = self._rows(images, prompts, None if auto else m)
         sampling = SamplingConfig(temperature=temperature, top_p=top_p,
                                   max_new_tokens=max_new_tokens, stop=tuple(stop), seed=seed)
         generator = self._generator(sampling, len(examples))
         stops = stop_tokens(self.tokenizer, sampling.stop, self.config.llm.vocab_size)
-        ids = generator(examples, images, m, stops)
-        texts = [cut_at_stop(self.tokenizer.decode(t), sampling.stop).strip() for t in ids]
+        if auto:
+            rows = generator.escalate(examples, images, escalation.ladder, escalation.accept, stops)
+        else:
+            rows = generator.generate(examples, images, m, stops)
+        texts = [cut_at_stop(self.tokenizer.decode(g.ids), sampling.stop).strip() for g in rows]
         if not details:
             return texts
-        logprobs = self.token_logprobs(images, examples, ids, m)
-        return [Answer(text, list(t), k, lp.tolist())
-                for text, t, k, lp in zip(texts, ids, m, logprobs)]
+        logprobs = self.token_logprobs(images, examples, [g.ids for g in rows], [g.m for g in rows])
+        return [Answer(text, list(g.ids), g.m, lp.tolist(), g.tried)
+                for text, g, lp in zip(texts, rows, logprobs)]
+
+    def policy(self, policy: str | Escalate = "escalate") -> Escalate:
+        """The policy that chooses m per query: an `Escalate` as given, or "escalate": the
+        one `mqt-jax eval --m auto` calibrated and saved with the run."""
+        if isinstance(policy, Escalate):
+            return policy
+        if policy == "oracle":
+            raise ValueError("policy 'oracle' needs the right answer: it exists in evaluation "
+                             "only (`mqt-jax eval --m auto`)")
+        if policy != "escalate":
+            raise ValueError(f"policy {policy!r}: expected 'escalate' or an Escalate")
+        if not splice.tokens_reusable(self.config) or not self.config.has_m:
+            raise ValueError(f"m='auto' needs nested tokens that serve every m, which the "
+                             f"{self.config.query.variant!r} compressor does not have")
+        saved = Path(self.run.path) / "policy.json"
+        if not saved.exists():
+            raise ValueError(f"{saved} does not exist: calibrate one with `mqt-jax eval --workdir "
+                             f"{self.run.path} --m auto` (or pass policy=Escalate(...))")
+        return Escalate.load(saved)
 
     def _generator(self, sampling: SamplingConfig, rows: int) -> Generator:
         """A Generator per call (cheap: the parameters are placed, the compiled steps are

@@ -200,6 +200,12 @@ class Benchmark:
     def score(self, predictions: dict[str, str], questions, refs) -> dict:
         raise NotImplementedError
 
+    def correct(self, predictions: dict[str, str], questions, refs) -> dict[str, bool]:
+        """Each answer right or wrong (what choosing m per query is scored on); only the
+        benchmarks scored by a per-question exact match define it."""
+        raise ValueError(f"benchmark {self.name} does not score answers one by one as right or "
+                         f"wrong: choosing m per query is evaluated on one that does (shapes)")
+
     def submission(self, predictions: dict[str, str], questions, refs, m: int) -> dict[str, str]:
         """Files beyond answers_m<m>.jsonl (LLaVA's answer file, always written)."""
         return {}
@@ -298,14 +304,17 @@ class Shapes(Benchmark):
     def score(self, predictions, questions, refs):
         """{"score", each category's accuracy, "stderr": {the same keys}, "by_type": {question
         type: accuracy}, "by_type_stderr": {...}}: exact-match %, standard errors in points."""
-        ok = {q.question_id: shapes_normalize(predictions.get(q.question_id, ""))
-              == shapes_normalize(refs[q.question_id]["answer"]) for q in questions}
+        ok = self.correct(predictions, questions, refs)
         overall = {"score": list(ok.values()), **dict(sorted(self.groups(ok, refs, "category").items()))}
         by_type = self.groups(ok, refs, "type")
         return {**{k: percent(np.mean(v)) for k, v in overall.items()},
                 "stderr": {k: stderr(v) for k, v in overall.items()},
                 **({"by_type": {k: percent(np.mean(v)) for k, v in by_type.items()},
                     "by_type_stderr": {k: stderr(v) for k, v in by_type.items()}} if by_type else {})}
+
+    def correct(self, predictions, questions, refs):
+        return {q.question_id: shapes_normalize(predictions.get(q.question_id, ""))
+                == shapes_normalize(refs[q.question_id]["answer"]) for q in questions}
 
     @staticmethod
     def groups(ok: dict[str, bool], refs, field: str) -> dict[str, list[bool]]:

@@ -125,21 +125,49 @@ def cmd_eval(args) -> int:
     out = Path(args.out) if args.out else workdir / "eval"  # where `mqt-jax train` puts it
     out.mkdir(parents=True, exist_ok=True)  # fails now, not after generating
     join_processes(args)
-    run_ = open_model(args, parse_m(args.m) if args.m else []).run
+    auto = args.m == "auto"
+    run_ = open_model(args, parse_m(args.m) if args.m and not auto else []).run
     config = run_.eval_config
     given = {"benchmark": args.benchmark, "questions": args.questions, "answers": args.answers,
              "image_root": args.images, "limit": args.limit}
     config = dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None})
     if args.benchmark and args.benchmark != run_.eval_config.benchmark and not args.questions:
         raise ValueError(f"--benchmark {args.benchmark}: give its --questions file")
-    if args.m:
+    if args.m and not auto:
         config = dataclasses.replace(config, m_values=tuple(parse_m(args.m)))
     if not config.questions:
         raise ValueError("no question file: give --questions (the run's config names none)")
     (out / config.benchmark).mkdir(parents=True, exist_ok=True)
+    if auto:
+        return eval_auto(run_, config, out / config.benchmark, args)
     evaluate_run(run_, out, config)
     if jax.process_index() == 0:
         print(f"sweep over every benchmark in {out}: sweep.csv, sweep.md, sweep.png")
+    return 0
+
+
+def eval_auto(run_, config, out: Path, args) -> int:
+    """`eval --m auto`: the policies that choose m per query, against every fixed m."""
+    import datetime
+
+    import jax
+
+    from mqt_jax.policy import evaluate_policies, policy_table
+    from mqt_jax.sharding import activate
+
+    validation = (args.val_questions or config.val_questions, args.val_answers or config.val_answers)
+    for flag, path in (("--val_questions", validation[0]), ("--val_answers", validation[1])):
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path} not found")
+    about = {"run": str(run_.path.absolute()), "step": run_.step,
+             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    with activate(run_.mesh):
+        results = evaluate_policies(run_.model_config, run_.params, config, run_.mesh, out,
+                                    run_.path / "policy.json", validation, about)
+    if jax.process_index() == 0:
+        print(f"choosing m per query on {results['benchmark']} ({results['questions']} "
+              f"questions); written to {out}/policies.md, .png; the policy: "
+              f"{run_.path / 'policy.json'}\n" + policy_table(results))
     return 0
 
 
@@ -365,7 +393,11 @@ def main(argv=None) -> int:
     eval_p.add_argument("--questions", help="question file in LLaVA's format (MMBench: its TSV)")
     eval_p.add_argument("--answers", help="references (annotations) to score against")
     eval_p.add_argument("--images", help="image folder the question file's paths are relative to")
-    eval_p.add_argument("--m", help="e.g. 2,4,8,16,36,64,144,256 (default: the run's EvalConfig)")
+    eval_p.add_argument("--m", help="e.g. 2,4,8,16,36,64,144,256 (default: the run's EvalConfig); "
+                        "auto: m chosen per query (escalate, oracle) against every fixed m")
+    eval_p.add_argument("--val_questions", help="--m auto: the validation split that calibrates "
+                        "the escalation threshold (default: EvalConfig.val_questions)")
+    eval_p.add_argument("--val_answers", help="its references")
     eval_p.add_argument("--limit", type=positive_int, help="only the first N questions")
     eval_p.add_argument("--out", help="default: <workdir>/eval; results go to OUT/<benchmark>/")
     add_multiprocess_args(eval_p)

@@ -48,6 +48,10 @@ class EvalConfig:
     max_new_tokens: int = 8
     bucket: int = 16  # prompt lengths round up to a multiple of this (one compile per bucket)
     limit: int = 0  # > 0: only the first `limit` questions (a quick look)
+    # A validation split (never the held-out questions) that calibrates m chosen per query
+    # (`mqt-jax eval --m auto`).
+    val_questions: str = ""
+    val_answers: str = ""
     # Questions whose visual tokens are computed once for every m and held on the host at once
     # (M x hidden each: 4 MB at 7B in float32).
     reuse_chunk: int = 1024
@@ -96,26 +100,8 @@ def evaluate(model_config: ModelConfig, params, config: EvalConfig, mesh,
     Returns eval.json's content (`about`, e.g. the run and step scored, goes into it). In a
     multi-process run every process calls it (the batches are spread over all devices; every
     process gets every answer) and process 0 writes."""
-    bench = benchmarks.get(config.benchmark)
     m_values = m_values_for(config, model_config)
-    if config.limit < 0:
-        raise ValueError(f"EvalConfig.limit={config.limit}: give a number of questions >= 1 "
-                         f"(0: all)")
-    if config.reuse_chunk < 1:
-        raise ValueError(f"EvalConfig.reuse_chunk={config.reuse_chunk}: must be >= 1")
-    questions = bench.questions(config.questions)[: config.limit or None]
-    if not questions:
-        raise ValueError(f"{config.questions}: no questions")
-    repeated = sorted(i for i, n in Counter(q.question_id for q in questions).items() if n > 1)
-    if repeated:
-        raise ValueError(f"{config.questions}: {len(repeated)} question id(s) appear more than "
-                         f"once (answers are kept by id): {repeated[:5]}")
-    if bench.needs_references and not config.answers:
-        raise ValueError(f"benchmark {bench.name} is scored against references: give the answers file")
-    refs = bench.references(config.answers or None, questions)
-    tokenizer = load_tokenizer(config.tokenizer_dir)
-    prompts = [encode_prompt(q.text, config.template, tokenizer) for q in questions]
-    images = load_images(questions, config.image_root, model_config.vision.image_size, config.image_mode)
+    bench, questions, refs, prompts, images, tokenizer = load_benchmark(config, model_config)
     greedy = SamplingConfig(temperature=0.0, top_p=1.0, max_new_tokens=config.max_new_tokens, stop=())
     generator = Generator(model_config, params, mesh, tokenizer.eos_id, greedy,
                           batch_size=config.batch_size, bucket=config.bucket)
@@ -145,6 +131,31 @@ def evaluate(model_config: ModelConfig, params, config: EvalConfig, mesh,
     if out_dir:
         write_sweep(results, out_dir)
     return results
+
+
+def load_benchmark(config: EvalConfig, model_config: ModelConfig):
+    """config's benchmark, checked: (benchmark, questions, references, prompts in the run's
+    template, preprocessed images [N, S, S, 3], tokenizer)."""
+    bench = benchmarks.get(config.benchmark)
+    if config.limit < 0:
+        raise ValueError(f"EvalConfig.limit={config.limit}: give a number of questions >= 1 "
+                         f"(0: all)")
+    if config.reuse_chunk < 1:
+        raise ValueError(f"EvalConfig.reuse_chunk={config.reuse_chunk}: must be >= 1")
+    questions = bench.questions(config.questions)[: config.limit or None]
+    if not questions:
+        raise ValueError(f"{config.questions}: no questions")
+    repeated = sorted(i for i, n in Counter(q.question_id for q in questions).items() if n > 1)
+    if repeated:
+        raise ValueError(f"{config.questions}: {len(repeated)} question id(s) appear more than "
+                         f"once (answers are kept by id): {repeated[:5]}")
+    if bench.needs_references and not config.answers:
+        raise ValueError(f"benchmark {bench.name} is scored against references: give the answers file")
+    refs = bench.references(config.answers or None, questions)
+    tokenizer = load_tokenizer(config.tokenizer_dir)
+    prompts = [encode_prompt(q.text, config.template, tokenizer) for q in questions]
+    images = load_images(questions, config.image_root, model_config.vision.image_size, config.image_mode)
+    return bench, questions, refs, prompts, images, tokenizer
 
 
 def sweep_answers(generator: Generator, prompts, images, m_values, tokenizer, chunk: int = 1024,

@@ -134,6 +134,22 @@ def inference_flops(model_config, m: int, text_tokens: int, new_tokens: int = 0)
     return _with_towers(model_config, parts, m + text_tokens, new_tokens)
 
 
+def escalation_prefill_flops(model_config, tried, before: int, after: int) -> float:
+    """Prefill FLOPs of an answer escalated up the m in `tried` (`Generator.escalate`): the
+    vision tower and compressor once, computing all M tokens (they serve every rung); the
+    LLM's prefill of [`before` text tokens, tried[0] visual tokens, `after` text tokens]; then
+    per raise from m to m' only the added visual tokens and the text after them (m' - m +
+    after tokens) attending to the before + m' + after positions (the prefix's cache is kept).
+    The output head counts every token, as `inference_flops`'s prefill does."""
+    llm, big_m = model_config.llm, model_config.num_queries
+    towers = inference_flops(model_config, big_m, 0)
+    total = towers["total"] - towers["llm_prefill"] - towers["llm_decode"]
+    total += llm_flops(llm, before + tried[0] + after)
+    for m, raised in zip(tried, tried[1:]):
+        total += llm_flops(llm, raised - m + after, before + raised + after)
+    return total
+
+
 def victor_flops(model_config, text_tokens: int, new_tokens: int = 0) -> dict:
     """Victor: every patch through the projector into the LLM with R registers; the first k
     layers run on patches + registers + text, the rest on registers + text only."""

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import hashlib
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -72,39 +73,71 @@ def next_token(logits, temperature, top_p, key):
     return jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _generate(model: VisionLanguageModel, max_new_tokens: int, params, prompts: dict, eos_id,
-              stops, temperature, top_p, key):
-    """prompts: the MODEL_INPUTS arrays [B, T] -> generated ids [B, max_new_tokens] (EOS
-    repeated after a row's first EOS or first token where `stops` [V] is true), replicated.
-    With a "visual" entry [B, M, hidden] (tokens computed before), "images" is not needed.
-    Inputs arrive placed: jit takes their shardings, and its cache (shared by every Generator)
-    keys on them and on the shapes."""
-    seq_len = prompts["token_ids"].shape[1]
-    # "visual": the rows' visual tokens computed before (then no "images" are sent or read)
-    inputs = [prompts.get(k) for k in MODEL_INPUTS]
-    logits, cache = model.apply({"params": params}, *inputs, seq_len + max_new_tokens,
-                                visual=prompts.get("visual"), last_only=True, method="prefill")
-    first = next_token(logits[:, 0], temperature, top_p, jax.random.fold_in(key, 0))
+def _decode(model: VisionLanguageModel, max_new_tokens: int, params, logits, cache, eos_id,
+            stops, temperature, top_p, key) -> dict:
+    """From the prefill's last logits [B, V] and its cache, decode until every row has ended
+    -> {"ids": [B, max_new_tokens] (EOS repeated after a row's first EOS or first token where
+    `stops` [V] is true), "logprobs": log p of each token (temperature 1), "margin": the first
+    token's log-probability lead over the runner-up [B]}, replicated."""
+    first = next_token(logits, temperature, top_p, jax.random.fold_in(key, 0))
+    logp = lambda logits, token: jnp.take_along_axis(  # noqa: E731
+        jax.nn.log_softmax(logits.astype(jnp.float32)), token[:, None], 1)[:, 0]
+    top2 = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32)), 2)[0]
     cache = Llama.stacked(cache)
     out = jnp.full((first.shape[0], max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first)
+    lps = jnp.zeros(out.shape, jnp.float32).at[:, 0].set(logp(logits, first))
 
     def more(carry):
-        step, _, _, done = carry
+        step, _, _, _, done = carry
         return (step < max_new_tokens) & ~done.all()
 
     def decode(carry):
-        step, out, cache, done = carry
+        step, out, lps, cache, done = carry
         previous = jax.lax.dynamic_slice_in_dim(out, step - 1, 1, axis=1)  # [B, 1]
         logits, cache = model.apply({"params": params}, previous, cache,
                                     method="decode_in_place")
         token = next_token(logits[:, 0], temperature, top_p, jax.random.fold_in(key, step))
         token = jnp.where(done, eos_id, token)
-        return step + 1, out.at[:, step].set(token), cache, done | ends(token)
+        lp = jnp.where(done, 0.0, logp(logits[:, 0], token))
+        return (step + 1, out.at[:, step].set(token), lps.at[:, step].set(lp), cache,
+                done | ends(token))
 
     ends = lambda token: (token == eos_id) | stops[token]  # noqa: E731
-    _, out, _, _ = jax.lax.while_loop(more, decode, (1, out, cache, ends(first)))
-    return jax.lax.with_sharding_constraint(out, P())  # every host gets every row
+    _, out, lps, _, _ = jax.lax.while_loop(more, decode, (1, out, lps, cache, ends(first)))
+    every_host = lambda x: jax.lax.with_sharding_constraint(x, P())  # noqa: E731
+    return {"ids": every_host(out), "logprobs": every_host(lps),
+            "margin": every_host(top2[:, 0] - top2[:, 1])}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _generate(model: VisionLanguageModel, max_new_tokens: int, cache_len: int, keep_cache: bool,
+              params, prompts: dict, eos_id, stops, temperature, top_p, key):
+    """prompts: the MODEL_INPUTS arrays [B, T] -> `_decode`'s dict; with keep_cache, also
+    the prefill's "cache" of `cache_len` slots (for `_generate_more`). With a "visual" entry
+    [B, M, hidden] (tokens computed before), "images" is not needed. Inputs arrive placed:
+    jit takes their shardings, and its cache (shared by every Generator) keys on them and on
+    the shapes."""
+    inputs = [prompts.get(k) for k in MODEL_INPUTS]
+    logits, cache = model.apply({"params": params}, *inputs, cache_len,
+                                visual=prompts.get("visual"), last_only=True, method="prefill")
+    out = _decode(model, max_new_tokens, params, logits[:, 0], cache, eos_id, stops,
+                  temperature, top_p, key)
+    return dict(out, cache=cache) if keep_cache else out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _generate_more(model: VisionLanguageModel, max_new_tokens: int, params, cache, visual,
+                   chunk: dict, start, eos_id, stops, temperature, top_p, key):
+    """Raise m: the prefill cache of the prompts at a smaller m keeps slots 0 .. start - 1
+    (text before the image and the visual tokens both m share); the chunk (splice.raised_rows)
+    fills in the rest at the larger m, then decoding runs as in `_generate`. Returns the same
+    dict with the extended "cache" (for a further raise)."""
+    logits, cache = model.apply({"params": params}, visual, chunk["token_ids"],
+                                chunk["visual_index"], chunk["positions"], chunk["segment_ids"],
+                                cache, start, method="extend")
+    out = _decode(model, max_new_tokens, params, logits[:, 0], cache, eos_id, stops,
+                  temperature, top_p, key)
+    return dict(out, cache=cache)
 
 
 def vision_pass(module: VisionLanguageModel, params, images, m):
@@ -168,6 +201,21 @@ def per_row(m, rows: int) -> np.ndarray:
     return m
 
 
+@dataclasses.dataclass(frozen=True)
+class Generated:
+    """One answer: its token ids (up to, not including, EOS), their log-probabilities
+    (temperature 1), that of the EOS that ended it (None when it ran to max_new_tokens or a
+    stop token), the first token's log-probability lead over the runner-up, the m it was
+    answered at and, escalated, every m tried on the way."""
+
+    ids: list[int]
+    logprobs: list[float]
+    eos_logprob: float | None
+    margin: float
+    m: int
+    tried: tuple[int, ...]
+
+
 class Generator:
     """Batched, sharded generation at any m (1 <= m <= M, checked on every call), one per
     call or one per request.
@@ -228,31 +276,119 @@ class Generator:
             yield idx, {k: jax.make_array_from_process_local_data(self.batch_sharding, v[rows])
                         for k, v in batch.items()}
 
-    def __call__(self, prompts: list[splice.Example], images: np.ndarray, m,
-                 stops: np.ndarray | None = None, visual=None) -> list[list[int]]:
-        """Generated token ids per prompt (up to, not including, EOS; up to and including the
-        first token where `stops` [V] is true). images [N, H, W, 3]; m: one, or one per
-        prompt; visual: the images' tokens from `visual_tokens`, to skip the vision pass."""
-        s, out = self.sampling, [None] * len(prompts)
-        if stops is None:
-            stops = np.zeros(self.model_config.llm.vocab_size, bool)
+    def generate(self, prompts: list[splice.Example], images: np.ndarray, m,
+                 stops: np.ndarray | None = None, visual=None) -> list[Generated]:
+        """A `Generated` per prompt. images [N, H, W, 3]; m: one, or one per prompt; stops [V]:
+        tokens that end a row (see `stop_tokens`); visual: the images' tokens from
+        `visual_tokens`, to skip the vision pass."""
+        out = [None] * len(prompts)
+        m = per_row(m, len(prompts))
         with sharding.activate(self.mesh):
             if visual is None:
                 self.vision_passes += len(prompts)  # (each batch runs its rows' images)
             for idx, batch in self.batches(prompts, images, m, visual):
-                key = jax.random.fold_in(jax.random.key(s.seed), self._calls)
-                self._calls += 1
-                ids = _generate(self.model, s.max_new_tokens, self.params, batch, self.eos_id,
-                                stops, s.temperature, s.top_p, key)
-                for i, tokens in zip(idx, cut_at_eos(jax.device_get(ids), self.eos_id)):
-                    out[i] = tokens
+                seq_len = batch["token_ids"].shape[1]
+                got = self._run(_generate, self.sampling.max_new_tokens,
+                                seq_len + self.sampling.max_new_tokens, False, self.params, batch,
+                                stops=stops)
+                for i, row in zip(idx, self._rows(got, m[idx], stops)):
+                    out[i] = row
         return out
+
+    def __call__(self, prompts, images, m, stops=None, visual=None) -> list[list[int]]:
+        """Generated token ids per prompt (up to, not including, EOS; up to and including the
+        first token where `stops` [V] is true); see `generate`."""
+        return [g.ids for g in self.generate(prompts, images, m, stops, visual)]
 
     def texts(self, prompts, images, m, tokenizer, visual=None) -> list[str]:
         """Decoded answers, each cut before the first stop string."""
-        stops = stop_tokens(tokenizer, self.sampling.stop, self.model_config.llm.vocab_size)
-        return [cut_at_stop(tokenizer.decode(ids), self.sampling.stop).strip()
-                for ids in self(prompts, images, m, stops, visual)]
+        return [self.text(g.ids, tokenizer) for g in
+                self.generate(prompts, images, m, self.stops(tokenizer), visual)]
+
+    def stops(self, tokenizer) -> np.ndarray:
+        return stop_tokens(tokenizer, self.sampling.stop, self.model_config.llm.vocab_size)
+
+    def text(self, ids: list[int], tokenizer) -> str:
+        return cut_at_stop(tokenizer.decode(ids), self.sampling.stop).strip()
+
+    def _run(self, fn, *args, stops=None) -> dict:
+        """fn (`_generate` or `_generate_more`) with the sampling settings and a fresh key."""
+        s = self.sampling
+        if stops is None:
+            stops = np.zeros(self.model_config.llm.vocab_size, bool)
+        key = jax.random.fold_in(jax.random.key(s.seed), self._calls)
+        self._calls += 1
+        return fn(self.model, *args, self.eos_id, stops, s.temperature, s.top_p, key)
+
+    def _rows(self, got: dict, m, stops=None) -> list[Generated]:
+        ids, lps, margin = (np.asarray(jax.device_get(got[k])) for k in ("ids", "logprobs", "margin"))
+        rows = []
+        for row, tokens in enumerate(cut_at_eos(ids, self.eos_id)):
+            n = len(tokens)
+            ended = n < ids.shape[1] and not (n and stops is not None and stops[tokens[-1]])
+            rows.append(Generated(tokens, lps[row, :n].tolist(),
+                                  float(lps[row, n]) if ended else None, float(margin[row]),
+                                  int(m[row]), (int(m[row]),)))
+        return rows
+
+    def escalate(self, prompts: list[splice.Example], images: np.ndarray, ladder: list[int],
+                 accept: Callable[[Generated], bool], stops: np.ndarray | None = None,
+                 ) -> list[Generated]:
+        """Each prompt answered up a ladder of m (increasing), stopping at the first answer
+        that `accept` takes (else the last rung's). One vision pass per image; each raise
+        keeps the prefill cache of [text before the image, the visual tokens the smaller m
+        had] and computes only the added visual tokens and the text after them
+        (`_generate_more`), so the answer at each rung is the one a fresh prefill there gives.
+        A row's `tried` lists its rungs. Rows of a batch that are done ride along (the
+        compiled shapes stay fixed) until its last row is; FLOPs are a row's own
+        (`flops.escalation_prefill_flops`)."""
+        ladder = [int(k) for k in ladder]
+        self.model_config.check_m(ladder)
+        if ladder != sorted(set(ladder)):
+            raise ValueError(f"ladder {ladder}: m must increase along it")
+        top, new = ladder[-1], self.sampling.max_new_tokens
+        longest = np.array([splice.true_length(p, [top]) for p in prompts])
+        if longest.size and longest.max() + new > self.model_config.llm.max_length:
+            i = int(longest.argmax())
+            raise ValueError(f"prompt {i} is {longest[i]} tokens at m={top}; with max_new_tokens="
+                             f"{new} it exceeds LLMConfig.max_length="
+                             f"{self.model_config.llm.max_length}")
+        visual = self.visual_tokens(images)
+        out = [None] * len(prompts)
+        bucket = lambda n: -(-int(n) // self.bucket) * self.bucket  # noqa: E731
+        image_at = np.array([list(p.tokens).index(splice.IMAGE_TOKEN) for p in prompts])
+
+        def raise_plan(idx, prev, m):  # the chunk's padded length, and where it starts per row
+            starts = image_at[idx] + prev
+            ends = np.array([splice.true_length(prompts[i], [m]) for i in idx])
+            return bucket((ends - starts).max()), starts
+        rows = sharding.process_rows(self.mesh, self.batch_size)
+        put = lambda x: jax.make_array_from_process_local_data(  # noqa: E731
+            self.batch_sharding, np.asarray(x)[rows])
+        with sharding.activate(self.mesh):
+            for idx, batch in self.batches(prompts, images, ladder[0], visual):
+                examples = [prompts[i] for i in idx]
+                # Room for every raise's padded chunk (written whole at its rows' starts) and
+                # for decoding after the longest prompt.
+                needs = [plan[1].max() + plan[0] for plan in
+                         (raise_plan(idx, prev, m) for prev, m in zip(ladder, ladder[1:]))]
+                cache_len = max([bucket(longest[idx].max())] + needs) + new
+                got = self._run(_generate, new, cache_len, True, self.params, batch, stops=stops)
+                answers = self._rows(got, [ladder[0]] * len(idx), stops)
+                for prev, m in zip(ladder, ladder[1:]):
+                    if all(accept(a) for a in answers):
+                        break
+                    chunk, start = splice.raised_rows(examples, prev, m, self.model_config.num_queries,
+                                                      raise_plan(idx, prev, m)[0])
+                    got = self._run(_generate_more, new, self.params, got["cache"],
+                                    put(visual[idx]), {k: put(v) for k, v in chunk.items()},
+                                    put(start), stops=stops)
+                    raised = self._rows(got, [m] * len(idx), stops)
+                    answers = [a if accept(a) else dataclasses.replace(r, tried=a.tried + (m,))
+                               for a, r in zip(answers, raised)]
+                for i, a in zip(idx, answers):
+                    out[i] = a
+        return out
 
     def visual_tokens(self, images: np.ndarray) -> np.ndarray:
         """All M visual tokens of each image [N, M, hidden], for a model whose tokens serve

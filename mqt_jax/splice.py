@@ -99,6 +99,35 @@ def tokens_reusable(model_config) -> bool:
         q.variant == "qformer" and q.query_mask == "causal")
 
 
+def raised_rows(examples: Sequence[Example], m_from, m_to, num_queries: int, seq_len: int):
+    """What raising m adds to prompts of one image each whose prefill at m_from is cached:
+    (chunk, start). The prefix [text before the image, first m_from visual tokens] is the same
+    at every m, so it stays; the chunk is the rest of the layout at m_to (visual tokens m_from
+    .. m_to - 1, then the text after the image), right-padded to seq_len, at its positions in
+    the whole prompt. start [B]: the prefix's length, where the chunk goes in the cache.
+    chunk: token_ids, visual_index, positions, segment_ids [B, seq_len]."""
+    m_from = check_m(np.broadcast_to(m_from, (len(examples),)), num_queries)
+    m_to = check_m(np.broadcast_to(m_to, (len(examples),)), num_queries)
+    if np.any(m_to <= m_from):
+        raise ValueError(f"raising m needs m_to > m_from, got {m_from.tolist()} -> {m_to.tolist()}")
+    if any(e.num_images != 1 for e in examples):
+        raise ValueError("raising m keeps a prompt's prefix up to its image: one image per prompt")
+    start = np.array([list(e.tokens).index(IMAGE_TOKEN) + int(k) for e, k in zip(examples, m_from)],
+                     np.int32)
+    lengths = np.array([true_length(e, [k]) for e, k in zip(examples, m_to)])
+    if (lengths - start).max() > seq_len:
+        raise ValueError(f"a raised chunk of {(lengths - start).max()} tokens does not fit "
+                         f"seq_len={seq_len}")
+    full = layout_rows([[e] for e in examples], m_to[:, None], num_queries, max(lengths))
+    keys = ("token_ids", "visual_index", "positions", "segment_ids")
+    chunk = {k: np.zeros((len(examples), seq_len), np.int32) for k in keys}
+    chunk["visual_index"][:] = -1
+    for b, (begin, end) in enumerate(zip(start, lengths)):
+        for k in keys:
+            chunk[k][b, : end - begin] = full[k][b, begin:end]
+    return chunk, start
+
+
 def true_length(example: Example, m: Sequence[int]) -> int:
     """Length of the example in the LLM sequence at its m (what packing must fit)."""
     return len(example.tokens) - example.num_images + int(np.sum(m[: example.num_images]))

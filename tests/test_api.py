@@ -88,3 +88,34 @@ def test_bad_calls_are_named(run, tmp_path):
         mqt_jax.load(tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="no config.gin"):
         mqt_jax.load(tmp_path)
+
+
+def test_m_auto_escalates_with_the_saved_policy_and_reports_the_m_used(run):
+    from mqt_jax.policy import Escalate
+
+    model = mqt_jax.load(run)
+    with pytest.raises(ValueError, match="calibrate one with `mqt-jax eval"):
+        model.generate(images(1), QUESTIONS[:1], m="auto")
+    with pytest.raises(ValueError, match="evaluation only"):
+        model.generate(images(1), QUESTIONS[:1], m="auto", policy="oracle")
+    with pytest.raises(ValueError, match="'auto'"):
+        model.generate(images(1), QUESTIONS[:1], m="many")
+    fixed = {m: model.generate(images(4), QUESTIONS, m=m, max_new_tokens=6, details=True)
+             for m in (2, 8, 16)}
+    # A threshold between the rows' confidences at m = 2: some stop there, the rest climb.
+    conf = sorted(np.mean(a.logprobs) for a in fixed[2])
+    policy = Escalate((2, 8, 16), "mean_logprob", (conf[1] + conf[2]) / 2)
+    policy.save(run / "policy.json")
+    try:
+        got = model.generate(images(4), QUESTIONS, m="auto", max_new_tokens=6, details=True)
+    finally:
+        (run / "policy.json").unlink()
+    assert len({a.m for a in got}) > 1  # rows stopped at different rungs
+    for a in got:
+        want = fixed[a.m][got.index(a)]
+        assert (a.text, a.tokens) == (want.text, want.tokens)
+        np.testing.assert_allclose(a.logprobs, want.logprobs, atol=1e-5)
+        assert a.tried == (2, 8, 16)[: (2, 8, 16).index(a.m) + 1]
+    climbed = model.generate(images(4), QUESTIONS, m="auto", max_new_tokens=6,
+                             policy=Escalate((2, 8, 16)))  # threshold inf: always to the top
+    assert climbed == [a.text for a in fixed[16]]

@@ -136,3 +136,31 @@ def test_llm_parameters_counts_the_built_model(which):
     assert flops.llm_parameters(llm) == built
     if which == "7b":
         assert built == 6_738_415_616  # LLaMA-2-7B
+
+
+def test_raising_m_flops_match_xla(one_layer):
+    """The extension of a prefill cache: n new tokens against the cache's S slots."""
+    cfg, model, params, _ = one_layer
+    n, slots = 20, 64
+    x = jnp.zeros((1, n, cfg.llm.hidden))
+    ids, start = jnp.ones((1, n), jnp.int32), jnp.array([30], jnp.int32)
+    _, cache = model.apply({"params": params}, jnp.zeros((1, 30, cfg.llm.hidden)),
+                           jnp.ones((1, 30), jnp.int32), jnp.ones((1, 30), jnp.int32), slots,
+                           method=lambda mdl, *a: mdl.llm.prefill(*a))
+    xla = xla_flops(lambda p, x, c: model.apply(
+        {"params": p}, x, ids, ids, c, start, method=lambda mdl, *a: mdl.llm.extend(*a)),
+        params, x, cache)
+    head = 2 * cfg.llm.hidden * cfg.llm.vocab_size  # the last token's logits only
+    close(xla, flops.llm_flops(cfg.llm, n, slots, head=False) + head)
+
+
+def test_escalation_flops_count_the_towers_once_and_only_the_added_tokens():
+    cfg = tiny_config(num_queries=16)
+    llm, towers = cfg.llm, flops.inference_flops(cfg, 16, 0)
+    vision_and_query = towers["vision"] + towers["query"]  # all M tokens, once
+    one = flops.escalation_prefill_flops(cfg, [4], before=10, after=6)
+    assert one == pytest.approx(vision_and_query + flops.llm_flops(llm, 20))
+    two = flops.escalation_prefill_flops(cfg, [4, 16], before=10, after=6)
+    assert two - one == pytest.approx(flops.llm_flops(llm, 12 + 6, 10 + 16 + 6))
+    fresh = flops.inference_flops(cfg, 16, 16)["total"]
+    assert one < fresh < two  # a raise costs less than starting over, but is not free

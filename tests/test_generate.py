@@ -263,3 +263,93 @@ def test_tokens_that_depend_on_m_or_the_question_are_not_reused():
         generator.visual_tokens(images)
     sweep_answers(generator, examples, images, [2, 16], NumberTokenizer())
     assert generator.vision_passes == 2 * 2  # each image at each m
+
+
+def prompts_with_long_prefix(cfg, seed):
+    """Prompts whose images sit at different depths (text before them of 2 to 12 tokens), so
+    the raised chunks start at different slots."""
+    examples, images = prompts(cfg, [4, 9, 6, 5, 7, 3, 8, 6, 4, 5], seed=seed)
+    rng = np.random.default_rng(seed)
+    for i in (1, 4, 7):
+        extra = rng.integers(3, cfg.llm.vocab_size, size=10).tolist()
+        tokens = [1] + extra + list(examples[i].tokens[1:])
+        examples[i] = splice.Example(tokens, [splice.IGNORE] * len(tokens))
+    return examples, images
+
+
+@pytest.mark.parametrize("variant,query_mask", [("official", "prefix"), ("qformer", "causal")])
+def test_raising_m_on_the_prefix_cache_equals_a_fresh_prefill(variant, query_mask):
+    cfg = tiny_config(variant, query_mask, num_queries=16)
+    model = VisionLanguageModel(cfg)
+    examples, images = prompts_with_long_prefix(cfg, seed=4)
+    examples, images = examples[:4], images[:4]
+    params = varied(init_params(model, prompt_batch(examples, images, 4, 16, 48), method="logits"))
+    apply = jax.jit(model.apply, static_argnames=("method", "last_only"), static_argnums=8)
+    visual = model.apply({"params": params}, images, np.full(4, 16, np.int32), method="visual_tokens")
+    m_from, m_to = np.array([1, 4, 2, 15]), np.array([16, 5, 8, 16])  # one raise per row
+
+    def prefill(m, seq_len):
+        batch = prompt_batch(examples, images, m, 16, seq_len)
+        return apply({"params": params}, *(batch[k] for k in MODEL_INPUTS), 64, visual=visual,
+                     last_only=True, method="prefill")
+
+    _, cache = prefill(m_from, 32)
+    chunk, start = splice.raised_rows(examples, m_from, m_to, 16, seq_len=32)
+    np.testing.assert_array_equal(start, [3 + 1, 13 + 4, 3 + 2, 3 + 15])
+    raised, raised_cache = apply({"params": params}, visual, chunk["token_ids"],
+                                 chunk["visual_index"], chunk["positions"], chunk["segment_ids"],
+                                 cache, start, method="extend")
+    fresh, fresh_cache = prefill(m_to, 48)
+    np.testing.assert_allclose(raised, fresh, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(raised_cache["index"], fresh_cache["index"])
+    for row, length in enumerate(np.asarray(fresh_cache["index"][0])):  # every slot in use
+        for k in ("k", "v"):
+            np.testing.assert_allclose(raised_cache[k][:, row, :length],
+                                       fresh_cache[k][:, row, :length], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(prefill(m_from, 32)[0], fresh, atol=1e-3)  # m changes the answer
+
+
+def test_raised_rows_are_checked():
+    cfg = tiny_config(num_queries=16)
+    examples, _ = prompts(cfg, [4, 6])
+    with pytest.raises(ValueError, match="m_to > m_from"):
+        splice.raised_rows(examples, 4, 4, 16, 32)
+    with pytest.raises(ValueError, match="outside"):
+        splice.raised_rows(examples, 4, 17, 16, 32)
+    with pytest.raises(ValueError, match="does not fit"):
+        splice.raised_rows(examples, 1, 16, 16, 8)
+    text_only = splice.Example([1, 5, 6], [splice.IGNORE] * 3)
+    with pytest.raises(ValueError, match="one image per prompt"):
+        splice.raised_rows([text_only], 1, 2, 16, 32)
+
+
+def test_escalating_answers_each_rung_as_a_fresh_generation_would():
+    cfg = tiny_config(num_queries=16)
+    model = VisionLanguageModel(cfg)
+    examples, images = prompts_with_long_prefix(cfg, seed=5)  # 10 prompts: two batches of 8
+    params = varied(init_params(model, prompt_batch(examples, images, 4, 16, 48), method="logits"))
+    generator = make_generator(cfg, params)
+    ladder = [1, 4, 16]
+    fresh = {m: generator.generate(examples, images, m) for m in ladder}
+    assert any(fresh[1][i].ids != fresh[16][i].ids for i in range(10))  # m matters here
+
+    def check(accept):
+        before = generator.vision_passes
+        got = generator.escalate(examples, images, ladder, accept)
+        assert generator.vision_passes - before == 10  # one per image, whatever the rungs
+        for i, g in enumerate(got):
+            rungs = [m for m in ladder if accept(fresh[m][i])][:1] or [ladder[-1]]
+            want = fresh[rungs[0]][i]
+            assert g.tried == tuple(ladder[: ladder.index(want.m) + 1])
+            assert (g.ids, g.m, g.eos_logprob is None) == (want.ids, want.m, want.eos_logprob is None)
+            np.testing.assert_allclose(g.logprobs, want.logprobs, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(g.margin, want.margin, rtol=1e-4, atol=1e-5)
+        return got
+
+    assert {g.m for g in check(lambda a: False)} == {16}
+    assert {g.m for g in check(lambda a: True)} == {1}
+    sure = np.median([g.margin for m in ladder for g in fresh[m]])
+    mixed = check(lambda a: a.margin > sure)  # rows leave the ladder at different rungs
+    assert {g.m for g in mixed} == set(ladder)
+    with pytest.raises(ValueError, match="increase"):
+        generator.escalate(examples, images, [4, 1], lambda a: False)

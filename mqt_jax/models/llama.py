@@ -158,20 +158,30 @@ class Llama(nn.Module):
         logits = self.lm_head(self.final_norm(x))
         return layers.constrain(logits, (ACT_BATCH, ACT_LENGTH, "activation_vocab"))
 
-    def _layers(self, embeddings, positions, segment_ids, cache, dropped=None, kept_len=None):
+    def _layers(self, embeddings, positions, segment_ids, cache, dropped=None, kept_len=None,
+                start=None):
         """Every layer over right-padded rows; with a cache of S slots, their keys and values
-        go to slots 0.. and each layer's index to its row's length (prefill). Returns (the last
-        layer's states, cache, placement): states [B, T, hidden] and placement None, or, with a
-        drop, the survivors' states [B, K, hidden] and their (index, valid) for `unpack`."""
+        go to slots 0.. (or, given `start` [B], to slots start.., after what the cache holds)
+        and each layer's index to its row's length (prefill). Returns (the last layer's
+        states, cache, placement): states [B, T, hidden] and placement None, or, with a drop,
+        the survivors' states [B, K, hidden] and their (index, valid) for `unpack`."""
         x = layers.constrain(embeddings.astype(self.dtype), (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
         slots = segment_ids.shape[1] if cache is None else cache["k"].shape[2]
-        mask = self._mask(segment_ids, slots)
         n, lengths = self.config.num_layers, (segment_ids > 0).sum(1).astype(jnp.int32)
+        if start is None:
+            mask = self._mask(segment_ids, slots)
+        else:  # chunk token t of a row sees the slots up to its own, start + t
+            seen = start[:, None] + jnp.arange(segment_ids.shape[1])[None, :]
+            mask = (jnp.arange(slots)[None, None, :] <= seen[:, :, None])[:, None]
+            cache = dict(cache, index=jnp.broadcast_to(start, (n, x.shape[0])))
+            lengths = lengths + start
         if not self.drop_layer:
             x, cache = self.layers(x, mask, positions, cache)
             if cache is not None:
                 cache["index"] = jnp.broadcast_to(lengths, (n, x.shape[0]))
             return x, cache, None
+        if start is not None:
+            raise ValueError("a cache of an LLM that drops visual tokens cannot be extended")
         if dropped is None or kept_len is None:
             raise ValueError("this LLM drops visual tokens at a layer: give `dropped` and `kept_len`")
         index, valid = compaction(dropped, segment_ids, kept_len)
@@ -211,6 +221,17 @@ class Llama(nn.Module):
             last = cache["index"][-1] - 1
             return self._logits(jnp.take_along_axis(x, last[:, None, None], axis=1)), cache
         return unpack(self._logits(x), placement, segment_ids.shape[1]), cache
+
+    def extend(self, embeddings, positions, segment_ids, cache, start):
+        """Prefill more of each row's prompt into a prefill's cache: the chunk (right-padded,
+        segment_ids 1 on its tokens, positions where they sit in the whole prompt) goes to the
+        slots from `start` [B] on, over whatever the cache held there, and attends to slots
+        0 .. start - 1 as they are. Returns (the logits of each row's last chunk token
+        [B, 1, vocab], the cache, its index the row's new length). The cache must hold
+        start + the chunk's length slots."""
+        x, cache, _ = self._layers(embeddings, positions, segment_ids, cache, start=start)
+        last = cache["index"][-1] - start - 1
+        return self._logits(jnp.take_along_axis(x, last[:, None, None], axis=1)), cache
 
     def decode(self, token_ids, cache):
         """One token per row [B, 1] at its row's cache index -> (logits [B, 1, vocab], cache).

@@ -88,6 +88,13 @@ class VisionLanguageModel(nn.Module):
         return self.llm.prefill(x, positions, segment_ids, cache_len, last_only=last_only,
                                 **self._drop(visual_index, m.shape[1]))
 
+    def extend(self, visual, token_ids, visual_index, positions, segment_ids, cache, start):
+        """More of each row's prompt into its prefill cache (see Llama.extend): raising m keeps
+        the cache of [system text, first m visual tokens] and runs only the added visual tokens
+        and the text after them. visual: the rows' M tokens [B, M, hidden]."""
+        x = splice.splice(self.llm.embed(token_ids), visual, visual_index)
+        return self.llm.extend(x, positions, segment_ids, cache, start)
+
     def decode(self, token_ids, cache):
         return self.llm.decode(token_ids, cache)
 
