@@ -31,7 +31,7 @@ from mqt_jax.generate import (Generator, SamplingConfig, cut_at_stop, per_row, s
                               vision_pass)
 from mqt_jax.loss import token_nll
 from mqt_jax.models.vlm import MODEL_INPUTS, VisionLanguageModel
-from mqt_jax.policy import Escalate
+from mqt_jax.policy import Escalate, Router, embedding_table, router_features
 from mqt_jax.recipe import TrainedRun
 
 
@@ -113,22 +113,28 @@ class Model:
     def generate(self, images, prompts, m: int | Sequence[int] | str | None = None,
                  max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  stop: Sequence[str] = (), seed: int = 0, details: bool = False,
-                 policy: str | Escalate = "escalate"):
+                 policy: str | Escalate | Router = "escalate"):
         """Answers, one per (image, prompt) row (a single image and prompt give a list of
         one). m: one for every row or one per row (default M), or "auto": each row's m chosen
-        by `policy`, the escalation calibrated by `mqt-jax eval --m auto` and saved with the
-        run (policy.json), or an `Escalate` of your own. details: `Answer`s with the token
-        ids, their log-probabilities and the m each row used instead of texts."""
+        by `policy`: "escalate" or "router", as `mqt-jax eval --m auto` calibrated them and
+        saved them with the run (policy.json, router.json), or an `Escalate` or `Router` of
+        your own. details: `Answer`s with the token ids, their log-probabilities and the m
+        each row used (and, for m="auto", every m tried) instead of texts."""
         auto = isinstance(m, str) and m == "auto"
         if auto:
-            escalation = self.policy(policy)
+            chooser = self.policy(policy)
         images, examples, m = self._rows(images, prompts, None if auto else m)
         sampling = SamplingConfig(temperature=temperature, top_p=top_p,
                                   max_new_tokens=max_new_tokens, stop=tuple(stop), seed=seed)
         generator = self._generator(sampling, len(examples))
         stops = stop_tokens(self.tokenizer, sampling.stop, self.config.llm.vocab_size)
-        if auto:
-            rows = generator.escalate(examples, images, escalation.ladder, escalation.accept, stops)
+        if auto and isinstance(chooser, Router):  # one vision pass: the features, then the answer
+            visual = generator.visual_tokens(images)
+            chosen = chooser.route(router_features(embedding_table(self.params), visual, examples,
+                                                   chooser.ladder[0]))
+            rows = generator.generate(examples, images, chosen, stops, visual)
+        elif auto:
+            rows = generator.escalate(examples, images, chooser.ladder, chooser.accept, stops)
         else:
             rows = generator.generate(examples, images, m, stops)
         texts = [cut_at_stop(self.tokenizer.decode(g.ids), sampling.stop).strip() for g in rows]
@@ -138,24 +144,27 @@ class Model:
         return [Answer(text, list(g.ids), g.m, lp.tolist(), g.tried)
                 for text, g, lp in zip(texts, rows, logprobs)]
 
-    def policy(self, policy: str | Escalate = "escalate") -> Escalate:
-        """The policy that chooses m per query: an `Escalate` as given, or "escalate": the
-        one `mqt-jax eval --m auto` calibrated and saved with the run."""
-        if isinstance(policy, Escalate):
+    def policy(self, policy: str | Escalate | Router = "escalate") -> Escalate | Router:
+        """The policy that chooses m per query: an `Escalate` or `Router` as given, or the one
+        `mqt-jax eval --m auto` calibrated and saved with the run ("escalate", "router")."""
+        if isinstance(policy, (Escalate, Router)):
             return policy
         if policy == "oracle":
             raise ValueError("policy 'oracle' needs the right answer: it exists in evaluation "
                              "only (`mqt-jax eval --m auto`)")
-        if policy != "escalate":
-            raise ValueError(f"policy {policy!r}: expected 'escalate' or an Escalate")
+        if policy not in ("escalate", "router"):
+            raise ValueError(f"policy {policy!r}: expected 'escalate', 'router', an Escalate or "
+                             f"a Router")
         if not splice.tokens_reusable(self.config) or not self.config.has_m:
             raise ValueError(f"m='auto' needs nested tokens that serve every m, which the "
                              f"{self.config.query.variant!r} compressor does not have")
-        saved = Path(self.run.path) / "policy.json"
+        saved = Path(self.run.path) / ("policy.json" if policy == "escalate" else "router.json")
         if not saved.exists():
             raise ValueError(f"{saved} does not exist: calibrate one with `mqt-jax eval --workdir "
                              f"{self.run.path} --m auto` (or pass policy=Escalate(...))")
-        return Escalate.load(saved)
+        chosen = (Escalate if policy == "escalate" else Router).load(saved)
+        self.config.check_m(list(chosen.ladder))
+        return chosen
 
     def _generator(self, sampling: SamplingConfig, rows: int) -> Generator:
         """A Generator per call (cheap: the parameters are placed, the compiled steps are

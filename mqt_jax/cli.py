@@ -156,18 +156,21 @@ def eval_auto(run_, config, out: Path, args) -> int:
     from mqt_jax.sharding import activate
 
     validation = (args.val_questions or config.val_questions, args.val_answers or config.val_answers)
-    for flag, path in (("--val_questions", validation[0]), ("--val_answers", validation[1])):
+    training = (args.train_questions or config.train_questions,
+                args.train_answers or config.train_answers)
+    for flag, path in (("--val_questions", validation[0]), ("--val_answers", validation[1]),
+                       ("--train_questions", training[0]), ("--train_answers", training[1])):
         if path and not Path(path).exists():
             raise FileNotFoundError(f"{flag} {path} not found")
     about = {"run": str(run_.path.absolute()), "step": run_.step,
              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     with activate(run_.mesh):
         results = evaluate_policies(run_.model_config, run_.params, config, run_.mesh, out,
-                                    run_.path / "policy.json", validation, about)
+                                    run_.path, validation, training, about)
     if jax.process_index() == 0:
         print(f"choosing m per query on {results['benchmark']} ({results['questions']} "
-              f"questions); written to {out}/policies.md, .png; the policy: "
-              f"{run_.path / 'policy.json'}\n" + policy_table(results))
+              f"questions); written to {out}/policies.md, .png; the policies: "
+              f"{run_.path / 'policy.json'}, {run_.path / 'router.json'}\n" + policy_table(results))
     return 0
 
 
@@ -240,7 +243,7 @@ def cmd_data_shapes(args) -> int:
     from mqt_jax.data.shapes import write_shapes
 
     out = write_shapes(args.out, num_train=args.num_train, num_eval=args.num_eval,
-                       seed=args.seed, image_size=args.image_size)
+                       num_val=args.num_val, seed=args.seed, image_size=args.image_size)
     print(f"wrote shapes-VQA to {out}")
     return 0
 
@@ -394,10 +397,13 @@ def main(argv=None) -> int:
     eval_p.add_argument("--answers", help="references (annotations) to score against")
     eval_p.add_argument("--images", help="image folder the question file's paths are relative to")
     eval_p.add_argument("--m", help="e.g. 2,4,8,16,36,64,144,256 (default: the run's EvalConfig); "
-                        "auto: m chosen per query (escalate, oracle) against every fixed m")
+                        "auto: m chosen per query (escalate, router, oracle) against every fixed m")
     eval_p.add_argument("--val_questions", help="--m auto: the validation split that calibrates "
-                        "the escalation threshold (default: EvalConfig.val_questions)")
+                        "the escalation threshold and the router (default: EvalConfig.val_questions)")
     eval_p.add_argument("--val_answers", help="its references")
+    eval_p.add_argument("--train_questions", help="--m auto: the training split the router "
+                        "learns from (default: EvalConfig.train_questions)")
+    eval_p.add_argument("--train_answers", help="its references")
     eval_p.add_argument("--limit", type=positive_int, help="only the first N questions")
     eval_p.add_argument("--out", help="default: <workdir>/eval; results go to OUT/<benchmark>/")
     add_multiprocess_args(eval_p)
@@ -478,6 +484,7 @@ def main(argv=None) -> int:
     shapes_p.add_argument("--out", required=True, help="output folder (must not exist)")
     shapes_p.add_argument("--num_train", type=positive_int, default=2000)
     shapes_p.add_argument("--num_eval", type=positive_int, default=300)
+    shapes_p.add_argument("--num_val", type=int, default=200, help="validation images (>= 0)")
     shapes_p.add_argument("--seed", type=int, default=0)
     shapes_p.add_argument("--image_size", type=positive_int, default=64)
     shapes_p.set_defaults(func=cmd_data_shapes)

@@ -123,23 +123,26 @@ class VisionCache:
         self.max_bytes, self.bytes = max_bytes, 0
         self.entries: collections.OrderedDict = collections.OrderedDict()
         self.hits = self.misses = 0
+        self._lock = threading.Lock()  # the engine's thread and the server's workers (a router)
 
     def get(self, key):
-        if key in self.entries:
-            self.entries.move_to_end(key)
-            self.hits += 1
-            return self.entries[key]
-        self.misses += 1
-        return None
+        with self._lock:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+                self.hits += 1
+                return self.entries[key]
+            self.misses += 1
+            return None
 
     def put(self, key, tokens: np.ndarray) -> None:
-        if tokens.nbytes > self.max_bytes or key in self.entries:
-            return
-        self.entries[key] = tokens
-        self.bytes += tokens.nbytes
-        while self.bytes > self.max_bytes:
-            _, old = self.entries.popitem(last=False)
-            self.bytes -= old.nbytes
+        with self._lock:
+            if tokens.nbytes > self.max_bytes or key in self.entries:
+                return
+            self.entries[key] = tokens
+            self.bytes += tokens.nbytes
+            while self.bytes > self.max_bytes:
+                _, old = self.entries.popitem(last=False)
+                self.bytes -= old.nbytes
 
 
 # ---- the jitted steps (module-level: the model is static, so compiled code is shared) ----
@@ -235,7 +238,11 @@ class Engine:
         self.queue: collections.deque[Request] = collections.deque()
         self._lock = threading.Condition()
         self._admitting, self._thread, self._released = True, None, False
-        self.stats = collections.Counter()  # prefills, decode_steps, tokens, requests, ...
+        # Device work from one thread at a time (the schedule's, or a router's vision pass in a
+        # server worker): programs with collectives launched from two threads could reach the
+        # devices in different orders and wait on each other for ever.
+        self._device = threading.Lock()
+        self.stats = collections.Counter()  # prefills, decode_steps, tokens, finished_<reason>, ...
         self.leader = jax.process_index() == 0  # takes the requests; the others follow it
 
     # ---- admission (any thread) ----
@@ -305,7 +312,8 @@ class Engine:
             admitted = self._admit()
         if jax.process_count() > 1:
             self._broadcast(encode_plan(freed, admitted))
-        return self._take_step(admitted)
+        with self._device:
+            return self._take_step(admitted)
 
     def follow(self) -> None:
         """On a process other than 0: take the steps process 0 broadcasts, until it stops."""
@@ -406,28 +414,49 @@ class Engine:
             if not r.has_image:
                 keys.append(None)
                 continue
-            digest = hashlib.blake2b(np.ascontiguousarray(r.image).tobytes(), digest_size=16)
-            key = digest.hexdigest() if self.nested else (digest.hexdigest(), r.m)
-            keys.append(key)
-            cached = self.vision_cache.get(key) if self.vision_cache.max_bytes else None
+            keys.append(self._cache_key(r.image, r.m))
+            cached = self.vision_cache.get(keys[-1]) if self.vision_cache.max_bytes else None
             if cached is None:
                 missing.append(i)
             else:
                 out[i] = cached
         if missing:
-            images = np.stack([requests[i].image for i in missing]).astype(np.float32)
-            m = np.array([requests[i].m for i in missing], np.int32)
-            pad = self._group_rows(len(missing)) - len(missing)  # few compiled shapes
-            images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
-            m = np.concatenate([m, np.repeat(m[-1:], pad)])
-            with sharding.activate(self.model.mesh):
-                tokens = self._vision_fn(self.model.params, self._put(images), self._put(m))
-            tokens = np.asarray(jax.device_get(tokens))
-            self.stats["vision_passes"] += 1
+            tokens = self._vision_pass([requests[i].image for i in missing],
+                                       [requests[i].m for i in missing])
             for j, i in enumerate(missing):
                 out[i] = tokens[j]
                 self.vision_cache.put(keys[i], tokens[j])
         return out
+
+    def image_tokens(self, image: np.ndarray) -> np.ndarray:
+        """One image's M visual tokens [M, hidden] (a nested model's, which serve every m),
+        from the vision cache or a vision pass that fills it: what a router reads before its
+        request is queued, and what that request's prefill then finds. Process 0 alone (a
+        pass of its own would leave the other processes behind)."""
+        if not self.nested or jax.process_count() > 1:
+            raise ValueError("visual tokens ahead of a request need a nested model in one process")
+        key = self._cache_key(image, None)
+        cached = self.vision_cache.get(key) if self.vision_cache.max_bytes else None
+        if cached is None:
+            with self._device:
+                cached = self._vision_pass([image], [self.model.config.num_queries])[0]
+            self.vision_cache.put(key, cached)
+        return cached
+
+    def _cache_key(self, image: np.ndarray, m: int | None):
+        digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest()
+        return digest if self.nested else (digest, m)
+
+    def _vision_pass(self, images: list[np.ndarray], m: list[int]) -> np.ndarray:
+        """The compressor's tokens [len(images), M, hidden], padded to few compiled shapes."""
+        images, m = np.stack(images).astype(np.float32), np.array(m, np.int32)
+        pad = self._group_rows(len(images)) - len(images)
+        images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
+        m = np.concatenate([m, np.repeat(m[-1:], pad)])
+        with sharding.activate(self.model.mesh):
+            tokens = self._vision_fn(self.model.params, self._put(images), self._put(m))
+        self.stats["vision_passes"] += 1
+        return np.asarray(jax.device_get(tokens))[: len(images) - pad]
 
     def _decode_step(self) -> None:
         with sharding.activate(self.model.mesh):
@@ -467,6 +496,7 @@ class Engine:
     def _finish(self, r: Request, finish: str) -> None:
         r.finish, r.done_at = finish, time.perf_counter()
         self.stats["requests"] += 1
+        self.stats["finished_" + finish] += 1
         if r.emit:
             r.emit(None, finish)
 

@@ -52,6 +52,11 @@ class EvalConfig:
     # (`mqt-jax eval --m auto`).
     val_questions: str = ""
     val_answers: str = ""
+    # A training split's questions, whose per-m correctness trains the m router (the first
+    # `router_questions` of them).
+    train_questions: str = ""
+    train_answers: str = ""
+    router_questions: int = 2000
     # Questions whose visual tokens are computed once for every m and held on the host at once
     # (M x hidden each: 4 MB at 7B in float32).
     reuse_chunk: int = 1024

@@ -5,6 +5,11 @@ more visual tokens only when its answer looks unsure.
 - `escalate`: answer on a ladder of m, stop at the first answer whose confidence (a `SIGNALS`
   entry) clears a threshold calibrated on a validation split (`calibrate`), saved with the run
   as policy.json and reused.
+- `router`: a small learned head that predicts, before answering, whether each rung's answer
+  will be right from cheap features (the question's mean input embedding and the mean of the
+  image's first visual tokens), trained on a training split's per-m correctness
+  (`train_router`); it answers once, at the smallest rung predicted within a calibrated
+  slack of the best. Saved as router.json.
 - `oracle` (evaluation only): the smallest m on the ladder whose answer is right (the smallest
   rung where none is); the upper bound a policy is measured against.
 
@@ -24,7 +29,7 @@ import numpy as np
 from mqt_jax import benchmarks, flops, splice
 from mqt_jax.generate import Generated
 
-POLICIES = ("escalate", "oracle")
+POLICIES = ("escalate", "router", "oracle")
 
 
 def mean_logprob(g: Generated) -> float:
@@ -78,6 +83,107 @@ class Escalate:
             raise ValueError(f"{path}: not a saved escalation policy ({e})") from None
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Router:
+    """P(right at each rung) = sigmoid(standardised features @ weights + bias); a question goes
+    to the smallest rung whose prediction is within `slack` of its best rung's."""
+
+    ladder: tuple[int, ...]
+    weights: np.ndarray  # [features, rungs]
+    bias: np.ndarray  # [rungs]
+    mean: np.ndarray  # [features]: the training features' mean and standard deviation
+    scale: np.ndarray
+    slack: float = 0.0
+    calibration: dict = dataclasses.field(default_factory=dict)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        z = (np.asarray(features, np.float64) - self.mean) / self.scale
+        return 1 / (1 + np.exp(-(z @ self.weights + self.bias)))
+
+    def rungs(self, features: np.ndarray, slack: float | None = None) -> np.ndarray:
+        """Each question's rung index."""
+        p = self.predict(features)
+        close = p >= p.max(1, keepdims=True) - (self.slack if slack is None else slack)
+        return close.argmax(1)
+
+    def route(self, features: np.ndarray) -> np.ndarray:
+        return np.array(self.ladder)[self.rungs(features)]
+
+    def head_flops(self) -> float:
+        return 2.0 * self.weights.size
+
+    def save(self, path: Path) -> None:
+        from mqt_jax.train import write_atomic
+
+        arrays = {k: getattr(self, k).tolist() for k in ("weights", "bias", "mean", "scale")}
+        write_atomic(path, json.dumps({"policy": "router", "ladder": list(self.ladder),
+                                       "slack": self.slack, **arrays,
+                                       "calibration": self.calibration}) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Router:
+        try:
+            saved = json.loads(Path(path).read_text())
+            router = cls(tuple(saved["ladder"]), *(np.array(saved[k], np.float64) for k in
+                                                   ("weights", "bias", "mean", "scale")),
+                         float(saved["slack"]), saved.get("calibration", {}))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a saved router ({e})") from None
+        f, r = router.weights.shape if router.weights.ndim == 2 else (0, 0)
+        if (r != len(router.ladder) or router.bias.shape != (r,)
+                or router.mean.shape != (f,) or router.scale.shape != (f,)):
+            raise ValueError(f"{path}: not a saved router (its arrays' shapes disagree)")
+        return router
+
+
+def router_features(embedding: np.ndarray, visual: np.ndarray, prompts: list[splice.Example],
+                    first: int) -> np.ndarray:
+    """[N, 2 hidden], known before any answer: the mean input embedding of each prompt's text
+    after its image (the question), and the mean of the image's first `first` visual tokens
+    (the vision pass every answer needs anyway)."""
+    question = np.stack([embedding[[t for t in p.tokens[list(p.tokens).index(splice.IMAGE_TOKEN) + 1:]
+                                    if t >= 0]].mean(0) for p in prompts])
+    return np.concatenate([question, np.asarray(visual)[:, :first].mean(1)], 1).astype(np.float64)
+
+
+def train_router(features: np.ndarray, correct: np.ndarray, ladder, steps: int = 500,
+                 learning_rate: float = 0.03, weight_decay: float = 0.01) -> Router:
+    """A logistic head per rung on standardised features: correct [N, rungs] (bool), fitted
+    full-batch with AdamW on the mean binary cross-entropy."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    mean, scale = features.mean(0), features.std(0) + 1e-6
+    x = jnp.asarray((features - mean) / scale, jnp.float32)
+    y = jnp.asarray(correct, jnp.float32)
+    params = {"w": jnp.zeros((x.shape[1], y.shape[1])), "b": jnp.zeros(y.shape[1])}
+    opt = optax.adamw(learning_rate, weight_decay=weight_decay)
+
+    def loss(p):
+        return optax.sigmoid_binary_cross_entropy(x @ p["w"] + p["b"], y).mean()
+
+    @jax.jit
+    def step(p, state):
+        grads = jax.grad(loss)(p)
+        updates, state = opt.update(grads, state, p)
+        return optax.apply_updates(p, updates), state
+
+    state = opt.init(params)
+    for _ in range(steps):
+        params, state = step(params, state)
+    return Router(tuple(int(m) for m in ladder), np.asarray(params["w"], np.float64),
+                  np.asarray(params["b"], np.float64), mean, scale,
+                  calibration={"train_questions": len(features),
+                               "train_loss": float(loss(params)),
+                               "train_base_rates": correct.mean(0).round(4).tolist()})
+
+
+def log_loss(p: np.ndarray, correct: np.ndarray) -> float:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(-(correct * np.log(p) + (1 - correct) * np.log(1 - p)).mean())
+
+
 # ---------------------------------------------------------------- replaying on per-m answers
 @dataclasses.dataclass
 class Outcome:
@@ -113,6 +219,17 @@ class Sweep:
         n = len(self.before)
         return Outcome(np.full(n, m), self.correct[m], cost, [(m,)] * n)
 
+    def at(self, chosen, extra_flops: float = 0.0) -> Outcome:
+        """Each question answered once, at its own m (chosen [N]), paid for as that answer."""
+        cost = np.array([flops.inference_flops(self.model_config, m, b + a)["total"]
+                         for m, b, a in zip(chosen, self.before, self.after)]) + extra_flops
+        correct = np.array([self.correct[m][i] for i, m in enumerate(chosen)])
+        return Outcome(np.array(chosen), correct, cost, [(int(m),) for m in chosen])
+
+    def route(self, router: Router, features: np.ndarray, slack: float | None = None) -> Outcome:
+        rungs = router.rungs(features, slack)
+        return self.at(np.array(router.ladder)[rungs], router.head_flops())
+
     def escalate(self, policy: Escalate) -> Outcome:
         ladder, n = list(policy.ladder), len(self.before)
         sure = np.stack([self.confidence(policy.signal, m) >= policy.threshold for m in ladder])
@@ -140,40 +257,53 @@ class Sweep:
     def oracle(self, ladder) -> Outcome:
         """The smallest m whose answer is right (the smallest rung where none is: no m helps),
         paid for as one answer at that m: a policy that knew."""
-        chosen = [next((m for m in ladder if self.correct[m][i]), ladder[0])
-                  for i in range(len(self.before))]
-        cost = np.array([flops.inference_flops(self.model_config, m, b + a)["total"]
-                         for m, b, a in zip(chosen, self.before, self.after)])
-        correct = np.array([self.correct[m][i] for i, m in enumerate(chosen)])
-        return Outcome(np.array(chosen), correct, cost, [(m,) for m in chosen])
+        return self.at([next((m for m in ladder if self.correct[m][i]), ladder[0])
+                        for i in range(len(self.before))])
+
+def pick(scored: list[tuple[float, dict]], target_accuracy: float | None,
+         tflops_budget: float | None) -> tuple[float, dict]:
+    """Among (setting, validation summary) pairs: with `target_accuracy` (%), the cheapest
+    setting that reaches it (the most accurate where none does); with `tflops_budget`, the
+    most accurate within it (the cheapest where none does). (setting, calibration record)."""
+    if (target_accuracy is None) == (tflops_budget is None):
+        raise ValueError("calibrate to a target accuracy or to a TFLOPs budget (one of them)")
+    if target_accuracy is not None:
+        ok = [(s["tflops"], -s["accuracy"], t) for t, s in scored if s["accuracy"] >= target_accuracy]
+        best = min(ok)[2] if ok else max(scored, key=lambda ts: (ts[1]["accuracy"], -ts[1]["tflops"]))[0]
+        goal = {"target_accuracy": target_accuracy}
+    else:
+        ok = [(-s["accuracy"], s["tflops"], t) for t, s in scored if s["tflops"] <= tflops_budget]
+        best = min(ok)[2] if ok else min(scored, key=lambda ts: ts[1]["tflops"])[0]
+        goal = {"tflops_budget": tflops_budget}
+    return best, {**goal, "validation": dict(scored)[best], "reached": bool(ok)}
 
 
 def calibrate(sweep: Sweep, ladder, signal: str, target_accuracy: float | None = None,
               tflops_budget: float | None = None) -> Escalate:
-    """The threshold for `signal` on a validation sweep: with `target_accuracy` (%), the
-    cheapest one whose accuracy reaches it (the most accurate where none does); with
-    `tflops_budget`, the most accurate one whose mean prefill TFLOPs stay within it (the
-    cheapest where none does). Every distinct confidence value is a candidate."""
-    if (target_accuracy is None) == (tflops_budget is None):
-        raise ValueError("calibrate to a target accuracy or to a TFLOPs budget (one of them)")
+    """The threshold for `signal` on a validation sweep (see `pick`); every distinct
+    confidence value is a candidate."""
     confidences = np.concatenate([sweep.confidence(signal, m) for m in ladder[:-1]])
     candidates = sorted(set(confidences.tolist())) + [float("inf")]
-    scored = []
-    for t in candidates:
-        s = sweep.escalate(Escalate(tuple(ladder), signal, t)).summary()
-        scored.append((t, s))
-    if target_accuracy is not None:
-        ok = [(s["tflops"], -s["accuracy"], t) for t, s in scored if s["accuracy"] >= target_accuracy]
-        pick = min(ok)[2] if ok else max(scored, key=lambda ts: (ts[1]["accuracy"], -ts[1]["tflops"]))[0]
-        goal = {"target_accuracy": target_accuracy}
-    else:
-        ok = [(-s["accuracy"], s["tflops"], t) for t, s in scored if s["tflops"] <= tflops_budget]
-        pick = min(ok)[2] if ok else min(scored, key=lambda ts: ts[1]["tflops"])[0]
-        goal = {"tflops_budget": tflops_budget}
-    chosen = dict(scored)[pick]
-    return Escalate(tuple(ladder), signal, pick, {**goal, "validation": chosen,
-                                                   "reached": bool(ok)})
+    scored = [(t, sweep.escalate(Escalate(tuple(ladder), signal, t)).summary()) for t in candidates]
+    threshold, record = pick(scored, target_accuracy, tflops_budget)
+    return Escalate(tuple(ladder), signal, threshold, record)
 
+
+def calibrate_router(sweep: Sweep, router: Router, features: np.ndarray,
+                     target_accuracy: float | None = None,
+                     tflops_budget: float | None = None) -> Router:
+    """The router's slack on a validation sweep (see `pick`); every distinct gap between a
+    rung's prediction and its question's best is a candidate. Records the validation
+    log-loss next to predicting the training base rates (does the head know anything?)."""
+    p = router.predict(features)
+    candidates = sorted(set((p.max(1, keepdims=True) - p).ravel().tolist()))
+    scored = [(t, sweep.route(router, features, t).summary()) for t in candidates]
+    slack, record = pick(scored, target_accuracy, tflops_budget)
+    correct = np.stack([sweep.correct[m] for m in router.ladder], 1)
+    base = np.broadcast_to(np.array(router.calibration["train_base_rates"]), p.shape)
+    record.update(val_log_loss=log_loss(p, correct), val_log_loss_base_rates=log_loss(base, correct))
+    return dataclasses.replace(router, slack=float(slack),
+                               calibration={**router.calibration, **record})
 
 # ------------------------------------------------------------------ `mqt-jax eval --m auto`
 def answer_sweep(generator, tokenizer, bench, questions, refs, prompts, images, m_values,
@@ -198,25 +328,43 @@ def answer_sweep(generator, tokenizer, bench, questions, refs, prompts, images, 
     return Sweep(generator.model_config, prompts, answers, correct), ms
 
 
-def calibrated(generator, tokenizer, config, validation: tuple[str, str], policy_file: Path, about: dict,
-               ladder, show: bool) -> Escalate:
-    """The run's saved policy when it was calibrated for this step and ladder; else one
-    calibrated now on the validation split to the fixed-M validation accuracy, with the
-    confidence signal that gets there cheapest, and saved."""
+@dataclasses.dataclass
+class Split:
+    """A question split answered at every rung, and what the router reads of each question."""
+
+    sweep: Sweep
+    features: np.ndarray
+
+
+def embedding_table(params) -> np.ndarray:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(params["llm"]["embedding"], tiled=True),
+                      np.float32)
+
+
+def answer_split(generator, tokenizer, config, files: tuple[str, str], ladder, show: bool,
+                 desc: str, limit: int = 0) -> Split:
     from mqt_jax.evaluate import load_benchmark
 
+    split_config = dataclasses.replace(config, questions=files[0], answers=files[1], limit=limit)
+    bench, questions, refs, prompts, images, _ = load_benchmark(split_config, generator.model_config)
+    sweep, _ = answer_sweep(generator, tokenizer, bench, questions, refs, prompts, images,
+                            list(ladder), show, desc)
+    features = router_features(embedding_table(generator.params), generator.visual_tokens(images),
+                               prompts, ladder[0])
+    return Split(sweep, features)
+
+
+def calibrated(validation, policy_file: Path, about: dict, ladder) -> Escalate:
+    """The run's saved escalation when it was calibrated for this step and ladder; else one
+    calibrated now on the validation split (`validation()`: its Split) to the fixed-M
+    validation accuracy, with the confidence signal that gets there cheapest, and saved."""
     if policy_file.exists():
         saved = Escalate.load(policy_file)
         if saved.ladder == tuple(ladder) and saved.calibration.get("step") == about.get("step"):
             return saved
-    if not validation[0]:
-        raise ValueError("calibrating needs a validation split: give --val_questions and "
-                         "--val_answers (the held-out questions never choose a threshold)")
-    val_config = dataclasses.replace(config, questions=validation[0], answers=validation[1],
-                                     limit=0)
-    bench, questions, refs, prompts, images, _ = load_benchmark(val_config, generator.model_config)
-    sweep, _ = answer_sweep(generator, tokenizer, bench, questions, refs, prompts, images,
-                            list(ladder), show, "calibrate on validation")
+    sweep = validation().sweep
     top = sweep.fixed(ladder[-1]).summary()
     options = [calibrate(sweep, ladder, signal, target_accuracy=top["accuracy"]) for signal in SIGNALS]
     best = min(options, key=lambda p: (not p.calibration["reached"], p.calibration["validation"]["tflops"]))
@@ -224,20 +372,41 @@ def calibrated(generator, tokenizer, config, validation: tuple[str, str], policy
     variants = {f"{p.signal}, match M": p for p in options}
     variants[f"{half.signal}, half M's TFLOPs"] = half
     best = dataclasses.replace(best, calibration={
-        **best.calibration, "step": about.get("step"), "run": about.get("run"),
-        "questions": validation[0], "fixed_M": top,
+        **best.calibration, "step": about.get("step"), "run": about.get("run"), "fixed_M": top,
         "variants": {name: {"signal": p.signal, "threshold": p.threshold, **p.calibration}
                      for name, p in variants.items()}})
     best.save(policy_file)
     return best
 
 
-def evaluate_policies(model_config, params, config, mesh, out_dir: Path, policy_file: Path,
-                      validation: tuple[str, str] = ("", ""), about: dict | None = None) -> dict:
-    """`mqt-jax eval --m auto`: every fixed m, the oracle and the calibrated escalation on the
-    held-out questions; accuracy (± standard error), mean m, mean prefill TFLOPs per request
-    (an escalation's climb included) and measured ms per request. Writes policies.json, .md
-    and .png (accuracy against mean TFLOPs) into out_dir."""
+def routed(training, validation, router_file: Path, about: dict, ladder) -> Router:
+    """The run's saved router when it was trained for this step and ladder; else one trained
+    now on the training split's per-rung correctness (`training()`: its Split), its slack
+    calibrated on the validation split to the fixed-M validation accuracy, and saved."""
+    if router_file.exists():
+        saved = Router.load(router_file)
+        if saved.ladder == tuple(ladder) and saved.calibration.get("step") == about.get("step"):
+            return saved
+    train = training()
+    router = train_router(train.features, np.stack([train.sweep.correct[m] for m in ladder], 1), ladder)
+    val = validation()
+    top = val.sweep.fixed(ladder[-1]).summary()
+    router = calibrate_router(val.sweep, router, val.features, target_accuracy=top["accuracy"])
+    router = dataclasses.replace(router, calibration={
+        **router.calibration, "step": about.get("step"), "run": about.get("run"), "fixed_M": top})
+    router.save(router_file)
+    return router
+
+
+def evaluate_policies(model_config, params, config, mesh, out_dir: Path, run_dir: Path,
+                      validation: tuple[str, str] = ("", ""), training: tuple[str, str] = ("", ""),
+                      about: dict | None = None) -> dict:
+    """`mqt-jax eval --m auto`: every fixed m, the oracle, the calibrated escalation and the
+    router on the held-out questions; accuracy (± standard error), mean m, mean prefill
+    TFLOPs per request (an escalation's climb included) and measured ms per request. The
+    policies are calibrated (and the router trained) on first use and saved in run_dir
+    (policy.json, router.json). Writes policies.json, .md and .png into out_dir."""
+    import functools
     import time
 
     import jax
@@ -257,14 +426,38 @@ def evaluate_policies(model_config, params, config, mesh, out_dir: Path, policy_
     generator = Generator(model_config, params, mesh, tokenizer.eos_id, greedy,
                           batch_size=config.batch_size, bucket=config.bucket)
     show = jax.process_index() == 0
-    policy = calibrated(generator, tokenizer, config, validation, policy_file, about, ladder, show)
+
+    def split(files, flags, purpose, desc, limit=0):
+        if not files[0] or not files[1]:
+            raise ValueError(f"{purpose} needs {flags} (the held-out questions never choose a policy)")
+        return answer_split(generator, tokenizer, config, files, ladder, show, desc, limit)
+    val = functools.cache(lambda: split(validation, "--val_questions and --val_answers",
+                                        "calibrating", "calibrate on validation"))
+    train = functools.cache(lambda: split(training, "--train_questions and --train_answers",
+                                          "training the router", "router: training questions",
+                                          config.router_questions))
+    policy = calibrated(val, run_dir / "policy.json", about, ladder)
+    router = routed(train, val, run_dir / "router.json", about, ladder)
+
     sweep, ms = answer_sweep(generator, tokenizer, bench, questions, refs, prompts, images,
                              m_values, show, f"eval {bench.name} at every m")
     stops = generator.stops(tokenizer)
-    generator.escalate(prompts, images, ladder, policy.accept, stops)  # warm-up
-    start = time.perf_counter()
-    ran = generator.escalate(prompts, images, ladder, policy.accept, stops)
-    escalate_ms = 1e3 * (time.perf_counter() - start) / len(prompts)
+    embedding = embedding_table(params)
+
+    def escalate():
+        return generator.escalate(prompts, images, ladder, policy.accept, stops)
+
+    def route():  # the vision pass, the features, the head, then one answer at each row's m
+        visual = generator.visual_tokens(images)
+        chosen = router.route(router_features(embedding, visual, prompts, ladder[0]))
+        return chosen, generator.generate(prompts, images, chosen, stops, visual)
+
+    timed = {}
+    for name, run in (("escalate", escalate), ("router", route)):
+        run()  # warm-up: compiles
+        start = time.perf_counter()
+        timed[name] = (run(), 1e3 * (time.perf_counter() - start) / len(prompts))
+    (ran, escalate_ms), ((chosen, routed_answers), router_ms) = timed["escalate"], timed["router"]
     replayed = sweep.escalate(policy)
     rows = [{"policy": f"m = {m}", **sweep.fixed(m).summary(), "ms": ms[m]} for m in m_values]
     variants = policy.calibration.get("variants") or {"saved": dataclasses.asdict(policy)}
@@ -275,13 +468,19 @@ def evaluate_policies(model_config, params, config, mesh, out_dir: Path, policy_
                      f"{'; saved' if saved else ''})",
                      **(replayed if saved else sweep.escalate(variant)).summary(),
                      "ms": escalate_ms if saved else None})
+    rows.append({"policy": f"router (slack {router.slack:.3g})",
+                 **sweep.at(chosen, router.head_flops()).summary(), "ms": router_ms})
     rows.append({"policy": "oracle", **sweep.oracle(ladder).summary(), "ms": None})
     results = {"benchmark": bench.name, "questions": len(questions), **about,
                "ladder": list(ladder), "policy": json.loads(json.dumps(dataclasses.asdict(policy))),
+               "router": {"slack": router.slack, **router.calibration,
+                          "chosen": {int(m): int((chosen == m).sum()) for m in ladder}},
                "rows": rows,
                "escalate_run_agrees": int(sum(g.m == m for g, m in zip(ran, replayed.m))),
                "escalate_run_answers_equal": int(sum(g.ids == sweep.answers[g.m][i].ids
-                                                     for i, g in enumerate(ran)))}
+                                                     for i, g in enumerate(ran))),
+               "router_run_answers_equal": int(sum(g.ids == sweep.answers[int(m)][i].ids
+                                                   for i, (g, m) in enumerate(zip(routed_answers, chosen))))}
     if isinstance(bench, benchmarks.Shapes):
         results["majority_baseline"] = bench.majority_baseline(questions, refs)["score"]
     if show:
@@ -309,11 +508,16 @@ def write_policies(results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "policies.json", json.dumps(results, indent=1))
     about = "".join(f", {k} {results[k]}" for k in ("run", "step", "date") if k in results)
+    r = results["router"]
     note = (f"\nThe saved escalation, run for real: {results['escalate_run_agrees']} of "
             f"{results['questions']} questions stopped at the m the replay chose, "
             f"{results['escalate_run_answers_equal']} answered with the tokens of a fresh "
-            f"answer at that m. Ladder {results['ladder']}; ms per request in batches of the "
-            f"eval's batch size, vision pass included.\n")
+            f"answer at that m. The router, run for real: {results['router_run_answers_equal']} "
+            f"answers equal a fresh answer at the m it chose; chosen per rung "
+            f"{results['router']['chosen']}; validation log-loss {r['val_log_loss']:.4f} against "
+            f"{r['val_log_loss_base_rates']:.4f} for the training base rates. Ladder "
+            f"{results['ladder']}; ms per request in batches of the eval's batch size, vision "
+            f"pass included.\n")
     write_atomic(out_dir / "policies.md", f"{results['benchmark']}: {results['questions']} "
                  f"questions{about}\n\n" + policy_table(results) + note)
     plot_frontier(results, out_dir / "policies.png")

@@ -1,6 +1,7 @@
 """An OpenAI-compatible server over the engine (`mqt-jax serve`), where each request picks
 its m: `POST /v1/chat/completions` (stream or not; MQT's `m` as an extra top-level field,
-`extra_body={"m": 16}` in the official client), `GET /v1/models`, `/health`, `/metrics`.
+`extra_body={"m": 16}` in the official client, or "auto": the run's router picks it),
+`GET /v1/models`, `/health`, `/metrics`.
 
 FastAPI + uvicorn + pydantic + prometheus_client. Requests are checked, and their image
 decoded, in a worker thread; tokens come back from the engine's thread through each
@@ -22,6 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Literal, Union
 
+import jax
 import prometheus_client as prom
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
@@ -29,7 +31,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client.core import CounterMetricFamily
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      model_validator)
 
 from mqt_jax import splice
 from mqt_jax.data.conversation import IMAGE_PLACEHOLDER, encode_chat
@@ -37,6 +40,7 @@ from mqt_jax.data.pipeline import confined
 from mqt_jax.data.preprocess import MAX_PIXELS, BadImage, open_image
 from mqt_jax.engine import Engine, QueueFull, Request, Stopped
 from mqt_jax.generate import cut_at_stop, stop_tokens
+from mqt_jax.policy import Router, embedding_table, router_features
 
 Number = Union[StrictInt, StrictFloat]
 URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
@@ -74,6 +78,14 @@ class ChatRequest(BaseModel):
     stream_options: dict | None = None
     n: StrictInt = 1
     m: StrictInt | None = None  # MQT: visual tokens for this request (default: the server's)
+    auto_m: bool = False  # "m": "auto" arrives as this (the router picks m)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_m(cls, data):
+        if isinstance(data, dict) and data.get("m") == "auto":
+            return {**data, "m": None, "auto_m": True}
+        return data
 
 
 class BadRequest(Exception):
@@ -97,6 +109,36 @@ class ServeConfig:
     max_image_bytes: int = 20 * 2**20
     max_pixels: int = MAX_PIXELS
     default_max_tokens: int = 256
+
+
+class AutoM:
+    """`"m": "auto"`: the run's router (router.json, from `mqt-jax eval --m auto`) picks a
+    request's m from its question and its image's first visual tokens. The image's tokens
+    come through the engine's vision cache, so its prefill finds them there: one vision pass."""
+
+    def __init__(self, model, engine: Engine):
+        self.engine, self.router, self.why_not = engine, None, None
+        path = Path(model.run.path) / "router.json" if getattr(model, "run", None) else None
+        if path is None or not path.exists():
+            self.why_not = (f"this run has no router ({path}): train one with `mqt-jax eval "
+                            f"--workdir {model.run.path if path else 'RUN'} --m auto`")
+        elif not engine.nested or not model.config.has_m:
+            self.why_not = f"the {model.config.query.variant} model's tokens are not nested"
+        elif jax.process_count() > 1:
+            self.why_not = "not in a multi-process server (the router's vision pass is one process's)"
+        else:
+            self.router = Router.load(path)
+            model.config.check_m(list(self.router.ladder))
+            self.embedding = embedding_table(model.params)
+
+    def __call__(self, prompt: splice.Example, image) -> int:
+        if self.router is None:
+            raise BadRequest(f"m='auto': {self.why_not}", "m")
+        if image is None:  # no visual tokens to pay for: any m answers alike
+            return self.router.ladder[0]
+        visual = self.engine.image_tokens(image)[None]
+        features = router_features(self.embedding, visual, [prompt], self.router.ladder[0])
+        return int(self.router.route(features)[0])
 
 
 # ---- from a request to an engine request ----
@@ -171,8 +213,10 @@ def conversation(body: ChatRequest, config: ServeConfig):
     return turns, images[0] if images else None
 
 
-def prepare(body: ChatRequest, model, engine: Engine, config: ServeConfig) -> Request:
-    """An engine request, every field checked (runs in a worker thread: decodes the image)."""
+def prepare(body: ChatRequest, model, engine: Engine, config: ServeConfig,
+            auto_m: AutoM | None = None) -> Request:
+    """An engine request, every field checked (runs in a worker thread: decodes the image;
+    with "m": "auto", the router's vision pass too)."""
     if body.model != config.model_name:
         raise BadRequest(f"model {body.model!r} is not served here; this server serves "
                          f"{config.model_name!r}", "model", status=404)
@@ -180,6 +224,10 @@ def prepare(body: ChatRequest, model, engine: Engine, config: ServeConfig) -> Re
         raise BadRequest(f"n={body.n}: one choice per request", "n")
     if not body.messages:
         raise BadRequest("messages is empty", "messages")
+    if body.auto_m and auto_m is None:
+        raise BadRequest("m='auto' is not served here", "m")
+    if body.auto_m and auto_m.router is None:
+        auto_m(None, None)  # refused, naming why, before the image is decoded
     m = config.default_m if body.m is None else body.m
     big_m = model.config.num_queries
     if not 1 <= m <= big_m:
@@ -203,6 +251,8 @@ def prepare(body: ChatRequest, model, engine: Engine, config: ServeConfig) -> Re
         prompt = encode_chat(turns, model.template, model.tokenizer, has_image=url is not None)
     except ValueError as e:  # BadRecord: a turn without text, ...
         raise BadRequest(str(e).split(": ", 1)[-1], "messages") from None
+    if body.auto_m:
+        m = auto_m(prompt, image)
     if max_tokens is None:  # OpenAI's default: up to the room left (here capped)
         room = engine.cache_len - splice.true_length(prompt, [m])
         max_tokens = max(1, min(config.default_max_tokens, room))
@@ -286,11 +336,18 @@ class EngineCounters:
                 ("mqt_prefills", "Prefill calls (groups of prompts)", e.stats["prefills"]),
                 ("mqt_decode_steps", "Decode steps (one token for every slot)", e.stats["decode_steps"])):
             yield CounterMetricFamily(name, doc, value=value)
+        finished = CounterMetricFamily("mqt_finished_requests", "Requests ended, by finish reason "
+                                       "(stop, length, cancelled: the client left, error)",
+                                       labels=["reason"])
+        for reason in ("stop", "length", "cancelled", "error"):
+            finished.add_metric([reason], e.stats["finished_" + reason])
+        yield finished
 
 
 # ---- the app ----
 def make_app(model, engine: Engine, config: ServeConfig) -> FastAPI:
     metrics = Metrics(engine)
+    auto_m = AutoM(model, engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -323,7 +380,8 @@ def make_app(model, engine: Engine, config: ServeConfig) -> FastAPI:
         return {"object": "list", "data": [{
             "id": config.model_name, "object": "model", "created": int(time.time()),
             "owned_by": "mqt_jax", "default_m": config.default_m, "max_m": cfg.num_queries,
-            "variant": cfg.query.variant, "max_tokens_per_request": engine.cache_len}]}
+            "variant": cfg.query.variant, "max_tokens_per_request": engine.cache_len,
+            "m_auto": auto_m.router is not None}]}
 
     @app.get("/metrics")
     async def prometheus():
@@ -332,7 +390,7 @@ def make_app(model, engine: Engine, config: ServeConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, http: HTTPRequest):
         try:
-            request = await run_in_threadpool(prepare, body, model, engine, config)
+            request = await run_in_threadpool(prepare, body, model, engine, config, auto_m)
         except BadRequest as e:
             metrics.refused.labels(status=str(e.status)).inc()
             return error(e.status, e.message, e.param)

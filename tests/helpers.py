@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import pathlib
 import re
 import subprocess
 import sys
@@ -150,7 +151,11 @@ class Server:
         import httpx
 
         text = httpx.get(self.url + "/metrics").text
-        return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+        return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
+
+    def log_tail(self) -> str:
+        self.log.flush()
+        return "the server's log ends: " + pathlib.Path(self.log.name).read_text()[-3000:]
 
     def close(self):
         if self.proc.poll() is None:

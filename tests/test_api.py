@@ -119,3 +119,30 @@ def test_m_auto_escalates_with_the_saved_policy_and_reports_the_m_used(run):
     climbed = model.generate(images(4), QUESTIONS, m="auto", max_new_tokens=6,
                              policy=Escalate((2, 8, 16)))  # threshold inf: always to the top
     assert climbed == [a.text for a in fixed[16]]
+
+
+def test_m_auto_routes_each_row_to_the_m_its_router_picks(run):
+    from mqt_jax.policy import Router, embedding_table, router_features
+
+    model = mqt_jax.load(run)
+    with pytest.raises(ValueError, match="router.json does not exist"):
+        model.generate(images(1), QUESTIONS[:1], m="auto", policy="router")
+    examples = [model.prompt(q) for q in QUESTIONS]
+    features = router_features(embedding_table(model.params), model.visual_tokens(images(4)),
+                               examples, 2)  # computed apart from generate's own path
+    for seed in range(50):  # a random head that sends the rows to more than one rung
+        w = np.random.default_rng(seed).normal(size=(features.shape[1], 3))
+        router = Router((2, 8, 16), w, np.zeros(3), features.mean(0), features.std(0) + 1e-6)
+        if len(set(router.route(features))) > 1:
+            break
+    router.save(run / "router.json")
+    try:
+        got = model.generate(images(4), QUESTIONS, m="auto", policy="router", max_new_tokens=6,
+                             details=True)
+    finally:
+        (run / "router.json").unlink()
+    assert [a.m for a in got] == router.route(features).tolist()
+    for a in got:
+        want = model.generate(images(4)[got.index(a)], QUESTIONS[got.index(a)], m=a.m,
+                              max_new_tokens=6, details=True)[0]
+        assert (a.text, a.tokens, a.tried) == (want.text, want.tokens, (a.m,))

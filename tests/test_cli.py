@@ -79,3 +79,42 @@ def test_overrides_are_bound_in_the_runs_stage_scope():
     assert cli.in_scope("stage1/MeshConfig.fsdp = 4", "stage2") == "stage1/MeshConfig.fsdp = 4"
     assert cli.in_scope("M = 16", "stage2") == "M = 16"  # a macro
     assert cli.in_scope("MeshConfig.fsdp = 4", "") == "MeshConfig.fsdp = 4"
+
+
+@pytest.mark.slow
+def test_eval_m_auto_calibrates_trains_saves_and_reuses_its_policies(tmp_path):
+    out = mqt_jax("data", "shapes", "--out", "data/shapes", "--num_train", "12", "--num_eval", "4",
+                  "--num_val", "4", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    out = mqt_jax("train", "--gin_file", "tiny_shapes.gin", "--gin_param", "TrainConfig.steps = 2",
+                  "--gin_param", "EvalConfig.questions = ''", "--workdir", "w", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    auto = ("eval", "--workdir", "w", "--m", "auto", "--out", "out", "--questions",
+            "data/shapes/eval/questions.jsonl", "--answers", "data/shapes/eval/answers.jsonl")
+    missing = mqt_jax(*auto, "--train_questions", "nowhere.jsonl", cwd=tmp_path)
+    assert missing.returncode == 2 and "--train_questions nowhere.jsonl not found" in missing.stderr
+    out = mqt_jax(*auto, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "calibrate on validation" in out.stderr and "router: training questions" in out.stderr
+    results = json.loads((tmp_path / "out/shapes/policies.json").read_text())
+    assert results["questions"] == 20 and results["ladder"] == [2, 8, 32, 64]
+    names = [r["policy"] for r in results["rows"]]
+    assert [n for n in names if n.startswith("m = ")] == [f"m = {m}" for m in (1, 2, 4, 8, 16, 32, 36, 64)]
+    assert any(n.startswith("escalate") and "saved" in n for n in names)
+    assert any(n.startswith("router") for n in names) and names[-1] == "oracle"
+    # run for real, the escalation stops where its replay on the sweep does, and both policies
+    # answer with the tokens a fresh answer at the chosen m gives
+    assert results["escalate_run_agrees"] == results["escalate_run_answers_equal"] == 20
+    assert results["router_run_answers_equal"] == 20
+    rows = {r["policy"]: r for r in results["rows"]}
+    assert results["router"]["train_questions"] == 60  # 12 training images x 5 questions
+    for m in results["ladder"]:  # the oracle is never worse than a rung of its ladder
+        assert rows["oracle"]["accuracy"] >= rows[f"m = {m}"]["accuracy"]
+    for name in ("policies.md", "policies.png", "policies.pdf"):
+        assert (tmp_path / "out/shapes" / name).stat().st_size > 0
+    assert "| oracle |" in out.stdout and "| majority baseline |" in out.stdout
+    saved = {f: (tmp_path / "w" / f).read_bytes() for f in ("policy.json", "router.json")}
+    again = mqt_jax(*auto, cwd=tmp_path)  # the saved policies are reused, not fitted again
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "calibrate on validation" not in again.stderr and "router: training" not in again.stderr
+    assert saved == {f: (tmp_path / "w" / f).read_bytes() for f in saved}

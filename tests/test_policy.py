@@ -7,7 +7,8 @@ import pytest
 from helpers import tiny_config
 from mqt_jax import flops, splice
 from mqt_jax.generate import Generated
-from mqt_jax.policy import Escalate, Sweep, calibrate, mean_logprob
+from mqt_jax.policy import (Escalate, Router, Sweep, calibrate, calibrate_router, log_loss,
+                            mean_logprob, router_features, train_router)
 
 LADDER = (2, 8, 16)
 
@@ -69,3 +70,56 @@ def test_policies_are_checked_and_saved(tmp_path):
     with pytest.raises(ValueError, match="not a saved escalation policy"):
         Escalate.load(tmp_path / "bad.json")
     assert mean_logprob(Generated([5, 6], [-1.0, -2.0], -3.0, 0.0, 2, (2,))) == -2.0
+
+
+def test_the_router_learns_which_questions_need_more_tokens():
+    rng = np.random.default_rng(0)
+    hard = rng.random(600) < 0.5
+    features = np.concatenate([hard[:, None] + 0.1 * rng.normal(size=(600, 1)),
+                               rng.normal(size=(600, 3))], 1)  # one telling feature, 3 noise
+    right = rng.random((600, 3)) < 0.95
+    correct = np.stack([right[:, 0] & ~hard, right[:, 1] & ~hard, right[:, 2]], 1)
+    router = train_router(features[:400], correct[:400], LADDER)
+    held = router.predict(features[400:])
+    assert log_loss(held, correct[400:]) < 0.7 * log_loss(
+        np.broadcast_to(correct[:400].mean(0), held.shape), correct[400:])
+    chosen = Router(router.ladder, router.weights, router.bias, router.mean, router.scale,
+                    slack=0.1).route(features[400:])
+    # 97% of the held-out questions go where they belong (a head on the base rates alone would
+    # send all of them to one rung: 50%); the misses are noise features the head leaned on
+    assert (chosen == np.where(hard[400:], 16, 2)).mean() >= 0.95
+
+
+def test_the_routers_slack_is_calibrated_on_validation(sweep):
+    # question:   0: right everywhere; 1: from m = 8; 2: only at 16; 3: never
+    p = np.array([[0.9, 0.9, 0.9], [0.2, 0.8, 0.85], [0.2, 0.3, 0.8], [0.5, 0.5, 0.5]])
+    router = Router(LADDER, np.log(p / (1 - p)), np.zeros(3), np.zeros(4), np.ones(4),
+                    calibration={"train_base_rates": [0.25, 0.5, 0.75]})
+    features = np.eye(4)  # a question's one-hot row picks its row of logits
+    np.testing.assert_allclose(router.predict(features), p)
+    tuned = calibrate_router(sweep, router, features, target_accuracy=75.0)
+    # slack >= 0.05 stops question 1 at 8; slack < 0.5 keeps question 2 from stopping at 8
+    assert 0.05 - 1e-9 <= tuned.slack < 0.5 and tuned.calibration["reached"]
+    out = sweep.route(tuned, features)
+    assert out.m.tolist() == [2, 8, 16, 2] and out.summary()["accuracy"] == 75.0
+    cfg = sweep.model_config
+    want = [flops.inference_flops(cfg, m, 5)["total"] + router.head_flops() for m in (2, 8, 16, 2)]
+    np.testing.assert_allclose(out.flops, want)
+    assert tuned.calibration["val_log_loss"] < tuned.calibration["val_log_loss_base_rates"]
+
+
+def test_router_features_and_saving(tmp_path):
+    embedding = np.arange(36.0).reshape(12, 3)
+    visual = np.arange(24.0).reshape(1, 8, 3)
+    prompt = splice.Example([1, 7, splice.IMAGE_TOKEN, 8, 9, 10], [splice.IGNORE] * 6)
+    got = router_features(embedding, visual, [prompt], first=2)
+    np.testing.assert_array_equal(got[0], [27, 28, 29, 1.5, 2.5, 3.5])  # rows 8-10; tokens 0-1
+    router = Router(LADDER, np.ones((6, 3)), np.zeros(3), np.zeros(6), np.ones(6), 0.25, {"a": 1})
+    router.save(tmp_path / "router.json")
+    back = Router.load(tmp_path / "router.json")
+    assert (back.ladder, back.slack, back.calibration) == (LADDER, 0.25, {"a": 1})
+    np.testing.assert_array_equal(back.weights, router.weights)
+    (tmp_path / "bad.json").write_text('{"ladder": [2, 8, 16], "weights": [[1, 2]], "bias": [0, 0],'
+                                       ' "mean": [0, 0], "scale": [1, 1], "slack": 0}')
+    with pytest.raises(ValueError, match="not a saved router"):
+        Router.load(tmp_path / "bad.json")

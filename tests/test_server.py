@@ -13,6 +13,7 @@ import time
 import types
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from PIL import Image
@@ -37,8 +38,30 @@ def run(tmp_path_factory):
     return folder
 
 
+AUTO = [(QUESTIONS[i], png(200 + i)) for i in range(6)]  # "m": "auto" requests
+
+
 @pytest.fixture(scope="module")
-def server(run):
+def router(run, model):
+    """A router saved with the run before the server starts: a random head (seeded) that
+    sends the AUTO requests to more than one m, and the m it picks for each, computed here
+    apart from the server."""
+    from mqt_jax.policy import Router, embedding_table, router_features
+
+    features = router_features(embedding_table(model.params),
+                               model.visual_tokens([image for _, image in AUTO]),
+                               [model.prompt(q) for q, _ in AUTO], 2)
+    for seed in range(50):
+        w = np.random.default_rng(seed).normal(size=(features.shape[1], 3))
+        head = Router((2, 8, 16), w, np.zeros(3), features.mean(0), features.std(0) + 1e-6)
+        if len(set(head.route(features))) > 1:
+            break
+    head.save(run / "router.json")
+    return head.route(features).tolist()
+
+
+@pytest.fixture(scope="module")
+def server(run, router):
     s = Server(run, run.parent, "--default_m", "4", "--image_root", str(run.parent / "images"),
                "--max_image_mb", "1")
     yield s
@@ -100,6 +123,29 @@ def test_32_concurrent_requests_mixing_m_each_equal_offline(server, model):
     assert server.metric('mqt_requests_total{m="16"}') >= 8
 
 
+def test_m_auto_takes_the_routers_m_and_reports_it(server, model, router):
+    assert server.client.models.list().data[0].model_extra["m_auto"] is True
+    hits = server.metric("mqt_vision_cache_hits_total")
+    for (question, image), m in zip(AUTO, router):
+        got = server.ask(question, data_url(image), max_tokens=6, extra_body={"m": "auto"})
+        assert got.usage.model_extra["m"] == m
+        assert got.choices[0].message.content == model.generate(image, question, m=m,
+                                                                max_new_tokens=6)[0]
+    # the router's vision pass fills the cache that each request's prefill then reads
+    assert server.metric("mqt_vision_cache_hits_total") - hits >= len(AUTO)
+    assert server.ask("Hi", extra_body={"m": "auto"}).usage.model_extra["m"] == 2  # no image
+
+
+def test_m_auto_without_a_router_is_refused_naming_how_to_train_one(tmp_path):
+    from mqt_jax.server import AutoM, BadRequest, ChatRequest, ServeConfig, prepare
+
+    model = types.SimpleNamespace(run=types.SimpleNamespace(path=tmp_path))
+    body = ChatRequest.model_validate({"model": "tiny", "messages": user("Hi"), "m": "auto"})
+    assert body.auto_m and body.m is None
+    with pytest.raises(BadRequest, match=r"no router .*`mqt-jax eval --workdir .* --m auto`"):
+        prepare(body, model, None, ServeConfig(default_m=4, model_name="tiny"), AutoM(model, None))
+
+
 BAD = [  # (what, request keyword arguments or a raw body, status, words of the message)
     ("unknown model", dict(model="other"), 404, "'other' is not served"),
     ("m = 0", dict(extra_body={"m": 0}), 400, "m=0 outside [1, 16]"),
@@ -107,6 +153,7 @@ BAD = [  # (what, request keyword arguments or a raw body, status, words of the 
     ("negative m", dict(extra_body={"m": -3}), 400, "m=-3 outside"),
     ("m not an integer", dict(extra_body={"m": 2.5}), 400, "m: Input should be a valid integer"),
     ("m a string", dict(extra_body={"m": "4"}), 400, "m: Input should be a valid integer"),
+    ("m 'Auto'", dict(extra_body={"m": "Auto"}), 400, "m: Input should be a valid integer"),
     ("max_tokens 0", dict(max_tokens=0), 400, "max_tokens=0 must be >= 1"),
     ("too long", dict(max_tokens=5000), 400, "of the 384 the cache holds"),
     ("temperature < 0", dict(temperature=-0.5), 400, "temperature=-0.5 must be >= 0"),
@@ -162,14 +209,20 @@ def test_a_pixel_bomb_is_refused_before_decoding(server):
 
 
 def test_a_client_that_goes_away_frees_its_slot(server):
+    """The request is cancelled, not decoded on to max_tokens for nobody. The wait is long
+    because on a loaded 2-core CI machine the server's 8 simulated devices can be starved for
+    many seconds; the finish reason, not the time, says whether the cancel worked."""
+    cancelled = 'mqt_finished_requests_total{reason="cancelled"}'
+    before = server.metric(cancelled)
     with httpx.stream("POST", server.url + "/v1/chat/completions", json={
             "model": "tiny", "messages": user("Hi"), "max_tokens": 150, "stream": True}) as reply:
         lines = reply.iter_lines()
         next(lines), next(lines)  # the stream has started; then the client leaves
-    deadline = time.time() + 30
+    deadline = time.time() + 300
     while server.metric("mqt_live_slots") > 0 and time.time() < deadline:
         time.sleep(0.1)
-    assert server.metric("mqt_live_slots") == 0
+    assert server.metric("mqt_live_slots") == 0, server.log_tail()
+    assert server.metric(cancelled) == before + 1, server.log_tail()
     assert server.ask().choices[0].finish_reason in ("length", "stop")
 
 

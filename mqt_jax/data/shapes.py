@@ -11,7 +11,8 @@ shapes_qa.json (stage 2), LLaVA training files; shapes_text.json (the same train
 captions, questions and answers without images: stage 0's language-model corpus);
 eval/questions.jsonl and eval/answers.jsonl (LLaVA's question-file / answer-file form), and
 val/ in the same form: a validation split drawn like the training images (for choosing a
-recipe; the held-out eval split is never used for that); tokenizer/tokenizer.model
+recipe; the held-out eval split is never used for that); train/ in the same form: the training
+images' questions (what the m router learns from); tokenizer/tokenizer.model
 (sentencepiece, trained here); tfds/ (the same records as a TFDS ArrayRecord dataset, see
 shapes_tfds.py).
 """
@@ -142,9 +143,10 @@ def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 
     (tmp / "images" / "val").mkdir(parents=True)
     (tmp / "eval").mkdir()
     (tmp / "val").mkdir()
+    (tmp / "train").mkdir()
     # The system prompt opens every stage-2 example: weight it so it tokenises compactly.
     captions, qa, text_only, texts = [], [], [], [VICUNA_SYSTEM] * 200
-    scored = {"eval": ([], []), "val": ([], [])}  # questions, answers
+    scored = {"eval": ([], []), "val": ([], []), "train": ([], [])}  # questions, answers
     indices = [*range(num_train + num_eval), *range(VAL_INDEX, VAL_INDEX + num_val)]
     for index in tqdm(indices, desc="shapes-vqa", unit="image"):
         rng = np.random.default_rng([seed, index])
@@ -167,14 +169,13 @@ def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 
             text_only.append({"id": f"txt{number:06d}", "conversations": [
                 {**first, "value": first["value"].removeprefix("<image>\n")}, *rest]})
             texts += [caption(shapes)] + [f"USER: {q}\n{SHORT_ANSWER} ASSISTANT: {a}" for q, a, _ in qas]
-        else:
-            questions_, answers = scored[split]
-            for k, (question, answer, category) in enumerate(qas):
-                qid = f"{number:06d}_{k}"
-                questions_.append({"question_id": qid, "image": image, "category": category,
-                                   "text": f"{question}\n{SHORT_ANSWER}"})
-                answers.append({"question_id": qid, "answer": answer, "category": category,
-                                "type": QUESTION_TYPES[k]})
+        questions_, answers = scored[split]
+        for k, (question, answer, category) in enumerate(qas):
+            qid = f"{number:06d}_{k}"
+            questions_.append({"question_id": qid, "image": image, "category": category,
+                               "text": f"{question}\n{SHORT_ANSWER}"})
+            answers.append({"question_id": qid, "answer": answer, "category": category,
+                            "type": QUESTION_TYPES[k]})
     (tmp / "shapes_captions.json").write_text(json.dumps(captions))
     (tmp / "shapes_qa.json").write_text(json.dumps(qa))
     (tmp / "shapes_text.json").write_text(json.dumps(text_only))
