@@ -140,6 +140,12 @@ def _generate_more(model: VisionLanguageModel, max_new_tokens: int, params, cach
     return dict(out, cache=cache)
 
 
+@jax.jit
+def _take_rows(cache: dict, rows):
+    """The rows `rows` of a cache ([L, B, ...] leaves) as a batch of their own."""
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=1), cache)
+
+
 def vision_pass(module: VisionLanguageModel, params, images, m):
     """images [N, H, W, 3], m [N] -> all M visual tokens [N, M, hidden] (the one vision pass
     the Generator, the API and the engine jit)."""
@@ -339,9 +345,9 @@ class Generator:
         keeps the prefill cache of [text before the image, the visual tokens the smaller m
         had] and computes only the added visual tokens and the text after them
         (`_generate_more`), so the answer at each rung is the one a fresh prefill there gives.
-        A row's `tried` lists its rungs. Rows of a batch that are done ride along (the
-        compiled shapes stay fixed) until its last row is; FLOPs are a row's own
-        (`flops.escalation_prefill_flops`)."""
+        A row's `tried` lists its rungs. Only the rows that climb go on: their caches are
+        gathered into a smaller batch (a power of two times the batch devices, so few shapes
+        compile); FLOPs are a row's own (`flops.escalation_prefill_flops`)."""
         ladder = [int(k) for k in ladder]
         self.model_config.check_m(ladder)
         if ladder != sorted(set(ladder)):
@@ -362,12 +368,13 @@ class Generator:
             starts = image_at[idx] + prev
             ends = np.array([splice.true_length(prompts[i], [m]) for i in idx])
             return bucket((ends - starts).max()), starts
-        rows = sharding.process_rows(self.mesh, self.batch_size)
-        put = lambda x: jax.make_array_from_process_local_data(  # noqa: E731
-            self.batch_sharding, np.asarray(x)[rows])
+
+        def put(x):  # rows of a batch of any size the mesh divides
+            rows = sharding.process_rows(self.mesh, len(x))
+            return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x)[rows])
+        divisor = sharding.batch_divisor(self.mesh)
         with sharding.activate(self.mesh):
             for idx, batch in self.batches(prompts, images, ladder[0], visual):
-                examples = [prompts[i] for i in idx]
                 # Room for every raise's padded chunk (written whole at its rows' starts) and
                 # for decoding after the longest prompt.
                 needs = [plan[1].max() + plan[0] for plan in
@@ -375,19 +382,30 @@ class Generator:
                 cache_len = max([bucket(longest[idx].max())] + needs) + new
                 got = self._run(_generate, new, cache_len, True, self.params, batch, stops=stops)
                 answers = self._rows(got, [ladder[0]] * len(idx), stops)
+                cache, at = got["cache"], np.arange(len(idx))  # each row's place in the cache
+                real = [r for r, i in enumerate(idx) if list(idx).index(i) == r]  # not padding
                 for prev, m in zip(ladder, ladder[1:]):
-                    if all(accept(a) for a in answers):
+                    climbing = [r for r in real if not accept(answers[r])]
+                    if not climbing:
                         break
-                    chunk, start = splice.raised_rows(examples, prev, m, self.model_config.num_queries,
-                                                      raise_plan(idx, prev, m)[0])
-                    got = self._run(_generate_more, new, self.params, got["cache"],
-                                    put(visual[idx]), {k: put(v) for k, v in chunk.items()},
-                                    put(start), stops=stops)
-                    raised = self._rows(got, [m] * len(idx), stops)
-                    answers = [a if accept(a) else dataclasses.replace(r, tried=a.tried + (m,))
-                               for a, r in zip(answers, raised)]
-                for i, a in zip(idx, answers):
-                    out[i] = a
+                    # Only the rows that climb go on, as a smaller batch (a power of two times
+                    # the mesh's batch devices: few shapes compile); padding repeats the last.
+                    n = min(divisor << max(-(-len(climbing) // divisor) - 1, 0).bit_length(),
+                            len(idx))
+                    pick = climbing + [climbing[-1]] * (n - len(climbing))
+                    cache = _take_rows(cache, at[pick])
+                    at[climbing] = np.arange(len(climbing))
+                    chunk_len, start = raise_plan(idx[pick], prev, m)
+                    chunk, start = splice.raised_rows([prompts[i] for i in idx[pick]], prev, m,
+                                                      self.model_config.num_queries, chunk_len)
+                    got = self._run(_generate_more, new, self.params, cache, put(visual[idx[pick]]),
+                                    {k: put(v) for k, v in chunk.items()}, put(start), stops=stops)
+                    cache = got["cache"]
+                    raised = self._rows(got, [m] * n, stops)
+                    for j, r in enumerate(climbing):
+                        answers[r] = dataclasses.replace(raised[j], tried=answers[r].tried + (m,))
+                for r in real:
+                    out[idx[r]] = answers[r]
         return out
 
     def visual_tokens(self, images: np.ndarray) -> np.ndarray:

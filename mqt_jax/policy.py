@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -307,9 +308,11 @@ def calibrate_router(sweep: Sweep, router: Router, features: np.ndarray,
 
 # ------------------------------------------------------------------ `mqt-jax eval --m auto`
 def answer_sweep(generator, tokenizer, bench, questions, refs, prompts, images, m_values,
-                 show: bool, desc: str) -> tuple[Sweep, dict[int, float]]:
-    """Every question answered at every m (each m a fresh run, vision pass included, timed
-    after a warm-up over the same batches): the Sweep, and ms per request at each m."""
+                 show: bool, desc: str, visual=None) -> tuple[Sweep, dict[int, float]]:
+    """Every question answered at every m: the Sweep, and ms per request at each m (each m a
+    fresh run, vision pass included, timed after a warm-up over the same batches). With
+    `visual` (the images' tokens from `Generator.visual_tokens`) every m reuses them and
+    nothing is timed: a split that only fits a policy."""
     import time
 
     from tqdm.auto import tqdm
@@ -317,10 +320,12 @@ def answer_sweep(generator, tokenizer, bench, questions, refs, prompts, images, 
     answers, correct, ms = {}, {}, {}
     stops = generator.stops(tokenizer)
     for m in tqdm(m_values, desc=desc, unit="m", disable=not show):
-        generator.generate(prompts, images, m, stops)  # compiles every bucket
+        if visual is None:
+            generator.generate(prompts, images, m, stops)  # compiles every bucket
         start = time.perf_counter()
-        answers[m] = generator.generate(prompts, images, m, stops)
-        ms[m] = 1e3 * (time.perf_counter() - start) / len(prompts)
+        answers[m] = generator.generate(prompts, images, m, stops, visual)
+        if visual is None:
+            ms[m] = 1e3 * (time.perf_counter() - start) / len(prompts)
         texts = {q.question_id: generator.text(g.ids, tokenizer)
                  for q, g in zip(questions, answers[m])}
         ok = bench.correct(texts, questions, refs)
@@ -349,21 +354,28 @@ def answer_split(generator, tokenizer, config, files: tuple[str, str], ladder, s
 
     split_config = dataclasses.replace(config, questions=files[0], answers=files[1], limit=limit)
     bench, questions, refs, prompts, images, _ = load_benchmark(split_config, generator.model_config)
+    visual = generator.visual_tokens(images)
     sweep, _ = answer_sweep(generator, tokenizer, bench, questions, refs, prompts, images,
-                            list(ladder), show, desc)
-    features = router_features(embedding_table(generator.params), generator.visual_tokens(images),
-                               prompts, ladder[0])
-    return Split(sweep, features)
+                            list(ladder), show, desc, visual)
+    return Split(sweep, router_features(embedding_table(generator.params), visual, prompts, ladder[0]))
+
+
+def reusable(kind, path: Path, about: dict, ladder):
+    """The policy saved at `path` if it was fitted for this step and ladder, else None."""
+    if path.exists():
+        saved = kind.load(path)
+        if saved.ladder == tuple(ladder) and saved.calibration.get("step") == about.get("step"):
+            return saved
+    return None
 
 
 def calibrated(validation, policy_file: Path, about: dict, ladder) -> Escalate:
     """The run's saved escalation when it was calibrated for this step and ladder; else one
     calibrated now on the validation split (`validation()`: its Split) to the fixed-M
     validation accuracy, with the confidence signal that gets there cheapest, and saved."""
-    if policy_file.exists():
-        saved = Escalate.load(policy_file)
-        if saved.ladder == tuple(ladder) and saved.calibration.get("step") == about.get("step"):
-            return saved
+    saved = reusable(Escalate, policy_file, about, ladder)
+    if saved:
+        return saved
     sweep = validation().sweep
     top = sweep.fixed(ladder[-1]).summary()
     options = [calibrate(sweep, ladder, signal, target_accuracy=top["accuracy"]) for signal in SIGNALS]
@@ -383,10 +395,9 @@ def routed(training, validation, router_file: Path, about: dict, ladder) -> Rout
     """The run's saved router when it was trained for this step and ladder; else one trained
     now on the training split's per-rung correctness (`training()`: its Split), its slack
     calibrated on the validation split to the fixed-M validation accuracy, and saved."""
-    if router_file.exists():
-        saved = Router.load(router_file)
-        if saved.ladder == tuple(ladder) and saved.calibration.get("step") == about.get("step"):
-            return saved
+    saved = reusable(Router, router_file, about, ladder)
+    if saved:
+        return saved
     train = training()
     router = train_router(train.features, np.stack([train.sweep.correct[m] for m in ladder], 1), ladder)
     val = validation()
@@ -418,23 +429,26 @@ def evaluate_policies(model_config, params, config, mesh, out_dir: Path, run_dir
     if not model_config.has_m or not splice.tokens_reusable(model_config):
         raise ValueError(f"--m auto needs nested tokens that serve every m (the official "
                          f"resampler or the causal qformer), not {model_config.query.variant!r}")
+    ladder = default_ladder(model_config.num_queries)
+    fit_escalate = not reusable(Escalate, run_dir / "policy.json", about, ladder)
+    fit_router = not reusable(Router, run_dir / "router.json", about, ladder)
+    for needed, files, flags, purpose in (
+            (fit_escalate or fit_router, validation, "--val_questions and --val_answers", "calibrating"),
+            (fit_router, training, "--train_questions and --train_answers", "training the router")):
+        if needed and not (files[0] and files[1]):  # said now, before any answer is generated
+            raise ValueError(f"{purpose} needs {flags} (the held-out questions never choose a policy)")
     bench, questions, refs, prompts, images, tokenizer = load_benchmark(config, model_config)
     bench.correct({}, questions[:1], refs)  # a benchmark without per-question scores: now
-    ladder = default_ladder(model_config.num_queries)
     m_values = sorted(set(m_values_for(config, model_config)) | set(ladder))
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=config.max_new_tokens)
     generator = Generator(model_config, params, mesh, tokenizer.eos_id, greedy,
                           batch_size=config.batch_size, bucket=config.bucket)
     show = jax.process_index() == 0
 
-    def split(files, flags, purpose, desc, limit=0):
-        if not files[0] or not files[1]:
-            raise ValueError(f"{purpose} needs {flags} (the held-out questions never choose a policy)")
+    def split(files, desc, limit=0):
         return answer_split(generator, tokenizer, config, files, ladder, show, desc, limit)
-    val = functools.cache(lambda: split(validation, "--val_questions and --val_answers",
-                                        "calibrating", "calibrate on validation"))
-    train = functools.cache(lambda: split(training, "--train_questions and --train_answers",
-                                          "training the router", "router: training questions",
+    val = functools.cache(lambda: split(validation, "calibrate on validation"))
+    train = functools.cache(lambda: split(training, "router: training questions",
                                           config.router_questions))
     policy = calibrated(val, run_dir / "policy.json", about, ladder)
     router = routed(train, val, run_dir / "router.json", about, ladder)
@@ -533,7 +547,7 @@ def plot_frontier(results: dict, path: Path) -> None:
 
     from mqt_jax.evaluate import save_figure
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120, layout="constrained")
+    fig, ax = plt.subplots(figsize=(8.4, 4.2), dpi=120, layout="constrained")
     fixed = [r for r in results["rows"] if r["policy"].startswith("m = ")]
     ax.errorbar([1e3 * r["tflops"] for r in fixed], [r["accuracy"] for r in fixed],
                 yerr=[r["stderr"] for r in fixed], fmt="o-", capsize=3, color="tab:blue",
@@ -541,17 +555,20 @@ def plot_frontier(results: dict, path: Path) -> None:
     for r in fixed:
         ax.annotate(r["policy"].removeprefix("m = "), (1e3 * r["tflops"], r["accuracy"]),
                     textcoords="offset points", xytext=(4, -10), fontsize=7, color="tab:blue")
-    markers = iter(["D", "^", "v", "P", "X"])
+    styles = iter(zip(["D", "^", "v", "P", "X", "s"],  # colours apart from the fixed-m curve's
+                      ["tab:purple", "tab:orange", "tab:green", "tab:red", "tab:brown", "tab:pink"]))
     for r in results["rows"]:
         if r in fixed:
             continue
-        style = dict(color="black", marker="*", ms=11) if r["policy"] == "oracle" else dict(marker=next(markers), ms=7)
+        marker, colour = next(styles) if r["policy"] != "oracle" else ("*", "black")
+        style = dict(marker=marker, color=colour, ms=11 if marker == "*" else 7)
+        label = re.sub(r":[^;)]*", "", r["policy"])  # the thresholds are in the table
         ax.errorbar([1e3 * r["tflops"]], [r["accuracy"]], yerr=[r["stderr"]], capsize=3,
-                    ls="none", label=r["policy"], **style)
+                    ls="none", label=label, **style)
     if "majority_baseline" in results:
         ax.axhline(results["majority_baseline"], color="grey", ls=":", label="majority baseline")
     ax.set_xlabel("mean prefill GFLOPs per request")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
-    fig.legend(loc="outside lower center", ncols=2, fontsize=7)
+    fig.legend(loc="outside right upper", fontsize=7)
     save_figure(fig, path)

@@ -93,6 +93,9 @@ def test_eval_m_auto_calibrates_trains_saves_and_reuses_its_policies(tmp_path):
             "data/shapes/eval/questions.jsonl", "--answers", "data/shapes/eval/answers.jsonl")
     missing = mqt_jax(*auto, "--train_questions", "nowhere.jsonl", cwd=tmp_path)
     assert missing.returncode == 2 and "--train_questions nowhere.jsonl not found" in missing.stderr
+    unsplit = mqt_jax(*auto, "--gin_param", "EvalConfig.train_questions = ''", cwd=tmp_path)
+    assert unsplit.returncode == 2 and "training the router needs --train_questions" in unsplit.stderr
+    assert "calibrate on validation" not in unsplit.stderr  # said before any answer
     out = mqt_jax(*auto, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "calibrate on validation" in out.stderr and "router: training questions" in out.stderr

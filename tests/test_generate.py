@@ -323,12 +323,13 @@ def test_raised_rows_are_checked():
         splice.raised_rows([text_only], 1, 2, 16, 32)
 
 
-def test_escalating_answers_each_rung_as_a_fresh_generation_would():
+@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 2, 2)])  # rows climb in 8s; in 4s or 8s
+def test_escalating_answers_each_rung_as_a_fresh_generation_would(mesh_shape):
     cfg = tiny_config(num_queries=16)
     model = VisionLanguageModel(cfg)
     examples, images = prompts_with_long_prefix(cfg, seed=5)  # 10 prompts: two batches of 8
     params = varied(init_params(model, prompt_batch(examples, images, 4, 16, 48), method="logits"))
-    generator = make_generator(cfg, params)
+    generator = make_generator(cfg, params, mesh_shape)
     ladder = [1, 4, 16]
     fresh = {m: generator.generate(examples, images, m) for m in ladder}
     assert any(fresh[1][i].ids != fresh[16][i].ids for i in range(10))  # m matters here
