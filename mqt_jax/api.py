@@ -147,7 +147,10 @@ class Model:
     def policy(self, policy: str | Escalate | Router = "escalate") -> Escalate | Router:
         """The policy that chooses m per query: an `Escalate` or `Router` as given, or the one
         `mqt-jax eval --m auto` calibrated and saved with the run ("escalate", "router")."""
-        if isinstance(policy, (Escalate, Router)):
+        if isinstance(policy, Router):
+            return policy.check(self.config)
+        if isinstance(policy, Escalate):
+            self.config.check_m(list(policy.ladder))
             return policy
         if policy == "oracle":
             raise ValueError("policy 'oracle' needs the right answer: it exists in evaluation "
@@ -162,7 +165,9 @@ class Model:
         if not saved.exists():
             raise ValueError(f"{saved} does not exist: calibrate one with `mqt-jax eval --workdir "
                              f"{self.run.path} --m auto` (or pass policy=Escalate(...))")
-        chosen = (Escalate if policy == "escalate" else Router).load(saved)
+        if policy == "router":
+            return Router.load(saved).check(self.config)
+        chosen = Escalate.load(saved)
         self.config.check_m(list(chosen.ladder))
         return chosen
 

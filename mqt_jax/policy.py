@@ -113,6 +113,15 @@ class Router:
     def head_flops(self) -> float:
         return 2.0 * self.weights.size
 
+    def check(self, model_config) -> Router:
+        """This router, if it fits the model: its rungs are m the model has, and it reads
+        features of the model's width (router_features: 2 x the LLM's hidden size)."""
+        model_config.check_m(list(self.ladder))
+        if self.weights.shape[0] != 2 * model_config.llm.hidden:
+            raise ValueError(f"the router reads {self.weights.shape[0]} features; this model's "
+                             f"are {2 * model_config.llm.hidden} (a router of another model?)")
+        return self
+
     def save(self, path: Path) -> None:
         from mqt_jax.train import write_atomic
 

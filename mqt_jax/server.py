@@ -127,8 +127,7 @@ class AutoM:
         elif jax.process_count() > 1:
             self.why_not = "not in a multi-process server (the router's vision pass is one process's)"
         else:
-            self.router = Router.load(path)
-            model.config.check_m(list(self.router.ladder))
+            self.router = Router.load(path).check(model.config)
             self.embedding = embedding_table(model.params)
 
     def __call__(self, prompt: splice.Example, image) -> int:

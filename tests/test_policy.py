@@ -123,3 +123,9 @@ def test_router_features_and_saving(tmp_path):
                                        ' "mean": [0, 0], "scale": [1, 1], "slack": 0}')
     with pytest.raises(ValueError, match="not a saved router"):
         Router.load(tmp_path / "bad.json")
+    cfg = tiny_config(num_queries=16)
+    with pytest.raises(ValueError, match="a router of another model"):
+        router.check(cfg)  # 6 features; the tiny model's are 2 x its hidden size
+    with pytest.raises(ValueError, match=r"m=\[32\] outside"):
+        Router((2, 32), np.ones((2 * cfg.llm.hidden, 2)), np.zeros(2), np.zeros(2 * cfg.llm.hidden),
+               np.ones(2 * cfg.llm.hidden)).check(cfg)
