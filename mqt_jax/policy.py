@@ -13,7 +13,7 @@ more visual tokens only when its answer looks unsure.
 - `oracle` (evaluation only): the smallest m on the ladder whose answer is right (the smallest
   rung where none is); the upper bound a policy is measured against.
 
-`simulate` replays a policy on per-m answers already generated (an escalation's answer at each
+A `Sweep` replays a policy on per-m answers already generated (an escalation's answer at each
 rung is the one a fresh prefill there gives, tested in test_generate.py), which is how
 calibration scores thousands of thresholds without generating again.
 """
@@ -29,8 +29,6 @@ import numpy as np
 
 from mqt_jax import benchmarks, flops, splice
 from mqt_jax.generate import Generated
-
-POLICIES = ("escalate", "router", "oracle")
 
 
 def mean_logprob(g: Generated) -> float:
