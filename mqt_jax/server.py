@@ -529,11 +529,13 @@ def listen(host: str, port: int):
 def serve(model, engine: Engine, config: ServeConfig, sock) -> int:
     """Serve on the bound socket `sock` (see `listen`) until SIGTERM or Ctrl-C; then finish
     the admitted requests and return 0."""
+    import faulthandler
     import signal
 
     import uvicorn
 
     app = make_app(model, engine, config)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import pathlib
 import re
 import subprocess
@@ -121,6 +122,17 @@ def user(text, url=None):
     return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
 
 
+def one_device_env() -> dict:
+    """This environment with XLA simulating one CPU device instead of the suite's 8 (its other
+    flags kept): for server subprocesses. On a loaded 2-core machine a server on 8 simulated
+    devices can stall for good (seen here: the engine waiting on a decode step that no XLA
+    thread runs, every device thread idle); sharded serving is tested in-process
+    (test_engine) and across processes (test_multihost)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
+    return {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=1".strip()}
+
+
 class Server:
     """`mqt-jax serve` of a run folder on a free port of 127.0.0.1, with an openai client."""
 
@@ -154,8 +166,13 @@ class Server:
         return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
 
     def log_tail(self) -> str:
-        self.log.flush()
-        return "the server's log ends: " + pathlib.Path(self.log.name).read_text()[-3000:]
+        """The end of the server's log, after every thread's stack (SIGUSR1, see serve)."""
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+        return "the server's log ends: " + pathlib.Path(self.log.name).read_text()[-6000:]
 
     def close(self):
         if self.proc.poll() is None:
