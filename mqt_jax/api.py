@@ -130,7 +130,7 @@ class Model:
         stops = stop_tokens(self.tokenizer, sampling.stop, self.config.llm.vocab_size)
         if auto and isinstance(chooser, Router):  # one vision pass: the features, then the answer
             visual = generator.visual_tokens(images)
-            chosen = chooser.route(router_features(embedding_table(self.params), visual, examples,
+            chosen = chooser.route(router_features(self._embedding, visual, examples,
                                                    chooser.ladder[0]))
             rows = generator.generate(examples, images, chosen, stops, visual)
         elif auto:
@@ -170,6 +170,11 @@ class Model:
         chosen = Escalate.load(saved)
         self.config.check_m(list(chosen.ladder))
         return chosen
+
+    @functools.cached_property
+    def _embedding(self) -> np.ndarray:
+        """The LLM's input embedding table on the host, once (what a router's features read)."""
+        return embedding_table(self.params)
 
     def _generator(self, sampling: SamplingConfig, rows: int) -> Generator:
         """A Generator per call (cheap: the parameters are placed, the compiled steps are

@@ -202,7 +202,6 @@ class Engine:
         self.eos_id = model.tokenizer.eos_id if eos_id is None else eos_id
         self.cache_len = min(config.cache_len, cfg.llm.max_length)
         self.prefill_rows = -(-config.prefill_batch // divisor) * divisor
-        self._divisor = divisor
         self.nested = splice.tokens_reusable(cfg)
         self.vision_cache = VisionCache(int(config.vision_cache_mb * 2**20))
         mesh, rows = model.mesh, sharding.BATCH_AXES
@@ -363,8 +362,7 @@ class Engine:
         """Rows a group of n prompts (or images) runs as: the batch devices times a power of
         two, at most prefill_rows. A lone arrival is not padded to a full prefill (what
         continuous batching mostly sees), and few shapes compile."""
-        per_device = -(-n // self._divisor)
-        return min(self._divisor << max(per_device - 1, 0).bit_length(), self.prefill_rows)
+        return sharding.group_rows(self.model.mesh, n, self.prefill_rows)
 
     def _bucket(self, length: int) -> int:
         return min(-(-length // self.config.bucket) * self.config.bucket, self.cache_len)

@@ -372,7 +372,6 @@ class Generator:
         def put(x):  # rows of a batch of any size the mesh divides
             rows = sharding.process_rows(self.mesh, len(x))
             return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x)[rows])
-        divisor = sharding.batch_divisor(self.mesh)
         with sharding.activate(self.mesh):
             for idx, batch in self.batches(prompts, images, ladder[0], visual):
                 # Room for every raise's padded chunk (written whole at its rows' starts) and
@@ -388,10 +387,8 @@ class Generator:
                     climbing = [r for r in real if not accept(answers[r])]
                     if not climbing:
                         break
-                    # Only the rows that climb go on, as a smaller batch (a power of two times
-                    # the mesh's batch devices: few shapes compile); padding repeats the last.
-                    n = min(divisor << max(-(-len(climbing) // divisor) - 1, 0).bit_length(),
-                            len(idx))
+                    # Only the rows that climb go on, as a smaller batch; padding repeats the last.
+                    n = sharding.group_rows(self.mesh, len(climbing), len(idx))
                     pick = climbing + [climbing[-1]] * (n - len(climbing))
                     cache = _take_rows(cache, at[pick])
                     at[climbing] = np.arange(len(climbing))

@@ -31,8 +31,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client.core import CounterMetricFamily
-from pydantic import (BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, PrivateAttr, StrictBool, StrictFloat, StrictInt,
+                      StrictStr, model_validator)
 
 from mqt_jax import splice
 from mqt_jax.data.conversation import IMAGE_PLACEHOLDER, encode_chat
@@ -78,14 +78,19 @@ class ChatRequest(BaseModel):
     stream_options: dict | None = None
     n: StrictInt = 1
     m: StrictInt | None = None  # MQT: visual tokens for this request (default: the server's)
-    auto_m: bool = False  # "m": "auto" arrives as this (the router picks m)
+    _auto_m: bool = PrivateAttr(False)  # "m": "auto" (the router picks m)
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _auto_m(cls, data):
-        if isinstance(data, dict) and data.get("m") == "auto":
-            return {**data, "m": None, "auto_m": True}
-        return data
+    def _m_auto(cls, data, handler):
+        auto = isinstance(data, dict) and data.get("m") == "auto"
+        body = handler({**data, "m": None} if auto else data)
+        body._auto_m = auto
+        return body
+
+    @property
+    def auto_m(self) -> bool:
+        return self._auto_m
 
 
 class BadRequest(Exception):
@@ -131,8 +136,6 @@ class AutoM:
             self.embedding = embedding_table(model.params)
 
     def __call__(self, prompt: splice.Example, image) -> int:
-        if self.router is None:
-            raise BadRequest(f"m='auto': {self.why_not}", "m")
         if image is None:  # no visual tokens to pay for: any m answers alike
             return self.router.ladder[0]
         visual = self.engine.image_tokens(image)[None]
@@ -223,10 +226,8 @@ def prepare(body: ChatRequest, model, engine: Engine, config: ServeConfig,
         raise BadRequest(f"n={body.n}: one choice per request", "n")
     if not body.messages:
         raise BadRequest("messages is empty", "messages")
-    if body.auto_m and auto_m is None:
-        raise BadRequest("m='auto' is not served here", "m")
-    if body.auto_m and auto_m.router is None:
-        auto_m(None, None)  # refused, naming why, before the image is decoded
+    if body.auto_m and (auto_m is None or auto_m.router is None):  # before the image is decoded
+        raise BadRequest(f"m='auto': {auto_m.why_not if auto_m else 'not served here'}", "m")
     m = config.default_m if body.m is None else body.m
     big_m = model.config.num_queries
     if not 1 <= m <= big_m:

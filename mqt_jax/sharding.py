@@ -125,6 +125,14 @@ def batch_divisor(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
+def group_rows(mesh: Mesh, n: int, most: int) -> int:
+    """Rows a group of n runs as: the batch devices times a power of two, at most `most`
+    (a multiple of the batch devices): a small group is not padded to a full batch, and few
+    shapes compile."""
+    divisor = batch_divisor(mesh)
+    return min(divisor << max(-(-n // divisor) - 1, 0).bit_length(), most)
+
+
 def process_rows(mesh: Mesh, batch_size: int) -> slice:
     """The rows of a global batch that this process's devices hold under batch_sharding:
     what this process must load (jax.make_array_from_process_local_data takes them)."""
