@@ -222,10 +222,7 @@ class Sweep:
         self._confidence, self._climbs = {}, {}
 
     def fixed(self, m: int) -> Outcome:
-        cost = np.array([flops.inference_flops(self.model_config, m, b + a)["total"]
-                         for b, a in zip(self.before, self.after)])
-        n = len(self.before)
-        return Outcome(np.full(n, m), self.correct[m], cost, [(m,)] * n)
+        return self.at(np.full(len(self.before), m))
 
     def at(self, chosen, extra_flops: float = 0.0) -> Outcome:
         """Each question answered once, at its own m (chosen [N]), paid for as that answer."""
