@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 import mqt_jax
-from mqt_jax.data.shapes import COLOURS, SHAPES, VAL_INDEX, random_scene
+from mqt_jax.data.shapes import COLOURS, SHAPES, random_scene, scene_index
 from mqt_jax.evaluate import markdown_table
 
 GRID = 3
@@ -63,8 +63,8 @@ def probe(model, data: Path, m_values, num_train: int, seed: int) -> list[list[s
     train = load(data / "images", [f"train/{i:06d}.png" for i in range(num_train)])
     num_val = len(list((data / "images" / "val").glob("*.png")))
     val = load(data / "images", [f"val/{i:06d}.png" for i in range(num_val)])
-    y_train = np.stack([cell_labels(i, seed) for i in range(num_train)])
-    y_val = np.stack([cell_labels(VAL_INDEX + i, seed) for i in range(num_val)])
+    y_train = np.stack([cell_labels(scene_index("train", i), seed) for i in range(num_train)])
+    y_val = np.stack([cell_labels(scene_index("val", i), seed) for i in range(num_val)])
     rows = []
     for m in m_values:
         x_train, x_val = tokens(model, train, m), tokens(model, val, m)

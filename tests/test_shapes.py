@@ -56,6 +56,19 @@ def test_text_corpus_and_validation_split(shapes, tmp_path):
         assert (fewer / name).read_text() == (shapes / name).read_text()
 
 
+def test_held_out_images_do_not_depend_on_the_training_size(shapes, tmp_path):
+    """More training images extend the training split and leave the held-out and validation
+    splits as they are (the same questions scored whatever the training set)."""
+    more = write_shapes(tmp_path / "more", num_train=40, num_eval=12, seed=3, num_val=3, tfds=False)
+    for name in ("eval/questions.jsonl", "eval/answers.jsonl", "images/eval/000011.png",
+                 "images/val/000002.png", "images/train/000029.png"):
+        assert (more / name).read_bytes() == (shapes / name).read_bytes(), name
+    qa, more_qa = (json.loads((d / "shapes_qa.json").read_text()) for d in (shapes, more))
+    assert more_qa[:30] == qa and len(more_qa) == 40
+    held_out = {(shapes / "images/eval" / f"{k:06d}.png").read_bytes() for k in range(12)}
+    assert not any((more / "images/train" / f"{k:06d}.png").read_bytes() in held_out for k in range(40))
+
+
 def test_fine_answers_match_the_pixels(shapes):
     questions = read_jsonl(shapes / "eval/questions.jsonl")
     answers = {a["question_id"]: a["answer"] for a in read_jsonl(shapes / "eval/answers.jsonl")}

@@ -118,9 +118,22 @@ def qa_record(image: str, record_id: str, qas) -> dict:
     return {"id": record_id, "image": image, "conversations": conversations}
 
 
-# Validation images are drawn from this index on: the training and held-out images (indices
-# below num_train + num_eval) are the same whatever num_val is.
+# Each image is drawn from its own seed index, so a split's images do not depend on the size
+# of the others: held-out image k is index EVAL_INDEX + k whatever num_train is (the same
+# 1,500 questions for every training set), validation image k is VAL_INDEX + k, and training
+# image k is k, or TRAIN_INDEX + k from EVAL_INDEX on.
+EVAL_INDEX = 2_000
 VAL_INDEX = 1_000_000
+TRAIN_INDEX = 2_000_000
+
+
+def scene_index(split: str, number: int) -> int:
+    """The seed index of image `number` of a split ("train", "val" or "eval")."""
+    if split == "eval":
+        return EVAL_INDEX + number
+    if split == "val":
+        return VAL_INDEX + number
+    return number if number < EVAL_INDEX else TRAIN_INDEX + number
 
 
 @gin.configurable
@@ -147,12 +160,14 @@ def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 
     # The system prompt opens every stage-2 example: weight it so it tokenises compactly.
     captions, qa, text_only, texts = [], [], [], [VICUNA_SYSTEM] * 200
     scored = {"eval": ([], []), "val": ([], []), "train": ([], [])}  # questions, answers
-    indices = [*range(num_train + num_eval), *range(VAL_INDEX, VAL_INDEX + num_val)]
-    for index in tqdm(indices, desc="shapes-vqa", unit="image"):
-        rng = np.random.default_rng([seed, index])
+    if num_eval > VAL_INDEX - EVAL_INDEX or num_val > TRAIN_INDEX - VAL_INDEX:
+        raise ValueError(f"num_eval={num_eval} and num_val={num_val}: at most "
+                         f"{VAL_INDEX - EVAL_INDEX} and {TRAIN_INDEX - VAL_INDEX}")
+    images = [("train", k) for k in range(num_train)] + [("eval", k) for k in range(num_eval)] \
+        + [("val", k) for k in range(num_val)]
+    for split, number in tqdm(images, desc="shapes-vqa", unit="image"):
+        rng = np.random.default_rng([seed, scene_index(split, number)])
         shapes = random_scene(rng)
-        split = "train" if index < num_train else "eval" if index < VAL_INDEX else "val"
-        number = {"train": index, "eval": index - num_train, "val": index - VAL_INDEX}[split]
         image = f"{split}/{number:06d}.png"
         draw(shapes, image_size).save(tmp / "images" / image)
         qas = questions(shapes, rng)
