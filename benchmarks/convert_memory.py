@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mqt_jax.evaluate import markdown_table
+from mqt_jax.outputs import markdown_table
 
 CHILD = r"""
 import json, sys, time

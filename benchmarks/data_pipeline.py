@@ -19,7 +19,7 @@ import numpy as np
 
 from mqt_jax.data.pipeline import DataConfig, make_batches
 from mqt_jax.data.shapes import draw, random_scene, write_shapes
-from mqt_jax.evaluate import markdown_table
+from mqt_jax.outputs import markdown_table
 from mqt_jax.m_sampler import MSampler
 
 

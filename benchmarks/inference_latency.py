@@ -29,7 +29,7 @@ import numpy as np
 
 from mqt_jax import flops, sharding, splice
 from mqt_jax.gin_files import parse_gin
-from mqt_jax.evaluate import markdown_table
+from mqt_jax.outputs import markdown_table
 from mqt_jax.config import LLMConfig, ModelConfig, QueryTransformerConfig, VisionConfig
 from mqt_jax.generate import Generator, SamplingConfig
 from mqt_jax.train import TrainConfig, Trainer, merge_params

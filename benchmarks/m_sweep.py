@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from serve_load import WORDS, build_model  # noqa: E402
 
 from mqt_jax.data.conversation import encode_prompt  # noqa: E402
-from mqt_jax.evaluate import markdown_table, sweep_answers  # noqa: E402
+from mqt_jax.evaluate import sweep_answers  # noqa: E402
+from mqt_jax.outputs import markdown_table  # noqa: E402
 from mqt_jax.generate import Generator, SamplingConfig  # noqa: E402
 
 

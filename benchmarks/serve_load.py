@@ -45,7 +45,8 @@ from mqt_jax import sharding  # noqa: E402
 from mqt_jax.api import Model  # noqa: E402
 from mqt_jax.data.tokenizer import load_tokenizer, train_sentencepiece  # noqa: E402
 from mqt_jax.engine import Engine, EngineConfig, Request  # noqa: E402
-from mqt_jax.evaluate import EvalConfig, markdown_table  # noqa: E402
+from mqt_jax.evaluate import EvalConfig  # noqa: E402
+from mqt_jax.outputs import markdown_table  # noqa: E402
 from mqt_jax.recipe import TrainedRun  # noqa: E402
 from mqt_jax.train import TrainConfig, Trainer, merge_params  # noqa: E402
 

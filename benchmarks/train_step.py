@@ -38,7 +38,7 @@ import numpy as np
 
 from mqt_jax import flops, sharding, splice
 from mqt_jax.config import LLMConfig, ModelConfig, QueryTransformerConfig, VisionConfig
-from mqt_jax.evaluate import markdown_table
+from mqt_jax.outputs import markdown_table
 from mqt_jax.m_sampler import MSampler
 from mqt_jax.train import TrainConfig, Trainer
 
@@ -175,7 +175,7 @@ def torch_step(cfg: ModelConfig, data: dict):
 def step_flops(cfg: ModelConfig) -> float:
     """Model FLOPs of one step: forward and backward (3x the forward) of the query transformer
     and the LLM over the whole batch, the frozen tower's forward once."""
-    trained = flops.llm_flops(cfg.llm, SEQ) + flops.query_flops(cfg.query, cfg.vision, cfg.llm.hidden, M)
+    trained = flops.llm_flops(cfg.llm, SEQ) + flops.inference_flops(cfg, M, 0)["query"]
     return BATCH * (3 * trained + flops.vision_flops(cfg.vision))
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from mqt_jax import flops
 from mqt_jax.config import LLMConfig
-from mqt_jax.evaluate import markdown_table
+from mqt_jax.outputs import markdown_table
 from mqt_jax.models.llama import Llama
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 import mqt_jax
 from mqt_jax.data.shapes import COLOURS, SHAPES, random_scene, scene_index
-from mqt_jax.evaluate import markdown_table
+from mqt_jax.outputs import markdown_table
 
 GRID = 3
 

@@ -190,8 +190,9 @@ class Model:
         m = per_row(self.config.num_queries if m is None else m, len(images))
         self.config.check_m(m)
         pixels = np.stack([self.image(i) for i in images])
-        if self.config.query.variant == "quecc":
-            raise ValueError("quecc's visual tokens depend on the question: use generate/score")
+        if self.config.compressor.reads_question:
+            raise ValueError(f"{self.config.query.variant}'s visual tokens depend on the question: "
+                             f"use generate/score")
         with sharding.activate(self.mesh):
             out = _visual_tokens(self.module, self.params, jnp.asarray(pixels),
                                  jnp.asarray(m, jnp.int32))

@@ -9,10 +9,7 @@ import dataclasses
 
 import gin
 
-VARIANTS = ("official", "qformer", "mlp2x_gelu", "avgpool", "victor", "quecc")
-# Compressors without a Matryoshka m: the LLM always sees all M tokens (m = M only); one model
-# per token budget.
-FIXED_TOKEN_VARIANTS = ("mlp2x_gelu", "avgpool", "victor", "quecc")
+from mqt_jax import compressors
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -88,21 +85,10 @@ class VisionConfig:
 @dataclasses.dataclass(frozen=True)
 class QueryTransformerConfig:
     """The compressor between the vision tower and the LLM (one gin binding picks it):
-    patch features -> M visual tokens at the LLM width.
-
-    - "official": the released MQT-LLaVA resampler (one cross-attention whose keys carry
-      position only); "qformer": [query self-attention | cross-attention | MLP] layers whose
-      self-attention honours m through `query_mask`. Both Matryoshka: any m <= M.
-    - "mlp2x_gelu": the LLaVA-1.5 projector, no queries: every patch is a token (M = patches).
-    - "avgpool": the patch grid average-pooled to the smallest square grid of >= M cells, the
-      first M kept, then the mlp2x_gelu projector.
-    - "victor": the mlp2x_gelu projector's patch tokens, then M learnable registers in the
-      LLM's input space; the LLM drops the patch tokens at layer `drop_layer` (shared/reference/
-      baselines.md). M = registers: the visual tokens that outlive the drop.
-    - "quecc": text-guided queries from a depthwise strided convolution over the grid
-      (stride s = grid / sqrt(M)), local cross-attention to the hidden states of
-      `vision_layers`, then the mlp2x_gelu projector.
-    The last four have no m: one model per budget M.
+    patch features -> M visual tokens at the LLM width. `variant` names one of
+    mqt_jax/compressors (each file describes its own): the Matryoshka ones ("official", the
+    released MQT-LLaVA resampler; "qformer") serve any m <= M; the others ("mlp2x_gelu",
+    "avgpool", "victor", "quecc") have no m: one model per budget M.
     """
 
     variant: str = "official"
@@ -122,10 +108,7 @@ class QueryTransformerConfig:
 
     def __post_init__(self):
         positive(self, "num_queries", "width", "num_heads", "num_layers", "mlp_dim")
-        if self.variant not in VARIANTS:
-            raise ValueError(
-                f"QueryTransformerConfig.variant={self.variant!r}: expected one of {VARIANTS}"
-            )
+        compressor = compressors.get(self.variant)  # a ValueError naming the known ones
         if self.query_mask not in ("prefix", "causal"):
             raise ValueError(
                 f"QueryTransformerConfig.query_mask={self.query_mask!r}: "
@@ -138,7 +121,7 @@ class QueryTransformerConfig:
             )
         if self.num_queries < 1:
             raise ValueError(f"QueryTransformerConfig.num_queries={self.num_queries} must be >= 1")
-        if self.variant in ("official", "quecc") and int(self.num_queries**0.5) ** 2 != self.num_queries:
+        if compressor.square_queries and int(self.num_queries**0.5) ** 2 != self.num_queries:
             raise ValueError(
                 f"QueryTransformerConfig.num_queries={self.num_queries}: the {self.variant} "
                 "variant needs a square number of queries (a square grid of tokens)"
@@ -191,61 +174,43 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.remat_policy={self.remat_policy!r}: expected one of {REMAT_POLICIES}"
             )
-        if self.query.variant in ("official", "quecc") and self.query.width != self.vision.width:
+        if self.compressor.vision_width and self.query.width != self.vision.width:
             raise ValueError(
                 f"the {self.query.variant} query transformer attends at the vision width: "
                 f"QueryTransformerConfig.width={self.query.width} != "
                 f"VisionConfig.width={self.vision.width}"
             )
-        q, v, patches = self.query, self.vision, self.vision.num_patches
-        if q.variant == "mlp2x_gelu" and q.num_queries != patches:
-            raise ValueError(
-                f"the mlp2x_gelu projector makes one token per patch: "
-                f"QueryTransformerConfig.num_queries={q.num_queries} != {patches} patches"
-            )
-        if q.variant == "avgpool" and q.num_queries > patches:
-            raise ValueError(f"avgpool: QueryTransformerConfig.num_queries={q.num_queries} is "
-                             f"more than the {patches} patches it pools")
-        if q.variant == "victor" and not 1 <= q.drop_layer < self.llm.num_layers:
-            raise ValueError(f"victor: QueryTransformerConfig.drop_layer={q.drop_layer} must be "
-                             f"in [1, {self.llm.num_layers - 1}] for a {self.llm.num_layers}-layer LLM")
-        if q.variant == "quecc":
-            side = int(q.num_queries**0.5)
-            if v.grid_size % side:
-                raise ValueError(f"quecc: sqrt(QueryTransformerConfig.num_queries)={side} does not "
-                                 f"divide the {v.grid_size}x{v.grid_size} patch grid")
-            for layer in q.vision_layers:
-                if v.layer_index(layer) > v.num_layers_built:
-                    raise ValueError(
-                        f"quecc: vision layer {layer} is after VisionConfig.select_layer="
-                        f"{v.select_layer}, which is the last layer built")
+        self.compressor.check(self)
+
+    @property
+    def compressor(self) -> type[compressors.Compressor]:
+        """The compressor class `query.variant` names: what it is and can do."""
+        return compressors.get(self.query.variant)
 
     @property
     def num_queries(self) -> int:
         """M: the visual tokens per image in the LLM's input (victor: patches + registers)."""
-        if self.query.variant == "victor":
-            return self.vision.num_patches + self.query.num_queries
-        return self.query.num_queries
+        return self.compressor.llm_tokens(self)
 
     @property
     def drop_layer(self) -> int:
         """The LLM layer at which visual tokens leave (victor), else 0."""
-        return self.query.drop_layer if self.query.variant == "victor" else 0
+        return self.compressor.dropped(self)[0]
 
     @property
     def dropped_per_image(self) -> int:
         """Visual tokens per image that leave the LLM at drop_layer (victor: the patches)."""
-        return self.vision.num_patches if self.query.variant == "victor" else 0
+        return self.compressor.dropped(self)[1]
 
     def visual_tokens(self, m: int) -> int:
         """The visual tokens per image that the LLM carries at m: m, except for victor, whose
         patch tokens leave at drop_layer and only the registers stay."""
-        return self.query.num_queries if self.query.variant == "victor" else m
+        return self.compressor.carried_tokens(self, m)
 
     @property
     def has_m(self) -> bool:
         """False for a fixed-token projector: the LLM always sees all M tokens."""
-        return self.query.variant not in FIXED_TOKEN_VARIANTS
+        return self.compressor.elastic
 
     def check_m(self, m):
         """m as int32, or a ValueError: outside [1, M], or not M for a fixed-token projector."""

@@ -33,57 +33,20 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from tqdm.auto import tqdm
 
-from mqt_jax import hf, sharding
+from mqt_jax import compressors, hf, sharding
+from mqt_jax.hf import Rule, linear, norm
 from mqt_jax.checkpoint import abstract_like
 from mqt_jax.config import DTYPES, LLMConfig, ModelConfig, QueryTransformerConfig, VisionConfig
 from mqt_jax.models.llama import Llama
 from mqt_jax.models.vision_tower import VisionTower
 from mqt_jax.train import abstract_model_params
 
-KINDS = ("clip-vision", "llama", "llava-1.5", "mqt-llava")
+# A LLaVA-layout folder's compressor, by --kind: each compressor that can be converted names
+# its kind and reads its own weights (mqt_jax/compressors).
+CHECKPOINT_KINDS = {c.checkpoint_kind: c for c in compressors.REGISTRY.values() if c.checkpoint_kind}
+KINDS = ("clip-vision", "llama", *CHECKPOINT_KINDS)
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """Hugging Face tensor `hf_key` [hf_shape] -> parameter `param` ("/"-joined path), at
-    `layer` of a scanned stack. layout "same": a reshape; "linear": torch's [out, in] weight
-    transposed to [in, out]; "conv": OIHW -> HWIO. `rows`: a block of a packed tensor."""
-
-    hf_key: str
-    hf_shape: tuple[int, ...]
-    param: str
-    layer: int | None = None
-    layout: str = "same"
-    rows: tuple[int, int] | None = None
-
-    def to_ours(self, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        if self.rows:
-            w = w[self.rows[0]:self.rows[1]]
-        if self.layout == "linear":
-            w = w.T
-        elif self.layout == "conv":
-            w = w.transpose(2, 3, 1, 0)
-        return w.reshape(shape)
-
-    def to_hf(self, p: np.ndarray) -> np.ndarray:
-        assert self.rows is None, "packed tensors are not exported"
-        if self.layout == "linear":
-            return p.reshape(self.hf_shape[1], self.hf_shape[0]).T
-        if self.layout == "conv":
-            return p.transpose(3, 2, 0, 1)
-        return p.reshape(self.hf_shape)
-
-
-def linear(key: str, n_in: int, n_out: int, param: str, layer=None, bias=True) -> list[Rule]:
-    rules = [Rule(f"{key}.weight", (n_out, n_in), f"{param}/kernel", layer, "linear")]
-    return rules + ([Rule(f"{key}.bias", (n_out,), f"{param}/bias", layer)] if bias else [])
-
-
-def norm(key: str, width: int, param: str, layer=None, bias=True) -> list[Rule]:
-    rules = [Rule(f"{key}.weight", (width,), f"{param}/scale", layer)]
-    return rules + ([Rule(f"{key}.bias", (width,), f"{param}/bias", layer)] if bias else [])
 
 
 def clip_rules(v: VisionConfig, p: str) -> list[Rule]:
@@ -135,30 +98,6 @@ def llama_rules(c: LLMConfig, p: str, head: str) -> list[Rule]:
                                           ("down_proj", "fc2", c.mlp_dim, h)):
             rules += linear(f"{k}mlp.{theirs}", n_in, n_out, f"{layer}mlp/{name}", i, bias=False)
     return rules
-
-
-def resampler_rules(q: QueryTransformerConfig, hidden: int, p: str) -> list[Rule]:
-    """The released resampler (shared/reference/mqt.md): torch MultiheadAttention's packed
-    in_proj splits into our query / key / value; `proj` is stored [in, out] (x @ proj)."""
-    d, big_m, ours = q.width, q.num_queries, "query_transformer/"
-    rules = [Rule(p + "query", (big_m, d), ours + "query"),
-             Rule(p + "pos_embed", (big_m, d), ours + "pos_embed"),
-             Rule(p + "proj", (d, hidden), ours + "proj/kernel")]
-    for j, name in enumerate(("query", "key", "value")):
-        rows = (j * d, (j + 1) * d)
-        rules += [Rule(p + "attn.in_proj_weight", (3 * d, d), f"{ours}attn/{name}/kernel",
-                       layout="linear", rows=rows),
-                  Rule(p + "attn.in_proj_bias", (3 * d,), f"{ours}attn/{name}/bias", rows=rows)]
-    rules += linear(p + "attn.out_proj", d, d, ours + "attn/out")
-    for name in ("ln_q", "ln_k", "ln_v"):
-        rules += norm(p + name, d, ours + name)
-    return rules
-
-
-def projector_rules(vision_width: int, hidden: int, first: str, second: str) -> list[Rule]:
-    """LLaVA-1.5's mlp2x_gelu: Linear (first), GELU, Linear (second)."""
-    return (linear(first, vision_width, hidden, "query_transformer/fc1")
-            + linear(second, hidden, hidden, "query_transformer/fc2"))
 
 
 # ---- configs: config.json -> our dataclasses, refusing what the models here cannot run ----
@@ -299,29 +238,10 @@ def plan(kind: str, src: Path, vision: Path | None = None, param_dtype: str = "f
     head = find_prefix(keys, "", HEADS) if not text.get("tie_word_embeddings") else None
     rules = llama_rules(c, llm_prefix, head or llm_prefix + "embed_tokens.weight")
     unused = [re.escape(llm_prefix) + r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
-    if kind == "llava-1.5":
-        q = QueryTransformerConfig(variant="mlp2x_gelu", num_queries=v.num_patches, width=v.width,
-                                   num_heads=1)
-        if cfg.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu" or \
-                cfg.get("projector_hidden_act", "gelu") != "gelu":
-            raise unsupported(source, "a projector other than mlp2x_gelu")
-        pair = next((pair for pair in (("model.mm_projector.0", "model.mm_projector.2"),
-                                       ("multi_modal_projector.linear_1", "multi_modal_projector.linear_2"),
-                                       ("model.multi_modal_projector.linear_1",
-                                        "model.multi_modal_projector.linear_2"))
-                     if pair[0] + ".weight" in keys), ("model.mm_projector.0", "model.mm_projector.2"))
-        rules += projector_rules(v.width, c.hidden, *pair)
-    else:
-        query_key = "model.query_abstractor.query"
-        if query_key not in keys:
-            raise ValueError(f"{src}: no MQT resampler (no {query_key})")
-        big_m, width = folder.shape(query_key)
-        if resampler_heads < 1 or width % resampler_heads:
-            raise ValueError(f"--resampler_heads {resampler_heads} does not divide the "
-                             f"resampler's width {width}")
-        q = QueryTransformerConfig(variant="official", num_queries=big_m, width=width,
-                                   num_heads=resampler_heads)
-        rules += resampler_rules(q, c.hidden, "model.query_abstractor.")
+    fields, compressor_rules = CHECKPOINT_KINDS[kind].checkpoint(
+        folder, v, c.hidden, source, config=cfg, resampler_heads=resampler_heads)
+    q = QueryTransformerConfig(**fields)
+    rules += compressor_rules
     model = ModelConfig(vision=v, query=q, llm=c, **dtypes)
     sources = [(folder, rules, unused)]
     if clip_prefix is not None:

@@ -191,9 +191,10 @@ class Engine:
     def __init__(self, model, config: EngineConfig = EngineConfig(), eos_id: int | None = None):
         """eos_id: default the model's tokenizer's (-1: never stop at one, for benchmarks)."""
         cfg = model.config
-        if cfg.query.variant == "quecc":
-            raise ValueError("the engine serves compressors whose visual tokens depend on the "
-                             "image alone; quecc's depend on the question: use Model.generate")
+        if cfg.compressor.reads_question:
+            raise ValueError(f"the engine serves compressors whose visual tokens depend on the "
+                             f"image alone; {cfg.query.variant}'s depend on the question: use "
+                             f"Model.generate")
         divisor = sharding.batch_divisor(model.mesh)
         if config.slots % divisor:
             raise ValueError(f"EngineConfig.slots={config.slots} is not a multiple of the mesh's "

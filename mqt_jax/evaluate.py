@@ -30,7 +30,7 @@ from mqt_jax.data.pipeline import confined
 from mqt_jax.data.preprocess import BadImage, clip_preprocess, open_image
 from mqt_jax.data.tokenizer import load_tokenizer
 from mqt_jax.generate import Generator, SamplingConfig
-from mqt_jax.train import write_atomic
+from mqt_jax.outputs import fmt, markdown_table, save_figure, with_error, write_atomic
 
 
 @gin.configurable
@@ -209,22 +209,6 @@ def columns(rows: list[dict]) -> list[str]:
             + [c for c in last if c in names])
 
 
-def fmt(value) -> str:
-    if value is None:
-        return ""
-    return str(value) if isinstance(value, int) else f"{value:.4g}" if abs(value) < 0.1 else f"{value:.1f}"
-
-
-def markdown_table(header: list, rows: list[list]) -> str:
-    """A Markdown table of already formatted cells."""
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|---" * len(header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
-
-
-def with_error(value, error) -> str:
-    return fmt(value) + (f" ± {error:.1f}" if error is not None and value is not None else "")
-
-
 def sweep_tables(results: dict) -> tuple[str, str]:
     """(CSV, Markdown) of one benchmark's rows: score and details per m (with their standard
     errors, where the benchmark gives them), prefill GFLOPs and milliseconds; Markdown adds a
@@ -309,18 +293,6 @@ def plot_sweep(all_results: list[dict], path: Path) -> None:
     # Below the axes, where it covers no data.
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), fontsize=8)
     save_figure(fig, path)
-
-
-def save_figure(fig, path: Path) -> None:
-    """Save a matplotlib figure as PNG (path) and PDF (beside it), each under a temporary
-    name, then renamed; close it."""
-    import matplotlib.pyplot as plt
-
-    for target in (path, path.with_suffix(".pdf")):
-        tmp = target.with_name(target.name + ".tmp" + target.suffix)
-        fig.savefig(tmp)
-        tmp.replace(target)
-    plt.close(fig)
 
 
 def write_collection(root: Path) -> list[dict]:

@@ -60,45 +60,9 @@ def vision_flops(v) -> float:
     return 2 * v.num_patches * (v.patch_size**2 * 3) * w + v.num_layers_built * per_layer
 
 
-def query_flops(q, v, llm_hidden: int, queries: int) -> float:
-    """The official resampler on one image, computing `queries` tokens (M in the single
-    graph, m when really truncated): query, key (from the fixed positions) and value
-    projections, attention, then the output and LLM projections. (The query and key
-    projections, and the bicubic resize of the M positions to the patch grid, do not depend on
-    the image: a batch computes them once.)"""
-    if q.variant != "official":
-        raise ValueError(f"query_flops covers the official resampler, not {q.variant!r}")
-    p, w = v.num_patches, q.width
-    projections = 2 * queries * w * w + 2 * p * w * w * 2 + 2 * queries * w * w
-    resize = 2 * p * q.num_queries * w
-    return resize + projections + 4 * queries * p * w + 2 * queries * w * llm_hidden
-
-
-def qformer_flops(q, v, llm_hidden: int, queries: int) -> float:
-    """The qformer on one image over `queries` queries: per layer a self-attention among them,
-    a cross-attention to the patches (keys and values from the vision width) and an MLP; then
-    the projection to the LLM."""
-    p, w, d = v.num_patches, q.width, v.width
-    self_attn = 2 * queries * 4 * w * w + 4 * queries * queries * w
-    cross = 2 * queries * 2 * w * w + 2 * p * 2 * d * w + 4 * queries * p * w
-    mlp = 2 * queries * 2 * w * q.mlp_dim
-    return q.num_layers * (self_attn + cross + mlp) + 2 * queries * w * llm_hidden
-
-
 def mlp2x_flops(tokens: int, width: int, llm_hidden: int) -> float:
     """LLaVA-1.5's projector (width -> hidden -> hidden) on `tokens` tokens."""
     return 2 * tokens * (width * llm_hidden + llm_hidden * llm_hidden)
-
-
-def quecc_flops(q, v, llm_hidden: int) -> float:
-    """QueCC on one image (its text guidance's LLM pass is counted with the LLM): the text
-    projection, the query MLP over every patch, the depthwise convolution, the key and value
-    MLPs over the multi-layer features, the windowed attention, then the projector."""
-    p, d, m, layers = v.num_patches, v.width, q.num_queries, len(q.vision_layers)
-    mlp = lambda n, d_in: 2 * n * (d_in * d + d * d)  # noqa: E731
-    attention = 2 * m * d * d + 2 * 2 * p * d * d + 4 * p * d + 2 * m * d * d  # each patch: 1 query
-    return (2 * llm_hidden * d + mlp(p, d) + 2 * p * d + 2 * mlp(p, layers * d) + attention
-            + mlp2x_flops(m, d, llm_hidden))
 
 
 def llm_flops(llm, tokens: int, context: int | None = None, layers: int | None = None,
@@ -116,22 +80,10 @@ def llm_flops(llm, tokens: int, context: int | None = None, layers: int | None =
 
 def inference_flops(model_config, m: int, text_tokens: int, new_tokens: int = 0) -> dict:
     """One image at m visual tokens plus `text_tokens` of prompt, then `new_tokens` decoded
-    with a KV cache, by part. The query transformer computes only m tokens (truncation); the
-    compressors without an m compute their M."""
-    q, v, llm = model_config.query, model_config.vision, model_config.llm
-    if q.variant == "victor":
-        return victor_flops(model_config, text_tokens, new_tokens)
-    parts = {
-        "official": lambda: {"query": query_flops(q, v, llm.hidden, m)},
-        "qformer": lambda: {"query": qformer_flops(q, v, llm.hidden, m)},
-        "mlp2x_gelu": lambda: {"projector": mlp2x_flops(v.num_patches, v.width, llm.hidden)},
-        "avgpool": lambda: {"projector": 2 * v.num_patches * v.width  # the pooling
-                            + mlp2x_flops(m, v.width, llm.hidden)},
-        # QueCC reads the question with the LLM first (hidden states only, no output head).
-        "quecc": lambda: {"query": quecc_flops(q, v, llm.hidden),
-                          "llm_guidance": llm_flops(llm, text_tokens, head=False)},
-    }[q.variant]()
-    return _with_towers(model_config, parts, m + text_tokens, new_tokens)
+    with a KV cache, by part (vision, the compressor's parts, llm_prefill, llm_decode, total).
+    The query transformer computes only m tokens (truncation); the compressors without an m
+    compute their M. Each compressor counts its own part (mqt_jax/compressors)."""
+    return model_config.compressor.inference_flops(model_config, m, text_tokens, new_tokens)
 
 
 def escalation_prefill_flops(model_config, tried, before: int, after: int) -> float:
@@ -150,30 +102,13 @@ def escalation_prefill_flops(model_config, tried, before: int, after: int) -> fl
     return total
 
 
-def victor_flops(model_config, text_tokens: int, new_tokens: int = 0) -> dict:
-    """Victor: every patch through the projector into the LLM with R registers; the first k
-    layers run on patches + registers + text, the rest on registers + text only."""
-    v, llm, k = model_config.vision, model_config.llm, model_config.drop_layer
-    r, p = model_config.query.num_queries, v.num_patches
-    full, kept = p + r + text_tokens, r + text_tokens
-    decode = sum(llm_flops(llm, 1, full + i + 1, k, head=False)
-                 + llm_flops(llm, 1, kept + i + 1, llm.num_layers - k) for i in range(new_tokens))
-    parts = {
-        "vision": vision_flops(v), "projector": mlp2x_flops(p, v.width, llm.hidden),
-        "llm_prefill": llm_flops(llm, full, layers=k, head=False)
-        + llm_flops(llm, kept, layers=llm.num_layers - k),
-        "llm_decode": decode,
-    }
-    return {**parts, "total": sum(parts.values())}
-
-
 def llava_flops(model_config, text_tokens: int, new_tokens: int = 0) -> dict:
     """LLaVA-1.5 on the same towers: all patch tokens (576 at 336 px) through the 2-layer
     GELU MLP projector into the LLM."""
     v, h = model_config.vision, model_config.llm.hidden
     compressor = {"projector": mlp2x_flops(v.num_patches, v.width, h)}
-    return _with_towers(model_config, compressor, v.num_patches + text_tokens, new_tokens)
-def _with_towers(model_config, compressor: dict, prompt: int, new_tokens: int) -> dict:
+    return with_towers(model_config, compressor, v.num_patches + text_tokens, new_tokens)
+def with_towers(model_config, compressor: dict, prompt: int, new_tokens: int) -> dict:
     """The vision tower, the compressor's parts, the LLM's prefill of `prompt` tokens and
     its decode steps; and their total."""
     llm = model_config.llm

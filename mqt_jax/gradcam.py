@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mqt_jax import splice
+from mqt_jax import compressors, splice
 from mqt_jax.config import ModelConfig
 from mqt_jax.data.preprocess import CLIP_MEAN, CLIP_STD
-from mqt_jax.evaluate import save_figure
+from mqt_jax.outputs import save_figure
 from mqt_jax.models.vlm import MODEL_INPUTS, VisionLanguageModel
 
 
@@ -30,21 +30,20 @@ def answer_example(prompt: splice.Example, answer_ids: list[int], eos_id: int) -
     return splice.Example(list(prompt.tokens) + tail, [splice.IGNORE] * len(prompt.tokens) + tail)
 
 
-# Compressors whose tokens come from cross-attention over the whole patch grid.
-ATTENDING_VARIANTS = ("official", "qformer")
-
-
 def check_variant(model_config: ModelConfig) -> None:
-    variant = model_config.query.variant
-    if variant not in ATTENDING_VARIANTS:
+    if model_config.compressor.cross_attention_path is None:
+        attending = [name for name, c in compressors.REGISTRY.items() if c.cross_attention_path]
         raise ValueError(f"Grad-CAM reads the query transformer's cross-attention over the patch "
-                         f"grid ({' or '.join(ATTENDING_VARIANTS)}); the {variant} compressor has none")
+                         f"grid ({' or '.join(attending)}); the {model_config.query.variant} "
+                         f"compressor has none")
 
 
-def cross_attention(tree: dict, variant: str):
+def cross_attention(tree: dict, model_config: ModelConfig):
     """The query transformer's cross-attention entry of a perturbations/intermediates tree."""
-    qt = tree["query_transformer"]
-    return qt["attn"]["weights"] if variant == "official" else qt["layers"]["cross_attn"]["weights"]
+    entry = tree["query_transformer"]
+    for key in model_config.compressor.cross_attention_path:
+        entry = entry[key]
+    return entry
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -64,8 +63,7 @@ def _patch_map(model: VisionLanguageModel, params, batch: dict):
         return (picked * batch["loss_mask"]).sum(), inter["intermediates"]
 
     grads, inter = jax.grad(log_likelihood, has_aux=True)(hooked)
-    variant = model.config.query.variant
-    grad, (weights,) = cross_attention(grads, variant), cross_attention(inter, variant)
+    grad, (weights,) = cross_attention(grads, model.config), cross_attention(inter, model.config)
     cam = jax.nn.relu(grad * weights)  # [(layers,) 1, heads, M, patches]
     cam = cam.reshape((-1,) + cam.shape[-3:]).mean(0)  # over layers (and the batch of 1)
     seen = jnp.arange(cam.shape[1]) < batch["m"][0, 0]  # the tokens the LLM saw

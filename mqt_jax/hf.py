@@ -11,6 +11,7 @@ package itself (offsets in order, no overlap, no gap, inside the file).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -247,3 +248,46 @@ def write_weights(folder: Path, entries: list[tuple[str, tuple[int, ...], np.dty
             total += math.prod(shape) * np.dtype(dtype).itemsize
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+# ---- weight rules: a Hugging Face tensor <-> one of our parameters ----
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Hugging Face tensor `hf_key` [hf_shape] -> parameter `param` ("/"-joined path), at
+    `layer` of a scanned stack. layout "same": a reshape; "linear": torch's [out, in] weight
+    transposed to [in, out]; "conv": OIHW -> HWIO. `rows`: a block of a packed tensor."""
+
+    hf_key: str
+    hf_shape: tuple[int, ...]
+    param: str
+    layer: int | None = None
+    layout: str = "same"
+    rows: tuple[int, int] | None = None
+
+    def to_ours(self, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if self.rows:
+            w = w[self.rows[0]:self.rows[1]]
+        if self.layout == "linear":
+            w = w.T
+        elif self.layout == "conv":
+            w = w.transpose(2, 3, 1, 0)
+        return w.reshape(shape)
+
+    def to_hf(self, p: np.ndarray) -> np.ndarray:
+        assert self.rows is None, "packed tensors are not exported"
+        if self.layout == "linear":
+            return p.reshape(self.hf_shape[1], self.hf_shape[0]).T
+        if self.layout == "conv":
+            return p.transpose(3, 2, 0, 1)
+        return p.reshape(self.hf_shape)
+
+
+def linear(key: str, n_in: int, n_out: int, param: str, layer=None, bias=True) -> list[Rule]:
+    rules = [Rule(f"{key}.weight", (n_out, n_in), f"{param}/kernel", layer, "linear")]
+    return rules + ([Rule(f"{key}.bias", (n_out,), f"{param}/bias", layer)] if bias else [])
+
+
+def norm(key: str, width: int, param: str, layer=None, bias=True) -> list[Rule]:
+    rules = [Rule(f"{key}.weight", (width,), f"{param}/scale", layer)]
+    return rules + ([Rule(f"{key}.bias", (width,), f"{param}/bias", layer)] if bias else [])

@@ -67,7 +67,7 @@ class Escalate:
         return SIGNALS[self.signal](g) >= self.threshold
 
     def save(self, path: Path) -> None:
-        from mqt_jax.train import write_atomic
+        from mqt_jax.outputs import write_atomic
 
         write_atomic(path, json.dumps({"policy": "escalate", **dataclasses.asdict(self),
                                        "ladder": list(self.ladder)}, indent=1) + "\n")
@@ -121,7 +121,7 @@ class Router:
         return self
 
     def save(self, path: Path) -> None:
-        from mqt_jax.train import write_atomic
+        from mqt_jax.outputs import write_atomic
 
         arrays = {k: getattr(self, k).tolist() for k in ("weights", "bias", "mean", "scale")}
         write_atomic(path, json.dumps({"policy": "router", "ladder": list(self.ladder),
@@ -521,7 +521,7 @@ def policy_table(results: dict) -> str:
 
 
 def write_policies(results: dict, out_dir: Path) -> None:
-    from mqt_jax.train import write_atomic
+    from mqt_jax.outputs import write_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "policies.json", json.dumps(results, indent=1))
@@ -549,7 +549,7 @@ def plot_frontier(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mqt_jax.evaluate import save_figure
+    from mqt_jax.outputs import save_figure
 
     fig, ax = plt.subplots(figsize=(8.4, 4.2), dpi=120, layout="constrained")
     fixed = [r for r in results["rows"] if r["policy"].startswith("m = ")]

@@ -108,7 +108,7 @@ def plot(result: Fit, data, optima: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mqt_jax.evaluate import save_figure
+    from mqt_jax.outputs import save_figure
 
     n, v, err = data
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)

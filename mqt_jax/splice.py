@@ -92,11 +92,8 @@ def tokens_reusable(model_config) -> bool:
     """Whether an image's visual tokens, computed once at M, serve every m and every prompt:
     token i is the same at every m (the official resampler, the causal qformer, and the
     compressors without an m) and does not read the question (QueCC does)."""
-    q = model_config.query
-    if q.variant == "quecc":
-        return False
-    return not model_config.has_m or q.variant == "official" or (
-        q.variant == "qformer" and q.query_mask == "causal")
+    compressor = model_config.compressor
+    return not compressor.reads_question and compressor.nested(model_config.query)
 
 
 def raised_rows(examples: Sequence[Example], m_from, m_to, num_queries: int, seq_len: int):

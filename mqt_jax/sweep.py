@@ -31,7 +31,7 @@ from pathlib import Path
 
 import gin
 
-from mqt_jax.train import write_atomic
+from mqt_jax.outputs import write_atomic
 
 
 @gin.configurable
@@ -195,7 +195,7 @@ def collect(sweep_file: str, workdir: str | Path) -> list[dict]:
 
 
 def write_results(rows: list[dict], workdir: Path) -> None:
-    from mqt_jax.evaluate import fmt, markdown_table
+    from mqt_jax.outputs import fmt, markdown_table
 
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -224,7 +224,7 @@ def plot_results(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mqt_jax.evaluate import save_figure
+    from mqt_jax.outputs import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120, sharey=True)
     for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):

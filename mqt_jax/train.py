@@ -36,6 +36,7 @@ from mqt_jax.data.pipeline import DataConfig, make_batches
 from mqt_jax.loss import cross_entropy, token_nll
 from mqt_jax.m_sampler import MSampler
 from mqt_jax.models.vlm import VisionLanguageModel
+from mqt_jax.outputs import write_atomic
 from mqt_jax.synthetic import synthetic_batch
 
 
@@ -391,12 +392,6 @@ def loss_by_m(row_nll: np.ndarray, batch: dict, num_queries: int) -> dict[str, f
         if sel.any():
             out[f"loss_m/{lo + 1}-{hi}"] = float(row_nll[sel].sum() / tokens[sel].sum())
     return out
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class SyntheticBatches:

@@ -21,7 +21,7 @@ from mqt_jax import convert, hf, sharding, splice
 from mqt_jax.cli import main
 from mqt_jax.config import LLMConfig
 from mqt_jax.models.llama import Llama
-from mqt_jax.models.query_transformer import sincos_2d
+from mqt_jax.compressors.official import sincos_2d
 from mqt_jax.models.vision_tower import VisionTower
 from mqt_jax.models.vlm import VisionLanguageModel
 

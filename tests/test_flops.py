@@ -51,7 +51,7 @@ def test_query_transformer_flops_match_xla(one_layer, n):
     feats = jnp.zeros((1, cfg.vision.num_patches, cfg.vision.width))
     xla = xla_flops(lambda p, f: model.apply(
         {"params": p}, f, method=lambda mdl, f: mdl.query_transformer(f, None, n)), params, feats)
-    close(xla, flops.query_flops(cfg.query, cfg.vision, cfg.llm.hidden, n))
+    close(xla, flops.inference_flops(cfg, n, 0)["query"])
 
 
 @pytest.mark.parametrize("tokens", [24, 64])
@@ -91,7 +91,7 @@ def test_the_papers_claim_on_the_7b_config():
     ("qformer", 16), ("avgpool", 9), ("mlp2x_gelu", 16), ("quecc", 4)])
 def test_other_compressors_flops_match_xla(one_layer, variant, num_queries):
     from mqt_jax.config import ModelConfig, QueryTransformerConfig
-    from mqt_jax.models.query_transformer import QueryTransformer
+    from mqt_jax.compressors import build as QueryTransformer
 
     base = one_layer[0]  # 4 x 4 patches; widths where matmuls dominate (an exact GELU costs
     # XLA about 70 FLOPs per element):

@@ -6,10 +6,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mqt_jax import splice
+from mqt_jax import compressors, splice
 from mqt_jax.config import ModelConfig
 from mqt_jax.models.llama import Llama
-from mqt_jax.models.query_transformer import QueryTransformer
 from mqt_jax.models.vision_tower import VisionTower
 
 
@@ -23,19 +22,20 @@ class VisionLanguageModel(nn.Module):
             remat_policy=cfg.remat_policy,
         )
         self.vision_tower = VisionTower(cfg.vision, **kw)
-        self.query_transformer = QueryTransformer(
+        self.query_transformer = compressors.build(
             cfg.query, out_width=cfg.llm.hidden, grid_size=cfg.vision.grid_size, **kw
         )
         self.llm = Llama(cfg.llm, drop_layer=cfg.drop_layer, **kw)
 
     def visual_tokens(self, images, m, num_queries: int | None = None, guidance=None):
         """images [N, H, W, 3], m [N] -> all M visual tokens [N, M, hidden] (or, with a static
-        `num_queries=n`, the really truncated computation's n tokens). QueCC also takes its
-        text guidance [N, hidden]."""
-        q = self.config.query
-        if q.variant != "quecc":
+        `num_queries=n`, the really truncated computation's n tokens). A compressor that reads
+        the question (QueCC) also takes its text guidance [N, hidden], and its extra vision
+        layers."""
+        extra = self.config.compressor.vision_layers(self.config.query)
+        if not extra:
             return self.query_transformer(self.vision_tower(images), m, num_queries)
-        features, multi = self.vision_tower(images, q.vision_layers)
+        features, multi = self.vision_tower(images, extra)
         return self.query_transformer(features, m, num_queries, multi=multi, guidance=guidance)
 
     def question_states(self, text, visual_index, positions, segment_ids, question_end):
@@ -55,7 +55,7 @@ class VisionLanguageModel(nn.Module):
         if visual is not None:
             return splice.splice(text, visual, visual_index)
         guidance = None
-        if self.config.query.variant == "quecc":
+        if self.config.compressor.reads_question:
             guidance = self.question_states(text, visual_index, positions, segment_ids, question_end)
             guidance = guidance.reshape(b * i, -1)
         tokens = self.visual_tokens(images.reshape((b * i,) + images.shape[2:]), m.reshape(-1),

@@ -6,9 +6,9 @@ from flax import linen as nn
 
 from helpers import init_params, tiny_config
 from mqt_jax.config import QueryTransformerConfig
-from mqt_jax.models.query_transformer import (
-    QueryTransformer, adaptive_pool_matrix, resize_grid_torch_bicubic, sincos_2d,
-    torch_bicubic_matrix)
+from mqt_jax.compressors import build as QueryTransformer
+from mqt_jax.compressors.avgpool import adaptive_pool_matrix
+from mqt_jax.compressors.official import resize_grid_torch_bicubic, sincos_2d, torch_bicubic_matrix
 from numpy_reference import bicubic_resize_torch, official_resampler
 
 
@@ -192,3 +192,53 @@ def test_quecc_query_depends_only_on_the_patches_of_its_window():
     # The text guidance is global: every token moves.
     changed = run(features, multi, guidance + 1.0)
     assert (np.abs(changed - base).max(axis=-1) > 1e-4).all()
+
+
+def test_a_new_compressor_is_one_registered_class(monkeypatch):
+    """The registry is what the package reads: a compressor defined here (a mean of the patch
+    grid, one token) is accepted by the config, counted by flops, built by the model and
+    refused by Grad-CAM, without an edit anywhere else."""
+    import dataclasses
+
+    from mqt_jax import compressors, flops, gradcam
+    from mqt_jax.compressors.base import Compressor, register
+    from mqt_jax.models.vlm import VisionLanguageModel
+
+    monkeypatch.setattr(compressors.base, "REGISTRY", dict(compressors.REGISTRY))
+    monkeypatch.setattr(compressors, "REGISTRY", compressors.base.REGISTRY)
+
+    @register("mean_token")
+    class MeanToken(Compressor):
+        @nn.compact
+        def __call__(self, features, m=None, num_queries=None):
+            return nn.Dense(self.out_width, name="proj")(features.mean(1, keepdims=True))
+
+        @classmethod
+        def check(cls, model):
+            if model.query.num_queries != 1:
+                raise ValueError("mean_token makes one token")
+
+        @classmethod
+        def flops(cls, model, m, text_tokens):
+            return {"projector": 2 * model.vision.width * model.llm.hidden}
+
+    base = tiny_config()
+    cfg = dataclasses.replace(base, query=dataclasses.replace(base.query, variant="mean_token",
+                                                              num_queries=1))
+    assert cfg.compressor is MeanToken and not cfg.has_m and cfg.num_queries == 1
+    with pytest.raises(ValueError, match="mean_token makes one token"):
+        dataclasses.replace(cfg, query=dataclasses.replace(cfg.query, num_queries=4))
+    parts = flops.inference_flops(cfg, 1, text_tokens=10)
+    assert parts["projector"] == 2 * cfg.vision.width * cfg.llm.hidden
+    assert parts["llm_prefill"] == flops.llm_flops(cfg.llm, 11)
+    images = np.random.default_rng(0).random((2, cfg.vision.image_size, cfg.vision.image_size, 3))
+    model = VisionLanguageModel(cfg)
+    params = model.init(jax.random.PRNGKey(0), jnp.asarray(images, jnp.float32),
+                        jnp.ones((2,), jnp.int32), method=VisionLanguageModel.visual_tokens)
+    tokens = model.apply(params, jnp.asarray(images, jnp.float32), jnp.ones((2,), jnp.int32),
+                         method=VisionLanguageModel.visual_tokens)
+    assert tokens.shape == (2, 1, cfg.llm.hidden)
+    with pytest.raises(ValueError, match="the mean_token compressor has none"):
+        gradcam.check_variant(cfg)
+    with pytest.raises(ValueError, match="expected one of .*'mean_token'"):
+        dataclasses.replace(cfg.query, variant="nope")
