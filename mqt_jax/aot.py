@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from mqt_jax import flops, sharding, splice
 from mqt_jax.checkpoint import abstract_like
@@ -34,14 +33,11 @@ def chip_of(topology_name: str) -> str:
 
 
 def abstract_batch(trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:
-    cfg, v = trainer.config, trainer.model_config.vision
-    b, t, i = cfg.batch_size, cfg.seq_len, cfg.images_per_row
-    shapes = {"images": ((b, i, v.image_size, v.image_size, 3), np.float32),
-              "m": ((b, i), np.int32), "question_end": ((b, i), np.int32),
-              "loss_mask": ((b, t), np.float32)}
-    return {k: jax.ShapeDtypeStruct(*shapes.get(k, ((b, t), np.int32)),
-                                    sharding=trainer.batch_shardings[k])
-            for k in splice.BATCH_KEYS}
+    cfg = trainer.config
+    shapes = splice.batch_shapes(cfg.batch_size, cfg.seq_len, cfg.images_per_row,
+                                 trainer.model_config.vision.image_size)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_shardings[k])
+            for k, (shape, dtype) in shapes.items()}
 
 
 def compile_train_step(topology_name: str, model_config: ModelConfig, config: TrainConfig,

@@ -37,9 +37,9 @@ from mqt_jax import compressors, hf, sharding
 from mqt_jax.hf import Rule, linear, norm
 from mqt_jax.checkpoint import abstract_like
 from mqt_jax.config import DTYPES, LLMConfig, ModelConfig, QueryTransformerConfig, VisionConfig
+from mqt_jax.models import vlm
 from mqt_jax.models.llama import Llama
 from mqt_jax.models.vision_tower import VisionTower
-from mqt_jax.train import abstract_model_params
 
 # A LLaVA-layout folder's compressor, by --kind: each compressor that can be converted names
 # its kind and reads its own weights (mqt_jax/compressors).
@@ -289,7 +289,7 @@ def abstract_params(model_config: ModelConfig, parts: tuple[str, ...], mesh) -> 
     """ShapeDtypeStructs, with shardings on `mesh`, of the parts built: the whole model, or
     one tower (nested under its name)."""
     if len(parts) > 1:
-        return abstract_model_params(model_config, mesh)
+        return vlm.abstract_params(model_config, mesh)
     (part,), cfg = parts, model_config
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     if part == "vision_tower":

@@ -20,7 +20,8 @@ from mqt_jax.data.pipeline import DataConfig
 from mqt_jax.data.shapes import write_shapes
 from mqt_jax.evaluate import EvalConfig, evaluate, m_values_for, sweep_tables, write_collection
 from mqt_jax.m_sampler import MSampler
-from mqt_jax.train import TrainConfig, Trainer, abstract_model_params, train
+from mqt_jax.models.vlm import abstract_params
+from mqt_jax.train import TrainConfig, Trainer, train
 
 
 @gin.configurable
@@ -176,7 +177,7 @@ def open_run(path: str | Path, scope: str | None = None, step: int | None = None
         path, scope = run_folder(path)
     with scoped(scope):
         model_config, mesh = ModelConfig(), sharding.make_mesh(sharding.MeshConfig())
-        params, step = restore_params(path, abstract_model_params(model_config, mesh), step)
+        params, step = restore_params(path, abstract_params(model_config, mesh), step)
         return TrainedRun(path, step, model_config, EvalConfig(), mesh, params)
 
 

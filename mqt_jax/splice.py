@@ -28,6 +28,23 @@ BATCH_KEYS = (
 )
 
 
+def batch_shapes(rows: int, seq_len: int, images_per_row: int, image_size: int) -> dict:
+    """{key: (shape, dtype)} of each of BATCH_KEYS in a batch of `rows` rows."""
+    per_image, per_token = ((rows, images_per_row), np.int32), ((rows, seq_len), np.int32)
+    return {"images": ((rows, images_per_row, image_size, image_size, 3), np.float32),
+            "m": per_image, "question_end": per_image, "token_ids": per_token,
+            "visual_index": per_token, "positions": per_token, "segment_ids": per_token,
+            "targets": per_token, "loss_mask": ((rows, seq_len), np.float32)}
+
+
+def placeholder_batch(rows: int, seq_len: int, images_per_row: int, image_size: int) -> dict:
+    """A batch of the right shapes holding no image token (m = 1, nothing spliced): what
+    an init or an abstract trace needs, since parameter shapes do not depend on values."""
+    fill = {"m": 1, "visual_index": -1}
+    return {k: np.full(shape, fill.get(k, 0), dtype)
+            for k, (shape, dtype) in batch_shapes(rows, seq_len, images_per_row, image_size).items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
     """One tokenised conversation. `tokens` holds IMAGE_TOKEN where an image goes; `labels`

@@ -209,20 +209,12 @@ class Trainer:
             donate_argnums=0,
         )
 
-    def dummy_batch(self) -> dict[str, jax.Array]:
-        """Zeros shaped like a batch (for init: parameter shapes do not depend on values)."""
-        cfg, v = self.config, self.model_config.vision
-        b, i = sharding.batch_divisor(self.mesh), cfg.images_per_row
-        ints = jnp.zeros((b, cfg.seq_len), jnp.int32)  # __init__ checked the room after a drop
-        return {
-            "images": jnp.zeros((b, i, v.image_size, v.image_size, 3)),
-            "m": jnp.ones((b, i), jnp.int32), "question_end": jnp.zeros((b, i), jnp.int32),
-            "token_ids": ints, "visual_index": ints - 1, "positions": ints, "segment_ids": ints,
-        }
-
     def init_params(self, rng) -> dict:
         """Boxed (nn.Partitioned) parameters; trace with jax.eval_shape for shapes only."""
-        return self.model.init(rng, self.dummy_batch(), method="logits")["params"]
+        cfg = self.config  # __init__ checked the room after a Victor drop
+        batch = splice.placeholder_batch(sharding.batch_divisor(self.mesh), cfg.seq_len,
+                                         cfg.images_per_row, self.model_config.vision.image_size)
+        return self.model.init(rng, batch, method="logits")["params"]
 
     def _init_state(self, rng) -> TrainState:
         trainable, frozen = split_params(nn.meta.unbox(self.init_params(rng)), self.config)
@@ -360,16 +352,6 @@ class Trainer:
         device_batch = self.shard_batch(batch)
         with sharding.activate(self.mesh):
             return self._jit_step(state, device_batch)
-
-
-def abstract_model_params(model_config: ModelConfig, mesh: jax.sharding.Mesh) -> dict:
-    """ShapeDtypeStructs of the model's parameters with their shardings on `mesh`. Shapes do
-    not depend on the batch: any batch this mesh divides will do (a training batch may not
-    divide a smaller inference host)."""
-    config = TrainConfig(batch_size=sharding.batch_divisor(mesh), grad_accum_steps=1)
-    room = config.images_per_row * model_config.dropped_per_image + 1  # Victor's drop
-    config = dataclasses.replace(config, seq_len=max(config.seq_len, room))
-    return Trainer(model_config, config, mesh).abstract_params()
 
 
 def m_ranges(num_queries: int) -> list[tuple[int, int]]:

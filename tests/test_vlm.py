@@ -127,3 +127,27 @@ def test_quecc_guidance_is_the_llms_own_reading_of_the_question_alone_without_gr
         np.testing.assert_allclose(got[row, 0], want, rtol=1e-5, atol=1e-5)
     grads = jax.grad(lambda p: guidance(p, *inputs).sum())(params)
     assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads))  # no gradient
+
+
+@pytest.mark.parametrize("variant", ["official", "victor"])
+def test_abstract_params_are_the_trainers_without_building_one(variant):
+    """The model says its own parameter shapes, dtypes and shardings (what inference restores
+    into) exactly as the training state holds them."""
+    import dataclasses
+
+    from mqt_jax import sharding
+    from mqt_jax.models.vlm import abstract_params
+    from mqt_jax.train import TrainConfig, Trainer
+
+    cfg = tiny_config()
+    if variant == "victor":
+        cfg = dataclasses.replace(cfg, query=dataclasses.replace(
+            cfg.query, variant="victor", num_queries=4, drop_layer=1))
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    seq_len = cfg.dropped_per_image + 64
+    ours = abstract_params(cfg, mesh)
+    theirs = Trainer(cfg, TrainConfig(batch_size=4, seq_len=seq_len), mesh).abstract_params()
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype)
+        assert a.sharding.is_equivalent_to(b.sharding, len(a.shape))

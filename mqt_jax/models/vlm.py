@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mqt_jax import compressors, splice
+from mqt_jax import compressors, sharding, splice
 from mqt_jax.config import ModelConfig
 from mqt_jax.models.llama import Llama
 from mqt_jax.models.vision_tower import VisionTower
@@ -108,3 +108,19 @@ class VisionLanguageModel(nn.Module):
 
 MODEL_INPUTS = ("images", "m", "token_ids", "visual_index", "positions", "segment_ids",
                 "question_end")
+
+
+def abstract_params(model_config: ModelConfig, mesh: jax.sharding.Mesh) -> dict:
+    """ShapeDtypeStructs of the model's parameters carrying their shardings on `mesh`: an
+    abstract init (nothing computed or allocated). Shapes do not depend on the batch; the
+    placeholder's rows are the fewest this mesh divides, its length the fewest a Victor drop
+    leaves room in."""
+    rows, seq_len = sharding.batch_divisor(mesh), model_config.dropped_per_image + 1
+    batch = splice.placeholder_batch(rows, seq_len, 1, model_config.vision.image_size)
+    model = VisionLanguageModel(model_config)
+    with sharding.activate(mesh):
+        boxed = jax.eval_shape(lambda rng: model.init(rng, batch, method="logits")["params"],
+                               jax.random.key(0))
+    shardings = sharding.logical_to_shardings(boxed, mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nn.meta.unbox(boxed), shardings)
