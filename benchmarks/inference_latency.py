@@ -32,7 +32,7 @@ from mqt_jax.gin_files import parse_gin
 from mqt_jax.outputs import markdown_table
 from mqt_jax.config import LLMConfig, ModelConfig, QueryTransformerConfig, VisionConfig
 from mqt_jax.generate import Generator, SamplingConfig
-from mqt_jax.train import TrainConfig, Trainer, merge_params
+from mqt_jax.trainer import TrainConfig, Trainer, merge_params
 
 
 def model_config(name: str) -> ModelConfig:

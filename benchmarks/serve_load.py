@@ -48,7 +48,7 @@ from mqt_jax.engine import Engine, EngineConfig, Request  # noqa: E402
 from mqt_jax.evaluate import EvalConfig  # noqa: E402
 from mqt_jax.outputs import markdown_table  # noqa: E402
 from mqt_jax.recipe import TrainedRun  # noqa: E402
-from mqt_jax.train import TrainConfig, Trainer, merge_params  # noqa: E402
+from mqt_jax.trainer import TrainConfig, Trainer, merge_params  # noqa: E402
 
 WORDS = ("what shape colour image picture how many where left right top bottom is the a of "
          "in on describe circle square triangle star red green blue yes no").split()

@@ -40,7 +40,7 @@ from mqt_jax import flops, sharding, splice
 from mqt_jax.config import LLMConfig, ModelConfig, QueryTransformerConfig, VisionConfig
 from mqt_jax.outputs import markdown_table
 from mqt_jax.m_sampler import MSampler
-from mqt_jax.train import TrainConfig, Trainer
+from mqt_jax.trainer import TrainConfig, Trainer
 
 BATCH, SEQ, M = 8, 320, 64
 

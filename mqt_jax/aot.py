@@ -17,7 +17,7 @@ from mqt_jax import flops, sharding, splice
 from mqt_jax.checkpoint import abstract_like
 from mqt_jax.config import ModelConfig
 from mqt_jax.outputs import write_atomic
-from mqt_jax.train import TrainConfig, Trainer
+from mqt_jax.trainer import TrainConfig, Trainer
 
 GIB = 2**30
 # HBM per chip (public spec sheets); peak FLOP/s in flops.PEAK_TFLOPS.

@@ -31,7 +31,7 @@ def cmd_aot(args) -> int:
     from mqt_jax.aot import compile_train_step, write_report
     from mqt_jax.config import ModelConfig
     from mqt_jax.sharding import MeshConfig
-    from mqt_jax.train import TrainConfig
+    from mqt_jax.trainer import TrainConfig
 
     report = compile_train_step(args.topology, ModelConfig(), TrainConfig(), MeshConfig())
     out = args.out or f"aot_{args.topology.replace(':', '_')}.json"

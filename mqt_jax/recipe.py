@@ -21,7 +21,8 @@ from mqt_jax.data.shapes import write_shapes
 from mqt_jax.evaluate import EvalConfig, evaluate, m_values_for, sweep_tables, write_collection
 from mqt_jax.m_sampler import MSampler
 from mqt_jax.models.vlm import abstract_params
-from mqt_jax.train import TrainConfig, Trainer, train
+from mqt_jax.train import train
+from mqt_jax.trainer import TrainConfig, Trainer
 
 
 @gin.configurable

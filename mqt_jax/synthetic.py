@@ -6,11 +6,16 @@ and the answer names its class, so the loss can only fall if visual tokens carry
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from mqt_jax import splice
 from mqt_jax.config import ModelConfig
 from mqt_jax.m_sampler import MSampler
+
+if TYPE_CHECKING:
+    from mqt_jax.trainer import TrainConfig
 
 PROMPT_LEN, ANSWER_LEN = 6, 4
 
@@ -44,3 +49,26 @@ def synthetic_batch(
         rows.append([splice.Example(tokens, labels)])
     m = sampler.sample(model_config.num_queries, (batch_size, 1), seed, step)
     return {"images": images, "m": m, **splice.layout_rows(rows, m, model_config.num_queries, seq_len)}
+
+
+class SyntheticBatches:
+    """synthetic_batch as a checkpointable iterator (its state is the step). Every process
+    makes the same global batch and keeps its own rows, so the global batch does not depend
+    on the number of processes."""
+
+    def __init__(self, model_config: ModelConfig, config: TrainConfig, sampler: MSampler,
+                 rows: slice = slice(None)):
+        self.model_config, self.config, self.sampler, self.rows = model_config, config, sampler, rows
+        self.step, self.skipped = 0, {}
+
+    def __next__(self):
+        batch = synthetic_batch(self.model_config, self.sampler, batch_size=self.config.batch_size,
+                                seq_len=self.config.seq_len, step=self.step, seed=self.config.seed)
+        self.step += 1
+        return {k: v[self.rows] for k, v in batch.items()}
+
+    def get_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_state(self, state: dict) -> None:
+        self.step = state["step"]

@@ -20,7 +20,7 @@ from helpers import tiny_config  # noqa: E402
 
 from mqt_jax import sharding, splice  # noqa: E402
 from mqt_jax.generate import Generator, SamplingConfig  # noqa: E402
-from mqt_jax.train import TrainConfig, Trainer, merge_params  # noqa: E402
+from mqt_jax.trainer import TrainConfig, Trainer, merge_params  # noqa: E402
 
 M_VALUES = (1, 5, 16)
 SAMPLINGS = {"greedy": SamplingConfig(max_new_tokens=6),

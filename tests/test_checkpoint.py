@@ -13,7 +13,7 @@ import pytest
 from helpers import random_batch, tiny_config
 from mqt_jax.checkpoint import Checkpointer, abstract_like, restore_params
 from mqt_jax.sharding import MeshConfig, make_mesh
-from mqt_jax.train import TrainConfig, Trainer
+from mqt_jax.trainer import TrainConfig, Trainer
 
 STEPS, EVERY = 40, 5
 # These runs execute many steps, so default XLA optimisation (not the suite's fast-compile flag).
@@ -185,7 +185,7 @@ def test_run_stops_after_too_many_non_finite_updates(tmp_path, monkeypatch):
 def test_init_from_takes_the_matching_parameters_of_another_run(tmp_path):
     from flax.traverse_util import flatten_dict
 
-    from mqt_jax.train import merge_params
+    from mqt_jax.trainer import merge_params
 
     stage1 = trainer_on(jax.devices(), mesh=(2, 2, 2))
     saved = stage1.init_state(seed=1)
@@ -216,7 +216,9 @@ def test_init_from_several_runs_takes_each_ones_parts(tmp_path):
     is no sibling of the workdir."""
     from flax.traverse_util import flatten_dict
 
-    from mqt_jax.train import init_sources, merge_params
+    from mqt_jax.trainer import merge_params
+
+    from mqt_jax.train import init_sources
 
     saved = {}
     for name, seed in (("clip", 1), ("lm", 2)):

@@ -465,7 +465,7 @@ def test_a_converted_llava_opens_for_generation_and_training(hf_models, tmp_path
     from PIL import Image
 
     from mqt_jax.checkpoint import restore_params
-    from mqt_jax.train import TrainConfig, Trainer, merge_params
+    from mqt_jax.trainer import TrainConfig, Trainer, merge_params
 
     src = tmp_path / "llava"
     shutil.copytree(hf_models["root"] / "llava", src)

@@ -10,7 +10,7 @@ from helpers import write_run
 import mqt_jax
 from mqt_jax.engine import Engine, EngineConfig, QueueFull, Request, Stopped
 from mqt_jax.splice import true_length
-from mqt_jax.train import CompileCounter
+from mqt_jax.trainer import CompileCounter
 
 QUESTIONS = ["What shape is in the picture?", "How many triangles are there?",
              "Describe the image in one word.", "What colour?",

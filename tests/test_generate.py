@@ -11,7 +11,7 @@ from mqt_jax.config import ModelConfig
 from mqt_jax.generate import (Generator, SamplingConfig, cut_at_eos, cut_at_stop, next_token,
                               prompt_batch, stop_tokens)
 from mqt_jax.models.vlm import MODEL_INPUTS, VisionLanguageModel
-from mqt_jax.train import CompileCounter, TrainConfig, Trainer
+from mqt_jax.trainer import CompileCounter, TrainConfig, Trainer
 
 EOS = 2
 

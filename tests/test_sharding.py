@@ -7,7 +7,7 @@ from jax.sharding import PartitionSpec as P
 from helpers import random_batch, tiny_config
 from mqt_jax import sharding
 from mqt_jax.sharding import LOGICAL_AXIS_RULES, MeshConfig, make_mesh
-from mqt_jax.train import TrainConfig, Trainer, merge_params
+from mqt_jax.trainer import TrainConfig, Trainer, merge_params
 
 TRAIN = TrainConfig(batch_size=8, seq_len=40, trainable=(".*",), learning_rate=3e-3, steps=10)
 

@@ -7,7 +7,7 @@ from flax.traverse_util import flatten_dict
 from helpers import random_batch, tiny_config
 from mqt_jax import sharding
 from mqt_jax.sharding import MeshConfig, make_mesh
-from mqt_jax.train import CompileCounter, TrainConfig, Trainer, make_optimizer, split_params
+from mqt_jax.trainer import CompileCounter, TrainConfig, Trainer, make_optimizer, split_params
 
 
 def trainer_for(mesh_shape=(1, 4, 2), variant="official", **train_kw):
@@ -147,7 +147,7 @@ def test_accumulation_must_divide_the_batch():
 
 
 def test_m_ranges_and_loss_by_m_by_hand():
-    from mqt_jax.train import loss_by_m, m_ranges
+    from mqt_jax.metrics import loss_by_m, m_ranges
 
     assert m_ranges(64) == [(0, 4), (4, 16), (16, 64)]
     assert m_ranges(256)[-1] == (64, 256) and m_ranges(2) == [(0, 2)]

@@ -11,7 +11,7 @@ from helpers import conversation, init_params, random_batch, tiny_config
 from mqt_jax import splice
 from mqt_jax.loss import cross_entropy
 from mqt_jax.models.vlm import VisionLanguageModel
-from mqt_jax.train import CompileCounter
+from mqt_jax.trainer import CompileCounter
 
 M_SET = (1, 2, 4, 8, 16)  # M = 16
 
@@ -137,7 +137,7 @@ def test_abstract_params_are_the_trainers_without_building_one(variant):
 
     from mqt_jax import sharding
     from mqt_jax.models.vlm import abstract_params
-    from mqt_jax.train import TrainConfig, Trainer
+    from mqt_jax.trainer import TrainConfig, Trainer
 
     cfg = tiny_config()
     if variant == "victor":
