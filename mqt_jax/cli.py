@@ -436,10 +436,12 @@ def main(argv=None) -> int:
     add_multiprocess_args(serve_p)
     serve_p.set_defaults(func=cmd_serve)
     conv_p = sub.add_parser("convert", help="a Hugging Face checkpoint -> an orbax run folder")
-    conv_p.add_argument("--kind", required=True, choices=("clip-vision", "llama", "llava-1.5", "mqt-llava"))
+    # convert.KINDS, written out: importing it would load jax for every command's --help
+    conv_p.add_argument("--kind", required=True,
+                        choices=("clip-vision", "llama", "mqt-llava", "llava-1.5", "m3"))
     conv_p.add_argument("--src", required=True, help="Hugging Face folder (config.json, safetensors)")
     conv_p.add_argument("--out", required=True, help="output folder (must not exist)")
-    conv_p.add_argument("--vision", help="llava-1.5 / mqt-llava: the CLIP folder (mm_vision_tower) "
+    conv_p.add_argument("--vision", help="llava-1.5 / mqt-llava / m3: the CLIP folder (mm_vision_tower) "
                         "when the checkpoint holds no vision tower")
     conv_p.add_argument("--param_dtype", default="float32", help="stored parameters' dtype")
     conv_p.add_argument("--dtype", help="compute dtype written to config.gin (default: param_dtype)")

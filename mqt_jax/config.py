@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import gin
+import numpy as np
 
 from mqt_jax import compressors
 
@@ -87,8 +88,9 @@ class QueryTransformerConfig:
     """The compressor between the vision tower and the LLM (one gin binding picks it):
     patch features -> M visual tokens at the LLM width. `variant` names one of
     mqt_jax/compressors (each file describes its own): the Matryoshka ones ("official", the
-    released MQT-LLaVA resampler; "qformer") serve any m <= M; the others ("mlp2x_gelu",
-    "avgpool", "victor", "quecc") have no m: one model per budget M.
+    released MQT-LLaVA resampler; "qformer") serve any m <= M, "m3" (M3's nested pooling) its
+    scales; the others ("mlp2x_gelu", "avgpool", "victor", "quecc") have no m: one model per
+    budget M.
     """
 
     variant: str = "official"
@@ -105,6 +107,9 @@ class QueryTransformerConfig:
     # quecc only: the vision layers whose hidden states (concatenated) give keys and values,
     # counted like VisionConfig.select_layer.
     vision_layers: tuple[int, ...] = (12, 16, 22, 23)
+    # m3 only: the token counts it serves (squares whose side divides the patch grid); empty:
+    # every such square (1, 4, 9, 16, 36, 64, 144, 576 at 24 x 24 patches).
+    scales: tuple[int, ...] = ()
 
     def __post_init__(self):
         positive(self, "num_queries", "width", "num_heads", "num_layers", "mlp_dim")
@@ -213,11 +218,17 @@ class ModelConfig:
         return self.compressor.elastic
 
     def check_m(self, m):
-        """m as int32, or a ValueError: outside [1, M], or not M for a fixed-token projector."""
+        """m as int32, or a ValueError: outside [1, M], not M for a fixed-token projector, or
+        not one of the compressor's scales (M3)."""
         from mqt_jax.splice import check_m
 
         m = check_m(m, self.num_queries)
         if not self.has_m and (m != self.num_queries).any():
             raise ValueError(f"m={sorted(set(m.reshape(-1).tolist()))}: the {self.query.variant} "
                              f"projector has no m; it always gives all {self.num_queries} tokens")
+        valid = self.compressor.valid_m(self)
+        if valid is not None and not np.isin(m, valid).all():
+            bad = sorted(set(m[~np.isin(m, valid)].tolist()))
+            raise ValueError(f"m={bad}: the {self.query.variant} compressor serves m in "
+                             f"{list(valid)} only")
         return m

@@ -63,11 +63,14 @@ class EvalConfig:
 
 
 def m_values_for(config: EvalConfig, model_config: ModelConfig) -> list[int]:
-    """The m to evaluate: EvalConfig.m_values up to M, and M (only M without an m)."""
+    """The m to evaluate: EvalConfig.m_values up to M (those the compressor serves: M3's
+    scales), and M (only M without an m)."""
     big_m = model_config.num_queries
     if not model_config.has_m:
         return [big_m]
-    values = sorted({m for m in config.m_values if m <= big_m} | {big_m})
+    valid = model_config.compressor.valid_m(model_config)
+    values = sorted({m for m in config.m_values if m <= big_m and (valid is None or m in valid)}
+                    | {big_m})
     model_config.check_m(values)
     return values
 

@@ -167,3 +167,19 @@ def official_resampler(params, features, cfg, grid_size, n=None):
     q, k, v = qkv(np.broadcast_to(q, (x.shape[0],) + q.shape[1:]),
                   np.broadcast_to(k, (x.shape[0],) + k.shape[1:]), v, p["attn"])
     return out_proj(attention_core(q, k, v), p["attn"]) @ p["proj"]["kernel"]
+
+
+def m3_tokens(params, features, grid_size, m):
+    """M3 at m tokens, in float64: LLaVA-1.5's projector (Linear, exact GELU, Linear) on
+    every patch, then torch's F.avg_pool2d with kernel = stride = grid / sqrt(m) over the
+    projected grid, flattened row-major. features [N, grid**2, d] -> [N, m, D]."""
+    from math import erf, isqrt
+
+    p = f64(params)
+    x = np.asarray(features, np.float64) @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+    x = 0.5 * x * (1 + np.vectorize(erf)(x / np.sqrt(2)))
+    x = x @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+    side = isqrt(m)
+    k = grid_size // side
+    grid = x.reshape(x.shape[0], side, k, side, k, -1)
+    return grid.mean(axis=(2, 4)).reshape(x.shape[0], m, -1)

@@ -242,3 +242,38 @@ def test_a_new_compressor_is_one_registered_class(monkeypatch):
         gradcam.check_variant(cfg)
     with pytest.raises(ValueError, match="expected one of .*'mean_token'"):
         dataclasses.replace(cfg.query, variant="nope")
+
+
+def test_m3_is_the_projector_then_average_pooling_at_every_scale():
+    """Each row's first m tokens equal the projected grid average-pooled to sqrt(m) x sqrt(m)
+    (float64 reference), with rows of different scales in one call; the really truncated
+    computation gives the same tokens."""
+    from numpy_reference import m3_tokens
+
+    cfg = tiny_config("m3")  # 4 x 4 patches: scales 1, 4, 16
+    assert cfg.compressor.valid_m(cfg) == (1, 4, 16) and cfg.has_m
+    module, params, features, run = make(cfg, batch=3)
+    for m in ([1, 4, 16], [16, 1, 4], [4, 4, 4]):
+        out = np.asarray(run(m))
+        for row, n in enumerate(m):
+            ref = m3_tokens(params, features[row:row + 1], cfg.vision.grid_size, n)[0]
+            np.testing.assert_allclose(out[row, :n], ref, rtol=1e-5, atol=1e-5)
+            truncated = np.asarray(run([n] * 3, n))[row]
+            np.testing.assert_allclose(truncated, out[row, :n], rtol=1e-6, atol=1e-6)
+
+
+def test_m3_serves_its_scales_only():
+    import dataclasses
+
+    cfg = tiny_config("m3")
+    with pytest.raises(ValueError, match=r"m=\[2, 8\]: the m3 compressor serves m in \[1, 4, 16\]"):
+        cfg.check_m([1, 2, 8, 16])
+    picked = dataclasses.replace(cfg, query=dataclasses.replace(cfg.query, scales=(1, 16)))
+    assert picked.compressor.valid_m(picked) == (1, 16)
+    with pytest.raises(ValueError, match="not squares whose side divides"):
+        dataclasses.replace(cfg, query=dataclasses.replace(cfg.query, scales=(1, 9)))
+    with pytest.raises(ValueError, match="m3 pools the projected patch grid"):
+        tiny_config("m3", num_queries=4)
+    from mqt_jax.evaluate import EvalConfig, m_values_for
+
+    assert m_values_for(EvalConfig(m_values=(1, 2, 4, 8)), cfg) == [1, 4, 16]

@@ -219,6 +219,37 @@ def test_llava_1_5_logits_equal_transformers(hf_models, tmp_path):
     assert "QueryTransformerConfig.variant = 'mlp2x_gelu'" in (out / "config.gin").read_text()
 
 
+def test_m3_from_a_llava_folder_equals_torch_avg_pool_after_the_projector(hf_models, tmp_path):
+    """`--kind m3` reads a LLaVA-1.5-layout folder (the released llava-v1.5-7b-m3's) into the
+    m3 compressor; at every scale its tokens equal transformers' projected image features
+    through torch's F.avg_pool2d (kernel = stride = grid / sqrt(m)), as M3 pools them."""
+    import torch
+    import torch.nn.functional as F
+
+    params = convert.convert("m3", hf_models["root"] / "llava", tmp_path / "m3", mesh=mesh(),
+                             progress=False)
+    cfg = convert.plan("m3", hf_models["root"] / "llava").model_config
+    assert cfg.query.variant == "m3" and cfg.compressor.valid_m(cfg) == (1, 4, 16)
+    assert convert.KINDS == ("clip-vision", "llama", "mqt-llava", "llava-1.5", "m3")  # cli's --kind
+    image = np.random.default_rng(0).normal(size=(1, 28, 28, 3)).astype(np.float32)
+    llava = hf_models["llava"]
+    with torch.no_grad():
+        pixels = torch.tensor(image).permute(0, 3, 1, 2)
+        projected = llava.get_image_features(pixel_values=pixels)  # [1, 16, D], projected
+        projected = getattr(projected, "pooler_output", projected)
+        projected = projected[0] if isinstance(projected, (list, tuple)) else projected
+        projected = projected.reshape(1, 16, -1)
+        grid = projected.reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    model = VisionLanguageModel(cfg)
+    for m in (1, 4, 16):
+        kernel = 4 // int(m ** 0.5)
+        want = F.avg_pool2d(grid, kernel, kernel).flatten(2).transpose(1, 2)[0].numpy()
+        with sharding.activate(mesh()):
+            got = model.apply({"params": params}, jnp.asarray(np.repeat(image, 8, 0)),
+                              jnp.full((8,), m), method=VisionLanguageModel.visual_tokens)
+        assert relative_error(np.asarray(got)[0, :m], want) < 1e-5, m
+
+
 class TorchResampler:
     """The released resampler written from shared/reference/mqt.md with torch's own
     nn.MultiheadAttention, LayerNorm and F.interpolate(bicubic, align_corners=False)."""

@@ -46,7 +46,7 @@ def reference_loss_terms(logits, labels):
 
 
 @pytest.mark.parametrize("variant,query_mask", [
-    ("official", "prefix"), ("qformer", "prefix"), ("qformer", "causal")])
+    ("official", "prefix"), ("qformer", "prefix"), ("qformer", "causal"), ("m3", "prefix")])
 def test_single_graph_equals_truncation_for_every_m(variant, query_mask):
     cfg = tiny_config(variant, query_mask)
     model = VisionLanguageModel(cfg)
@@ -64,6 +64,8 @@ def test_single_graph_equals_truncation_for_every_m(variant, query_mask):
     rng = np.random.default_rng(1)
     examples = [conversation(rng, cfg.llm.vocab_size) for _ in range(3)]
     m_rows = [[m] * 3 for m in M_SET] + [[1, 8, 16], [16, 2, 4]]  # uniform, then mixed batches
+    if variant == "m3":  # its scales on 4 x 4 patches
+        m_rows = [[1] * 3, [4] * 3, [16] * 3, [1, 4, 16], [16, 1, 4]]
     with CompileCounter() as compiles:
         for m in m_rows:
             batch = random_batch(cfg, m, examples=examples)

@@ -6,7 +6,7 @@ compressor is a file here that registers itself (imported below) plus its test.
 """
 
 # Imported in the order their names are listed (errors, --help).
-from mqt_jax.compressors import official, qformer, mlp2x_gelu, avgpool, victor, quecc  # noqa: F401, I001
+from mqt_jax.compressors import official, qformer, mlp2x_gelu, avgpool, victor, quecc, m3  # noqa: F401, I001
 from mqt_jax.compressors.base import REGISTRY, Compressor, get, register  # noqa: F401
 
 

@@ -78,6 +78,12 @@ class Compressor(nn.Module):
         return not cls.elastic
 
     @classmethod
+    def valid_m(cls, model: "ModelConfig") -> tuple[int, ...] | None:
+        """The m it serves when not every m in [1, M] (M3's scales); None: every one (an
+        elastic compressor) or M alone (a fixed one)."""
+        return None
+
+    @classmethod
     def vision_layers(cls, query: "QueryTransformerConfig") -> tuple[int, ...]:
         """Extra vision hidden states it reads besides the selected layer (passed as `multi`)."""
         return ()

@@ -33,6 +33,18 @@ def projector_rules(vision_width: int, hidden: int, first: str, second: str) -> 
             + linear(second, hidden, hidden, "query_transformer/fc2"))
 
 
+def read_projector(variant: str, folder, vision, hidden: int, source, config: dict):
+    """(QueryTransformerConfig fields, weight rules) of a LLaVA-1.5-layout folder's projector
+    (config: its config.json), for a compressor `variant` built on it."""
+    if config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu" or \
+            config.get("projector_hidden_act", "gelu") != "gelu":
+        raise ValueError(f"{source}: a projector other than mlp2x_gelu")
+    keys = set(folder.keys())
+    pair = next((pair for pair in PROJECTOR_KEYS if pair[0] + ".weight" in keys), PROJECTOR_KEYS[0])
+    fields = dict(variant=variant, num_queries=vision.num_patches, width=vision.width, num_heads=1)
+    return fields, projector_rules(vision.width, hidden, *pair)
+
+
 @register("mlp2x_gelu")
 class MLPProjector(Compressor):
     """Nothing depends on m: the LLM sees all M tokens."""
@@ -58,11 +70,4 @@ class MLPProjector(Compressor):
 
     @classmethod
     def checkpoint(cls, folder, vision, hidden, source, *, config: dict, **_):
-        """config: the folder's config.json."""
-        if config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu" or \
-                config.get("projector_hidden_act", "gelu") != "gelu":
-            raise ValueError(f"{source}: a projector other than mlp2x_gelu")
-        keys = set(folder.keys())
-        pair = next((pair for pair in PROJECTOR_KEYS if pair[0] + ".weight" in keys), PROJECTOR_KEYS[0])
-        fields = dict(variant=cls.variant, num_queries=vision.num_patches, width=vision.width, num_heads=1)
-        return fields, projector_rules(vision.width, hidden, *pair)
+        return read_projector(cls.variant, folder, vision, hidden, source, config)
