@@ -159,9 +159,9 @@ def test_non_finite_updates_are_skipped_and_counted():
 def test_run_stops_after_too_many_non_finite_updates(tmp_path, monkeypatch):
     import gin
 
-    from mqt_jax import cli, train as train_module
+    from mqt_jax import cli, synthetic, train as train_module
 
-    real = train_module.synthetic_batch
+    real = synthetic.synthetic_batch
 
     def poisoned(*args, step, **kw):  # finite for steps 0-2, NaN images after
         batch = real(*args, step=step, **kw)
@@ -169,7 +169,7 @@ def test_run_stops_after_too_many_non_finite_updates(tmp_path, monkeypatch):
             batch["images"] = np.full_like(batch["images"], np.nan)
         return batch
 
-    monkeypatch.setattr(train_module, "synthetic_batch", poisoned)
+    monkeypatch.setattr(synthetic, "synthetic_batch", poisoned)
     cli.parse_gin(["tiny.gin"], ["TrainConfig.steps = 20", "TrainConfig.checkpoint_every = 2",
                                  "TrainConfig.max_nonfinite_in_a_row = 2",
                                  "TrainConfig.seq_len = 80"])

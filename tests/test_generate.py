@@ -247,12 +247,16 @@ def test_an_m_sweep_runs_each_image_once_and_answers_as_one_pass_per_m(variant, 
 
 
 def test_tokens_that_depend_on_m_or_the_question_are_not_reused():
-    from types import SimpleNamespace
+    import dataclasses
 
     from mqt_jax.evaluate import sweep_answers
 
-    quecc = SimpleNamespace(has_m=True, query=SimpleNamespace(variant="quecc", query_mask="causal"))
+    base = tiny_config()
+    quecc = dataclasses.replace(base, query=dataclasses.replace(
+        base.query, variant="quecc", num_queries=4, vision_layers=(1, 2)))
     assert not splice.tokens_reusable(quecc)  # its tokens read the question
+    m3 = tiny_config("m3")  # token i of one scale is not token i of another
+    assert not splice.tokens_reusable(m3)
     cfg = tiny_config("qformer", "prefix", num_queries=16)  # token i depends on m
     assert not splice.tokens_reusable(cfg)
     model = VisionLanguageModel(cfg)
