@@ -52,14 +52,7 @@ def run(workdir: str) -> dict | None:
     first = recipe.stages[0] if recipe.stages else ""
     with scoped(first):
         clip_config, clip_data = CLIPConfig(), DataConfig()
-    for stage in ((PRETRAIN_LLM,) if recipe.pretrained else ()) + (recipe.stages or ("",)):
-        # bad settings fail here, before any work
-        with scoped(stage):
-            model_config = ModelConfig()
-            model_config.check_m(MSampler().support(model_config.num_queries))
-            Trainer(model_config, TrainConfig(), sharding.make_mesh(sharding.MeshConfig()),
-                    MSampler())
-            check_data_paths(DataConfig(), recipe.shapes_dir)
+    check_stages(recipe)  # bad settings fail here, before any work
     with scoped(recipe.stages[-1] if recipe.stages else ""):
         eval_config = EvalConfig()
         m_values_for(eval_config, ModelConfig())
@@ -95,6 +88,17 @@ def run(workdir: str) -> dict | None:
     run_ = open_run(final, scope)
     say(f"== eval: {final} step {run_.step} on {run_.eval_config.questions}")
     return evaluate_run(run_, workdir / "eval")
+
+
+def check_stages(recipe: Recipe) -> None:
+    """Each stage's settings build its model, sampler and Trainer and name data that exist."""
+    for stage in ((PRETRAIN_LLM,) if recipe.pretrained else ()) + (recipe.stages or ("",)):
+        with scoped(stage):
+            model_config = ModelConfig()
+            model_config.check_m(MSampler().support(model_config.num_queries))
+            Trainer(model_config, TrainConfig(), sharding.make_mesh(sharding.MeshConfig()),
+                    MSampler())
+            check_data_paths(DataConfig(), recipe.shapes_dir)
 
 
 def scored(run: Path, out_dir: Path) -> dict | None:

@@ -99,17 +99,13 @@ def test_persistent_cache_is_scoped_to_the_sweep(tmp_path):
 @pytest.mark.parametrize("name,runs", [("compressors_shapes", 16), ("m_distribution", 5),
                                        ("llm_size", 4)])
 def test_shipped_sweeps_expand_into_valid_models(name, runs):
-    """Every run of a shipped sweep parses and builds its model and training settings."""
+    """Every run of a shipped sweep passes the recipe's own checks: each stage builds its model,
+    m sampler and Trainer."""
     from mqt_jax.cli import parse_gin
-    from mqt_jax.config import ModelConfig
-    from mqt_jax.m_sampler import MSampler
-    from mqt_jax.recipe import scoped
+    from mqt_jax.recipe import Recipe, check_stages
 
     spec, expanded = sweep.load_sweep(f"sweeps/{name}.gin")
     assert len(expanded) == runs
     for r in expanded:
         parse_gin(list(spec.base), list(r.bindings))
-        for stage in ("stage1", "stage2"):
-            with scoped(stage):
-                model = ModelConfig()
-                model.check_m(MSampler().support(model.num_queries))
+        check_stages(Recipe())  # what `mqt-jax train` checks before any work
