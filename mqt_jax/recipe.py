@@ -104,18 +104,12 @@ def check_stages(recipe: Recipe) -> None:
 def scored(run: Path, out_dir: Path) -> dict | None:
     """out_dir's eval.json when it scores the latest checkpoint of `run` with the settings in
     effect now, else None."""
-    from mqt_jax.checkpoint import Checkpointer
 
     try:
         done = json.loads((out_dir / "eval.json").read_text())
     except (OSError, ValueError):
         return None
-    ckpt = Checkpointer(run / "checkpoints")
-    try:
-        latest = ckpt.latest_step()
-    finally:
-        ckpt.close()
-    same = (done.get("run") == str(run.absolute()) and done.get("step") == latest
+    same = (done.get("run") == str(run.absolute()) and done.get("step") == latest_step(run)
             and done.get("eval_config") == json.loads(json.dumps(dataclasses.asdict(EvalConfig()))))
     return done if same else None
 
@@ -141,8 +135,26 @@ def pretrain(folder: Path, vision, data: DataConfig, clip_config: CLIPConfig, sa
                 f"{100 * result['retrieval_accuracy']:.1f}%")
         convert("clip-vision", tower, clip, progress=False)
     with scoped(PRETRAIN_LLM):
+        # Complete: cached, whatever the compressor of this run (the run holds a whole model,
+        # but later stages take its LLM alone).
+        if latest_step(folder / "llm") >= TrainConfig().steps:
+            say(f"== stage 0: language model: {folder / 'llm'} is there (cached)")
+            return
         say(f"== stage 0: language model: {folder / 'llm'}")
         train(str(folder / "llm"))
+
+
+def latest_step(run: Path) -> int:
+    """The latest checkpoint step of the training run in `run` (0: none)."""
+    from mqt_jax.checkpoint import Checkpointer
+
+    if not (run / "checkpoints").is_dir():
+        return 0
+    ckpt = Checkpointer(run / "checkpoints")
+    try:
+        return ckpt.latest_step() or 0
+    finally:
+        ckpt.close()
 
 
 def check_data_paths(config, generated: str = "",

@@ -70,6 +70,18 @@ def test_default_run_generates_data_trains_two_stages_and_evaluates(default_run)
     assert "(cached)" in again.stdout and "resumed from step 2" in again.stdout
     assert "complete: " in again.stdout and "== eval" not in again.stdout
 
+    # Another compressor (M3, its scales sampled) in another workdir: stage 0 is reused, its
+    # LLM taken into a model of another shape; the m evaluated are M3's.
+    m3 = [*SHORT[:-2], "--workdir", "w_m3", "--gin_param", "QueryTransformerConfig.variant = 'm3'",
+          "--gin_param", "MSampler.distribution = 'fixed_set'",
+          "--gin_param", "MSampler.values = (1, 4, 16, 64)", "--gin_param", "EvalConfig.m_values = (4,)"]
+    other = mqt_jax("train", *m3, cwd=tmp_path)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert other.stdout.count("(cached)") == 2 and "retrieval accuracy" not in other.stdout
+    assert f"initialised ['llm'] from {pretrained / 'llm/checkpoints'}" in other.stdout
+    rows = json.loads((tmp_path / "w_m3/eval/shapes/eval.json").read_text())["rows"]
+    assert [r["m"] for r in rows] == [4, 64]
+
 
 def test_a_shapes_folder_from_an_older_version_is_named(tmp_path):
     (tmp_path / "data/shapes").mkdir(parents=True)  # a folder without stage 0's text corpus
