@@ -270,8 +270,9 @@ def test_m3_serves_its_scales_only():
         cfg.check_m([1, 2, 8, 16])
     picked = dataclasses.replace(cfg, query=dataclasses.replace(cfg.query, scales=(1, 16)))
     assert picked.compressor.valid_m(picked) == (1, 16)
-    with pytest.raises(ValueError, match="not squares whose side divides"):
-        dataclasses.replace(cfg, query=dataclasses.replace(cfg.query, scales=(1, 9)))
+    for scales in ((1, 9), (0, 4)):
+        with pytest.raises(ValueError, match="not squares whose side divides"):
+            dataclasses.replace(cfg, query=dataclasses.replace(cfg.query, scales=scales))
     with pytest.raises(ValueError, match="m3 pools the projected patch grid"):
         tiny_config("m3", num_queries=4)
     from mqt_jax.evaluate import EvalConfig, m_values_for

@@ -58,7 +58,7 @@ class M3(Compressor):
         if q.num_queries != g * g:
             raise ValueError(f"m3 pools the projected patch grid: QueryTransformerConfig."
                              f"num_queries={q.num_queries} != {g * g} patches")
-        bad = [s for s in q.scales if math.isqrt(s) ** 2 != s or g % math.isqrt(s)]
+        bad = [s for s in q.scales if s < 1 or math.isqrt(s) ** 2 != s or g % math.isqrt(s)]
         if bad:
             raise ValueError(f"m3: QueryTransformerConfig.scales {bad} are not squares whose "
                              f"side divides the {g} x {g} patch grid")

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from mqt_jax import compressors, sharding, splice
+from mqt_jax.checkpoint import abstract_like
 from mqt_jax.config import ModelConfig
 from mqt_jax.models.llama import Llama
 from mqt_jax.models.vision_tower import VisionTower
@@ -122,5 +123,4 @@ def abstract_params(model_config: ModelConfig, mesh: jax.sharding.Mesh) -> dict:
         boxed = jax.eval_shape(lambda rng: model.init(rng, batch, method="logits")["params"],
                                jax.random.key(0))
     shardings = sharding.logical_to_shardings(boxed, mesh)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nn.meta.unbox(boxed), shardings)
+    return abstract_like(nn.meta.unbox(boxed), shardings)
