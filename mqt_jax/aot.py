@@ -8,6 +8,7 @@ the compiled program reports its per-chip memory and FLOPs. Nothing is allocated
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def compile_train_step(topology_name: str, model_config: ModelConfig, config: Tr
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     params = trainer.abstract_params()
     tokens = config.batch_size * config.seq_len
+    per_chip_gib = lambda tree: sum(  # noqa: E731  (each chip's shard of every leaf)
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)) / GIB
     analytical = flops.train_flops(flops.count(params["llm"]), tokens)
     chips = len(devices)
     step_at_peak = analytical / (chips * flops.PEAK_TFLOPS[chip] * 1e12)
@@ -75,7 +78,11 @@ def compile_train_step(topology_name: str, model_config: ModelConfig, config: Tr
         "topology": topology_name, "chips": chips, "chip": chip, "hbm_gib_per_chip": CHIPS[chip]["hbm_gib"],
         "mesh": dict(mesh.shape), "batch_size": config.batch_size, "seq_len": config.seq_len,
         "dtype": model_config.dtype, "remat_policy": model_config.remat_policy,
-        "parameters": flops.count(params), "memory_per_chip": per_chip,
+        "parameters": flops.count(params),
+        "trainable_parameters": flops.count(state.trainable), "lora_rank": model_config.llm.lora.rank,
+        "parameters_gib_per_chip": per_chip_gib(params),
+        "optimizer_state_gib_per_chip": per_chip_gib(state.opt_state),
+        "memory_per_chip": per_chip,
         "fits": per_chip["total_gib"] <= CHIPS[chip]["hbm_gib"],
         # XLA counts a scanned layer's body once, not once per layer: a lower bound.
         "xla_flops_per_chip_scan_bodies_once": float(cost.get("flops", 0.0)),

@@ -189,11 +189,12 @@ def checkpoint_dir(path: str | Path) -> Path:
 
 
 def restore_params(path: str | Path, abstract_params, step: int | None = None,
-                   only: tuple[str, ...] = (".*",)):
+                   only: tuple[str, ...] = (".*",), optional: tuple[str, ...] = ()):
     """The parameters of a run (trainable and frozen merged; no optimizer state) at `step`
     (default: the latest), placed in `abstract_params`' shardings: ShapeDtypeStructs with a
     `sharding`, a nested dict shaped like the model's parameters. `only`: regexes (re.match
-    on "/"-joined paths) of the parameters to read. Returns (params, step)."""
+    on "/"-joined paths) of the parameters to read; `optional`: those of them the run may
+    lack (then left out of the result). Returns (params, step)."""
     from flax.traverse_util import flatten_dict, unflatten_dict
 
     wanted = lambda key: any(re.match(p, "/".join(key)) for p in only)  # noqa: E731
@@ -211,7 +212,7 @@ def restore_params(path: str | Path, abstract_params, step: int | None = None,
             except Exception as e:  # noqa: BLE001
                 damaged = f"its metadata does not read ({first_line(e)})"
             else:
-                item = _partial_item(directory, step, saved, abstract_params, wanted)
+                item = _partial_item(directory, step, saved, abstract_params, wanted, optional)
                 try:
                     restored = manager.restore(step, args=ocp.args.Composite(
                         state=ocp.args.PyTreeRestore(
@@ -233,7 +234,7 @@ def restore_params(path: str | Path, abstract_params, step: int | None = None,
     return unflatten_dict(merged), step
 
 
-def _partial_item(directory, step, saved, abstract_params, wanted) -> dict:
+def _partial_item(directory, step, saved, abstract_params, wanted, optional=()) -> dict:
     """The ShapeDtypeStructs to restore: the wanted parameters, checked against the saved
     tree (every one present, no unknown one, same shapes) before anything is read."""
     from flax.traverse_util import flatten_dict, unflatten_dict
@@ -251,7 +252,8 @@ def _partial_item(directory, step, saved, abstract_params, wanted) -> dict:
                 raise ValueError(f"{directory} step {step}: parameter {'/'.join(key)} has "
                                  f"shape {tuple(meta.shape)}; this model's is {want[key].shape}")
             item[(part,) + key] = want[key]
-    missing = sorted("/".join(k) for k in set(want) - have)
+    missing = sorted("/".join(k) for k in set(want) - have
+                     if not any(re.match(p, "/".join(k)) for p in optional))
     if missing:
         raise ValueError(f"{directory} step {step} lacks parameters {missing[:5]}"
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))

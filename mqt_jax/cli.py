@@ -39,8 +39,9 @@ def cmd_aot(args) -> int:
     mem = report["memory_per_chip"]
     print(f"{args.topology}: {report['chips']} chips, mesh {report['mesh']}; per chip "
           f"{mem['total_gib']:.2f} GiB of {report['hbm_gib_per_chip']} GiB HBM "
-          f"(arguments {mem['arguments_gib']:.2f}, temporaries {mem['temporaries_gib']:.2f}); "
-          f"step at peak {report['step_time_at_peak_s']:.3f} s; report {out}")
+          f"(arguments {mem['arguments_gib']:.2f}, temporaries {mem['temporaries_gib']:.2f}; "
+          f"optimizer state {report['optimizer_state_gib_per_chip']:.2f} for "
+          f"{report['trainable_parameters'] / 1e6:,.1f}M trainable parameters); step at peak {report['step_time_at_peak_s']:.3f} s; report {out}")
     if not report["fits"]:
         print(f"mqt-jax aot: error: the train step needs {mem['total_gib']:.2f} GiB per chip but "
               f"a {report['chip']} chip has {report['hbm_gib_per_chip']} GiB", file=sys.stderr)
@@ -273,6 +274,7 @@ def cmd_export(args) -> int:
     from mqt_jax.convert import abstract_params, export_llama
     from mqt_jax.data.pipeline import DataConfig
     from mqt_jax.evaluate import EvalConfig
+    from mqt_jax.models import lora
     from mqt_jax.recipe import scoped
     from mqt_jax.sharding import MeshConfig, make_mesh
 
@@ -286,6 +288,7 @@ def cmd_export(args) -> int:
         tokenizer = EvalConfig().tokenizer_dir or DataConfig().tokenizer_dir
     params, step = restore_params(path, abstract_params(model_config, ("llm",), mesh),
                                   only=("llm/.*",))
+    model_config, params = lora.merged(model_config, params)  # LoRA adapters folded in
     out = export_llama(model_config.llm, params, args.out, tokenizer or None, args.dtype)
     print(f"wrote {out}: the LLM of {path} at step {step} as a Hugging Face LLaMA folder")
     return 0

@@ -11,6 +11,7 @@ import gin
 import numpy as np
 
 from mqt_jax import compressors
+from mqt_jax.models.lora import LoRAConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -29,6 +30,14 @@ def positive(config, *names: str) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{type(config).__name__}.{name}={value!r}: must be an integer >= 1")
+
+
+def gin_bindings(part) -> list[str]:
+    """Gin lines that rebuild a config dataclass (`VisionConfig.width = 1024`, ...); nested
+    configs (LLMConfig.lora) are left to their own defaults."""
+    name = type(part).__name__
+    return [f"{name}.{f.name} = {getattr(part, f.name)!r}" for f in dataclasses.fields(part)
+            if not dataclasses.is_dataclass(getattr(part, f.name))]
 
 
 @gin.configurable
@@ -148,6 +157,7 @@ class LLMConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     max_length: int = 4096  # the longest sequence (prompt + answer) generation accepts
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)  # rank 0: no adapters
 
     def __post_init__(self):
         positive(self, "vocab_size", "hidden", "num_layers", "num_heads", "num_kv_heads",

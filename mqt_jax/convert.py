@@ -36,8 +36,10 @@ from tqdm.auto import tqdm
 from mqt_jax import compressors, hf, sharding
 from mqt_jax.hf import Rule, linear, norm
 from mqt_jax.checkpoint import abstract_like
-from mqt_jax.config import DTYPES, LLMConfig, ModelConfig, QueryTransformerConfig, VisionConfig
+from mqt_jax.config import (DTYPES, LLMConfig, ModelConfig, QueryTransformerConfig, VisionConfig,
+                            gin_bindings)
 from mqt_jax.models import vlm
+from mqt_jax.models.lora import LoRAConfig
 from mqt_jax.models.llama import Llama
 from mqt_jax.models.vision_tower import VisionTower
 
@@ -145,7 +147,8 @@ def llm_config(cfg: dict, source) -> LLMConfig:
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         mlp_dim=cfg["intermediate_size"], rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         max_length=cfg.get("max_position_embeddings") or 4096,
-        rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta", 10000.0)))
+        rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta", 10000.0)),
+        lora=LoRAConfig(rank=0))  # a Hugging Face LLaMA has no adapters (training adds them)
 
 
 def find_prefix(keys, anchor: str, prefixes: tuple[str, ...]) -> str | None:
@@ -375,8 +378,7 @@ def gin_text(plan_: Plan, tokenizer_dir: str | None) -> str:
     for part in plan_.parts:
         field, name = parts[part]
         value = getattr(cfg, field)
-        lines += [f"{name}.{f.name} = {getattr(value, f.name)!r}" for f in dataclasses.fields(value)]
-        lines.append(f"ModelConfig.{field} = @{name}()")
+        lines += gin_bindings(value) + [f"ModelConfig.{field} = @{name}()"]
     if "query_transformer" not in plan_.parts:  # the official resampler attends at the vision width
         lines += [f"QueryTransformerConfig.width = {cfg.query.width}",
                   f"QueryTransformerConfig.num_heads = {cfg.query.num_heads}"]

@@ -20,6 +20,7 @@ from mqt_jax.data.pipeline import DataConfig
 from mqt_jax.data.shapes import write_shapes
 from mqt_jax.evaluate import EvalConfig, evaluate, m_values_for, sweep_tables, write_collection
 from mqt_jax.m_sampler import MSampler
+from mqt_jax.models import lora
 from mqt_jax.models.vlm import abstract_params
 from mqt_jax.train import train
 from mqt_jax.trainer import TrainConfig, Trainer
@@ -195,6 +196,7 @@ def open_run(path: str | Path, scope: str | None = None, step: int | None = None
     with scoped(scope):
         model_config, mesh = ModelConfig(), sharding.make_mesh(sharding.MeshConfig())
         params, step = restore_params(path, abstract_params(model_config, mesh), step)
+        model_config, params = lora.merged(model_config, params)  # LoRA folded into the LLM
         return TrainedRun(path, step, model_config, EvalConfig(), mesh, params)
 
 

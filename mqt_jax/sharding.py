@@ -29,6 +29,7 @@ LOGICAL_AXIS_RULES = (
     ("kv_heads", "tensor"),
     ("vocab", "tensor"),
     ("llm_embed", "tensor"),  # query transformer output projection, to the LLM width
+    ("lora_rank", "fsdp"),  # LoRA adapters: fsdp-sharded by rank where no earlier axis took fsdp
     ("head_dim", None),
     ("layers", None),  # the stacked axis of scanned layers
     ("queries", None),
@@ -107,9 +108,19 @@ def activate(mesh: Mesh):
 
 
 def logical_to_shardings(boxed_tree, mesh: Mesh):
-    """NamedShardings for a tree of `nn.Partitioned` leaves (e.g. `jax.eval_shape(init)`)."""
+    """NamedShardings for a tree of `nn.Partitioned` leaves (e.g. `jax.eval_shape(init)`);
+    a parameter axis that does not divide over its mesh axes is refused, naming it."""
     specs = nn.get_partition_spec(boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+    values = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed_tree))[0]
+    for (path, value), named in zip(values, jax.tree.leaves(shardings)):
+        for size, axes in zip(value.shape, named.spec):
+            devices = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
+            if size % devices:
+                name = "/".join(str(getattr(k, "key", k)) for k in path)
+                raise ValueError(f"parameter {name} {tuple(value.shape)}: an axis of {size} does "
+                                 f"not divide over the mesh's {axes} ({devices} devices)")
+    return shardings
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -34,20 +34,27 @@ def synthetic_batch(
     vocab, size = model_config.llm.vocab_size, model_config.vision.image_size
     if vocab < 2 + num_classes * ANSWER_LEN:
         raise ValueError(f"vocab_size={vocab} is too small for the synthetic task")
+    copies = sampler.copies(model_config.num_queries)  # MSampler "all": one row per scale
+    if copies > batch_size:
+        raise ValueError(f"MSampler 'all' needs {copies} rows per example: batch_size={batch_size}")
+    n = batch_size // copies
     rng = np.random.default_rng([seed, step, 1])
-    classes = rng.integers(num_classes, size=batch_size)
+    classes = rng.integers(num_classes, size=n)
     palette = np.random.default_rng([seed, 2]).normal(size=(num_classes, 3)).astype(np.float32)
-    images = palette[classes][:, None, None, None, :] + 0.5 * rng.normal(
-        size=(batch_size, 1, size, size, 3)
-    ).astype(np.float32)
+    images = np.zeros((batch_size, 1, size, size, 3), np.float32)
+    images[:n * copies] = np.repeat(palette[classes][:, None, None, None, :] + 0.5 * rng.normal(
+        size=(n, 1, size, size, 3)).astype(np.float32), copies, axis=0)
     rows = []
     for c in classes:
         prompt = rng.integers(2, vocab, size=PROMPT_LEN).tolist()
         answer = (2 + c * ANSWER_LEN + np.arange(ANSWER_LEN)).tolist()
         tokens = [1] + prompt[:3] + [splice.IMAGE_TOKEN] + prompt[3:] + answer
         labels = [splice.IGNORE] * (len(tokens) - len(answer)) + answer
-        rows.append([splice.Example(tokens, labels)])
-    m = sampler.sample(model_config.num_queries, (batch_size, 1), seed, step)
+        rows += [[splice.Example(tokens, labels)]] * copies
+    rows += [[] for _ in range(batch_size - len(rows))]
+    m = np.ones((batch_size, 1), np.int32)  # rows left empty: any valid m, never gathered
+    draws = sampler.sample(model_config.num_queries, (n, 1), seed, step)
+    m[:n * copies] = draws.transpose(1, 0, 2).reshape(-1, 1) if draws.ndim == 3 else draws
     return {"images": images, "m": m, **splice.layout_rows(rows, m, model_config.num_queries, seq_len)}
 
 

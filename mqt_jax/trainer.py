@@ -27,6 +27,7 @@ from mqt_jax.checkpoint import abstract_like, restore_params
 from mqt_jax.config import ModelConfig
 from mqt_jax.loss import cross_entropy, token_nll
 from mqt_jax.m_sampler import MSampler
+from mqt_jax.models.lora import ADAPTERS
 from mqt_jax.models.vlm import VisionLanguageModel
 
 
@@ -253,7 +254,9 @@ class Trainer:
         sources = init_from if isinstance(init_from, dict) else {init_from: self.config.init_from_params}
         params = merge_params(state.trainable, state.frozen)
         for run, patterns in sources.items():
-            loaded, _ = restore_params(run, self.abstract_params(), only=tuple(patterns))
+            # LoRA adapters a run lacks (stage 1 had none) keep their init: B = 0, the base model.
+            loaded, _ = restore_params(run, self.abstract_params(), only=tuple(patterns),
+                                       optional=(ADAPTERS,))
             params = merge_params(loaded, params)
         trainable, frozen = split_params(params, self.config)
         return state.replace(trainable=trainable, frozen=frozen)
@@ -267,9 +270,14 @@ class Trainer:
         accumulated over `grad_accum_steps` micro-batches (sums first, one division at the end,
         so the result equals a single pass)."""
 
-        def summed(trainable, micro):
+        lora = self.model_config.llm.lora
+        step_rng = jax.random.fold_in(jax.random.key(self.config.seed), state.step)
+
+        def summed(trainable, micro, index=0):
+            # LoRA's dropout (models/lora.py) is the only randomness in the step.
+            rngs = {"dropout": jax.random.fold_in(step_rng, index)} if lora.rank and lora.dropout else {}
             logits = self.model.apply(
-                {"params": merge_params(trainable, state.frozen)}, micro, method="logits")
+                {"params": merge_params(trainable, state.frozen)}, micro, method="logits", rngs=rngs)
             nll = token_nll(logits, micro["targets"], micro["loss_mask"])
             return nll.sum(), (micro["loss_mask"].sum(), nll.sum(-1))
 
@@ -283,15 +291,16 @@ class Trainer:
                 return jax.lax.with_sharding_constraint(
                     x, NamedSharding(self.mesh, P(None, sharding.BATCH_AXES)))
 
-            def body(carry, micro):
-                (nll, (count, row_nll)), grads = grad_fn(state.trainable, micro)
+            def body(carry, xs):
+                micro, index = xs
+                (nll, (count, row_nll)), grads = grad_fn(state.trainable, micro, index)
                 acc_nll, acc_count, acc_grads = carry
                 return (acc_nll + nll, acc_count + count,
                         jax.tree.map(jnp.add, acc_grads, grads)), row_nll
 
             zeros = jax.tree.map(jnp.zeros_like, state.trainable)
             (nll, count, grads), row_nll = jax.lax.scan(
-                body, (0.0, 0.0, zeros), jax.tree.map(split, batch))
+                body, (0.0, 0.0, zeros), (jax.tree.map(split, batch), jnp.arange(steps)))
             row_nll = row_nll.swapaxes(0, 1).reshape(-1)  # back to the batch's row order
         divisor = jnp.maximum(count, 1.0)  # a batch without loss tokens reports 0 of them
         grads = jax.tree.map(lambda g: g / divisor, grads)

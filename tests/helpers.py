@@ -78,6 +78,7 @@ def write_run(folder, variant="official", query_mask="prefix", num_queries=16, s
 
     import jax
 
+    from mqt_jax.config import gin_bindings
     from mqt_jax.convert import save_params
     from mqt_jax.data.tokenizer import train_sentencepiece
     from mqt_jax.models.vlm import VisionLanguageModel
@@ -92,9 +93,7 @@ def write_run(folder, variant="official", query_mask="prefix", num_queries=16, s
     lines = []
     for field, name in (("vision", "VisionConfig"), ("query", "QueryTransformerConfig"),
                         ("llm", "LLMConfig")):
-        part = getattr(cfg, field)
-        lines += [f"{name}.{f.name} = {getattr(part, f.name)!r}" for f in dataclasses.fields(part)]
-        lines.append(f"ModelConfig.{field} = @{name}()")
+        lines += gin_bindings(getattr(cfg, field)) + [f"ModelConfig.{field} = @{name}()"]
     lines += ["ModelConfig.remat_policy = 'none'", "MeshConfig.data = 1", "MeshConfig.fsdp = -1",
               f"EvalConfig.tokenizer_dir = {str(folder.absolute() / 'tokenizer')!r}",
               "EvalConfig.template = 'vicuna_v1'"]

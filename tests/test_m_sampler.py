@@ -37,6 +37,17 @@ def test_constant_defaults_to_m_and_per_batch_shares_one_draw():
     assert batch.shape == (4, 2) and len(np.unique(batch)) == 1
 
 
+def test_all_gives_every_example_every_scale():
+    s = MSampler("all", values=(64, 1, 4, 16, 4, 100))  # unordered, repeated, one above M
+    m = s.sample(64, (3, 2), 0, 5)
+    assert m.shape == (4, 3, 2) and m.dtype == np.int32 and s.copies(64) == 4
+    np.testing.assert_array_equal(m, np.broadcast_to(np.array([1, 4, 16, 64])[:, None, None],
+                                                     (4, 3, 2)))
+    assert MSampler("official").copies(64) == 1
+    with pytest.raises(ValueError, match="per='batch'"):
+        MSampler("all", per="batch")
+
+
 def test_draws_are_a_function_of_seed_and_keys():
     s = MSampler("official")
     np.testing.assert_array_equal(s.sample(256, (32,), 3, 10), s.sample(256, (32,), 3, 10))

@@ -160,6 +160,40 @@ def test_packing_keeps_examples_apart(folder):
 
 
 @pytest.mark.parametrize("pack", [False, True])
+def test_all_scales_puts_every_copy_of_an_example_in_one_batch(folder, pack):
+    """MSampler "all" (M3's rule): each example once per scale, all copies in the same batch,
+    each copy seeing exactly its scale's visual tokens; nothing lost or repeated."""
+    vocab = json.loads((folder / "tok" / "tokenizer.json").read_text())["model"]["vocab"]
+    inverse = {i: w for w, i in vocab.items()}
+    path = write_jsonl(folder / "all.jsonl", [qa(i, a) for i, a in enumerate(ANSWERS)])
+    kw = dict(batch_size=5, seq_len=48) if not pack else dict(batch_size=2, seq_len=64,
+                                                              images_per_row=4)
+    cfg = config(folder, path, pack=pack, **({"template": "plain"} if pack else {}))
+    out = list(make_batches(cfg, num_queries=4, image_size=8, sampler=MSampler(
+        "all", values=(4, 1, 2, 2, 16)), **kw))
+    seen = {}  # answer -> (batch number, [m of each copy])
+    for number, b in enumerate(out):
+        for row in range(b["segment_ids"].shape[0]):
+            segs, vis = b["segment_ids"][row], b["visual_index"][row]
+            for s in range(1, segs.max() + 1):
+                sel = (segs == s) & (b["loss_mask"][row] > 0)
+                answer = " ".join(inverse[t] for t in b["targets"][row][sel]
+                                  if inverse[t] != "</s>").strip()  # plain: a newline ends it
+                slot = set((vis[(segs == s) & (vis >= 0)] // 4).tolist()).pop()
+                assert ((segs == s) & (vis >= 0)).sum() == b["m"][row, slot]
+                batch, ms = seen.setdefault(answer, (number, []))
+                assert batch == number, f"{answer}: copies in batches {batch} and {number}"
+                ms.append(int(b["m"][row, slot]))
+    assert sorted(seen) == sorted(ANSWERS)
+    assert all(sorted(ms) == [1, 2, 4] for _, ms in seen.values()), seen
+    if pack:
+        assert max(b["segment_ids"].max() for b in out) >= 2  # copies share rows
+    with pytest.raises(ValueError, match="at 3 scales.*batch_size=2"):
+        make_batches(config(folder, path), num_queries=4, image_size=8, batch_size=2,
+                     seq_len=48, sampler=MSampler("all", values=(1, 2, 4)))
+
+
+@pytest.mark.parametrize("pack", [False, True])
 def test_restored_iterator_yields_exactly_the_same_batches(folder, pack):
     path = write_jsonl(folder / "r.jsonl", [qa(i % 8, ANSWERS[i % 8]) for i in range(30)])
     cfg = DataConfig(**{**config(folder, path, pack=pack).__dict__, "num_epochs": None,

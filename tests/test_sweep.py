@@ -96,7 +96,7 @@ def test_persistent_cache_is_scoped_to_the_sweep(tmp_path):
     assert [getattr(jax.config, n) for n in names] == before
 
 
-@pytest.mark.parametrize("name,runs", [("compressors_shapes", 16), ("m_distribution", 5),
+@pytest.mark.parametrize("name,runs", [("compressors_shapes", 17), ("m_distribution", 5),
                                        ("llm_size", 4)])
 def test_shipped_sweeps_expand_into_valid_models(name, runs):
     """Every run of a shipped sweep passes the recipe's own checks: each stage builds its model,

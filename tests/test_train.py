@@ -7,7 +7,10 @@ from flax.traverse_util import flatten_dict
 from helpers import random_batch, tiny_config
 from mqt_jax import sharding
 from mqt_jax.sharding import MeshConfig, make_mesh
-from mqt_jax.trainer import CompileCounter, TrainConfig, Trainer, make_optimizer, split_params
+from mqt_jax.m_sampler import MSampler
+from mqt_jax.synthetic import synthetic_batch
+from mqt_jax.trainer import (CompileCounter, TrainConfig, Trainer, make_optimizer, merge_params,
+                             split_params)
 
 
 def trainer_for(mesh_shape=(1, 4, 2), variant="official", **train_kw):
@@ -156,3 +159,23 @@ def test_m_ranges_and_loss_by_m_by_hand():
              "m": np.array([[2], [3], [40], [50]])}
     row_nll = np.array([2.0, 4.0, 9.0, 100.0])  # the last row has no image: left out
     assert loss_by_m(row_nll, batch, 64) == {"loss_m/1-4": (2.0 + 4.0) / 3, "loss_m/17-64": 3.0}
+
+
+def test_all_scales_loss_is_the_mean_of_each_scales_loss():
+    """MSampler "all" (M3's rule) on the m3 compressor: the batch's token-mean loss equals the
+    mean over scales of the loss of the same examples at one scale; the step trains on it."""
+    trainer = trainer_for(variant="m3", trainable=(".*",))
+    sampler = MSampler("all", values=(1, 4, 16))
+    batch = synthetic_batch(trainer.model_config, sampler, batch_size=8, seq_len=40, step=3)
+    np.testing.assert_array_equal(batch["m"][:6, 0], [1, 4, 16] * 2)  # 2 examples x 3 scales
+    assert batch["segment_ids"][6:].max() == 0  # the rows left over are empty
+    state = trainer.init_state()
+    params = merge_params(*jax.device_get((state.trainable, state.frozen)))
+    whole = float(trainer.loss(params, batch)[0])
+    per_scale = [float(trainer.loss(params, {k: v[i:6:3] for k, v in batch.items()})[0])
+                 for i in range(3)]
+    assert len(set(np.round(per_scale, 5))) == 3  # the scales see different tokens
+    assert whole == pytest.approx(np.mean(per_scale), rel=1e-5)
+    state, metrics = trainer.step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    assert float(metrics["loss"]) == pytest.approx(whole, rel=1e-4)

@@ -180,6 +180,11 @@ class BatchIterator:
         self.images_per_row, self.num_queries, self.image_size = images_per_row, num_queries, image_size
         self.pack, self.records, self.source = pack, records, source
         self.batch_m = sampler.per == "batch" if sampler else False
+        copies = sampler.copies(num_queries) if sampler else 1
+        if copies > batch_size and not pack:
+            raise ValueError(f"MSampler 'all' trains each example at {copies} scales, one row "
+                             f"each (unpacked), in one batch: this host's batch_size={batch_size} "
+                             "is smaller")
         self.sampler, self.seed = sampler, seed
         self.skipped: Counter = Counter()
         self.batches = 0
@@ -234,27 +239,49 @@ class BatchIterator:
             example, m = item["example"], item["m"]
             if batch_m is not None:
                 m = np.full_like(m, batch_m)
+            copies = m if m.ndim == 2 else m[None]  # MSampler "all": one copy per scale
             if example.num_images > self.images_per_row:
                 self._skip("too_many_images", f"{example.num_images} images for images_per_row="
                            f"{self.images_per_row}")
                 continue
-            if not keeps_loss(example, m, self.num_queries, self.seq_len):
+            if not all(keeps_loss(example, mc, self.num_queries, self.seq_len) for mc in copies):
                 self._skip("truncated_no_loss", f"no answer token within seq_len={self.seq_len}")
                 continue
             self._in_a_row = 0
-            length = min(splice.true_length(example, m), self.seq_len)
-            row = next((r for r in rows if self.pack and r["length"] + length <= self.seq_len
-                        and len(r["m"]) + example.num_images <= self.images_per_row), None)
-            if row is None and len(rows) == self.batch_size:
+            if not self._place(rows, example, item["image"], copies):
+                if not rows:
+                    raise ValueError(f"an example at {len(copies)} scales does not fit one batch "
+                                     f"of {self.batch_size} rows x seq_len={self.seq_len}")
                 self._pending = (before, item)
                 return self._emit(rows)
-            if row is None:
-                row = {"examples": [], "images": [], "m": [], "length": 0}
-                rows.append(row)
-            row["examples"].append(example)
-            row["m"] += list(m)
-            row["images"] += [item["image"]] if item["image"] is not None else []
-            row["length"] += length
+
+    def _place(self, rows: list, example, image, copies) -> bool:
+        """Adds the example to the batch once per row of `copies` (its m per image), first fit
+        when packing: all copies or none, so every scale of an example shares one step."""
+        lengths, images = [r["length"] for r in rows], [len(r["m"]) for r in rows]
+        targets = []
+        for m in copies:
+            length = min(splice.true_length(example, m), self.seq_len)
+            k = next((k for k in range(len(lengths)) if self.pack
+                      and lengths[k] + length <= self.seq_len
+                      and images[k] + example.num_images <= self.images_per_row), None)
+            if k is None:
+                if len(lengths) == self.batch_size:
+                    return False
+                k = len(lengths)
+                lengths.append(0)
+                images.append(0)
+            lengths[k] += length
+            images[k] += example.num_images
+            targets.append((k, m, length))
+        for k, m, length in targets:
+            if k == len(rows):
+                rows.append({"examples": [], "images": [], "m": [], "length": 0})
+            rows[k]["examples"].append(example)
+            rows[k]["m"] += list(m)
+            rows[k]["images"] += [image] if image is not None else []
+            rows[k]["length"] += length
+        return True
 
     def _emit(self, rows) -> dict[str, np.ndarray]:
         self.batches += 1

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mqt_jax.models.lora import LoRAConfig, adapter_output
+
 Dtype = Any
 Array = jax.Array
 
@@ -51,6 +53,7 @@ class Dense(nn.Module):
     init_std: float | None = None  # None: LeCun normal over the contracted axes
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: LoRAConfig | None = None  # low-rank adapters beside the kernel (models/lora.py)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -74,6 +77,9 @@ class Dense(nn.Module):
                 self.param_dtype,
             )
             y = y + bias.astype(self.dtype)
+        if self.lora is not None:
+            y = y + adapter_output(self, x, self.lora, n_in, self.features, self.axes,
+                                   self.dtype, self.param_dtype)
         return y
 
 
@@ -87,9 +93,11 @@ def dense(
     param_dtype: Dtype = jnp.float32,
     name: str | None = None,
     init_std: float | None = None,
+    lora: LoRAConfig | None = None,
 ) -> Dense:
     features = (features,) if isinstance(features, int) else tuple(features)
-    return Dense(features, tuple(axes), num_in, use_bias, init_std, dtype, param_dtype, name=name)
+    return Dense(features, tuple(axes), num_in, use_bias, init_std, dtype, param_dtype, lora,
+                 name=name)
 
 
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None):
@@ -164,6 +172,7 @@ class Attention(nn.Module):
     rope_theta: float | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: LoRAConfig | None = None  # adapters on the projections it targets (q, k, v, o)
 
     @nn.compact
     def __call__(
@@ -186,13 +195,14 @@ class Attention(nn.Module):
         """
         inputs_v = inputs_k if inputs_v is None else inputs_v
         kv_heads = self.num_kv_heads or self.num_heads
-        proj = lambda n, heads, names: dense(  # noqa: E731
+        lora = lambda target: self.lora and self.lora.on(target)  # noqa: E731
+        proj = lambda n, heads, names, target: dense(  # noqa: E731
             (heads, self.head_dim), ("embed",) + names, use_bias=self.use_bias,
-            dtype=self.dtype, param_dtype=self.param_dtype, name=n,
+            dtype=self.dtype, param_dtype=self.param_dtype, name=n, lora=lora(target),
         )
-        q = proj("query", self.num_heads, ("heads", "head_dim"))(inputs_q)
-        k = proj("key", kv_heads, ("kv_heads", "head_dim"))(inputs_k)
-        v = proj("value", kv_heads, ("kv_heads", "head_dim"))(inputs_v)
+        q = proj("query", self.num_heads, ("heads", "head_dim"), "q")(inputs_q)
+        k = proj("key", kv_heads, ("kv_heads", "head_dim"), "k")(inputs_k)
+        v = proj("value", kv_heads, ("kv_heads", "head_dim"), "v")(inputs_v)
         if self.rope_theta is not None:
             q = rope(q, positions, self.rope_theta)
             k = rope(k, positions, self.rope_theta)
@@ -223,6 +233,7 @@ class Attention(nn.Module):
         out = dense(
             self.out_features, ("heads", "head_dim", "embed"), num_in=2,
             use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="out",
+            lora=lora("o"),
         )(out)
         out = constrain(out, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
         return out if cache is None else (out, cache)
@@ -289,18 +300,20 @@ class MLP(nn.Module):
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: LoRAConfig | None = None  # adapters on the layers it targets (gate, up, down)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        make = lambda n, f, axes: dense(  # noqa: E731
-            f, axes, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=n
+        make = lambda n, f, axes, target: dense(  # noqa: E731
+            f, axes, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            name=n, lora=self.lora and self.lora.on(target),
         )
-        h = make("fc1", self.hidden, ("embed", "mlp"))(x)
+        h = make("fc1", self.hidden, ("embed", "mlp"), "gate")(x)
         h = self.activation(h)
         if self.gated:
-            h = h * make("up", self.hidden, ("embed", "mlp"))(x)
+            h = h * make("up", self.hidden, ("embed", "mlp"), "up")(x)
         h = constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_MLP))
-        return make("fc2", self.out_features, ("mlp", "embed"))(h)
+        return make("fc2", self.out_features, ("mlp", "embed"), "down")(h)
 
 
 def scan_blocks(block: type[nn.Module], length: int, remat_policy: str, num_broadcast: int,
@@ -317,7 +330,7 @@ def scan_blocks(block: type[nn.Module], length: int, remat_policy: str, num_broa
     return nn.scan(
         block,
         variable_axes={"params": 0, "intermediates": 0, "perturbations": 0},
-        split_rngs={"params": True},
+        split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * num_broadcast + (0,) * num_scanned,
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},

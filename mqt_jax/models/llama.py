@@ -33,7 +33,7 @@ def decoder_block(cfg: LLMConfig, kw: dict, x, mask, positions, cache):
     h = layers.RMSNorm(cfg.rms_norm_eps, name="attn_norm", **kw)(x)
     attended = layers.Attention(
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-        out_features=cfg.hidden, rope_theta=cfg.rope_theta, name="attn", **kw,
+        out_features=cfg.hidden, rope_theta=cfg.rope_theta, lora=cfg.lora, name="attn", **kw,
     )(h, h, mask=mask, positions=positions, cache=cache)
     if cache is not None:
         attended, cache = attended
@@ -41,7 +41,7 @@ def decoder_block(cfg: LLMConfig, kw: dict, x, mask, positions, cache):
     h = layers.RMSNorm(cfg.rms_norm_eps, name="mlp_norm", **kw)(x)
     x = x + layers.MLP(
         cfg.mlp_dim, cfg.hidden, activation=jax.nn.silu, gated=True, use_bias=False,
-        name="mlp", **kw,
+        lora=cfg.lora, name="mlp", **kw,
     )(h)
     return layers.constrain(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED)), cache
 
