@@ -7,6 +7,7 @@ the compiled program reports its per-chip memory and FLOPs. Nothing is allocated
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import jax
 from mqt_jax import flops, sharding, splice
 from mqt_jax.checkpoint import abstract_like
 from mqt_jax.config import ModelConfig
-from mqt_jax.outputs import write_atomic
+from mqt_jax.outputs import markdown_table, write_atomic
 from mqt_jax.trainer import TrainConfig, Trainer
 
 GIB = 2**30
@@ -91,6 +92,49 @@ def compile_train_step(topology_name: str, model_config: ModelConfig, config: Tr
         "step_time_at_peak_s": step_at_peak,
         "tokens_per_sec_per_chip_at_peak": tokens / step_at_peak / chips,
     }
+
+
+def tune(topology_name: str, model_config: ModelConfig, config: TrainConfig,
+         mesh_config: sharding.MeshConfig, policies: tuple[str, ...],
+         rows_per_chip: tuple[int, ...], progress=print) -> dict:
+    """Compile the step for every (remat policy, rows per data-parallel chip); the ones that
+    fit in HBM, with the LLM's FLOPs per token including recomputation, and the one that
+    should be fastest: the fewest FLOPs per token that fits (then the larger batch)."""
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology_name).devices
+    divisor = sharding.batch_divisor(sharding.make_mesh(mesh_config, devices=devices))
+    rows = []
+    for policy in policies:
+        for per_chip in rows_per_chip:
+            batch = per_chip * divisor
+            report = compile_train_step(
+                topology_name, dataclasses.replace(model_config, remat_policy=policy),
+                dataclasses.replace(config, batch_size=batch), mesh_config)
+            step = flops.train_step_flops(model_config.llm, batch, config.seq_len, policy)
+            rows.append({"remat_policy": policy, "rows_per_chip": per_chip, "batch_size": batch,
+                         "total_gib_per_chip": report["memory_per_chip"]["total_gib"],
+                         "fits": report["fits"],
+                         "flops_per_token": step / (batch * config.seq_len),
+                         "step_at_peak_s": step / (report["chips"] * flops.PEAK_TFLOPS[report["chip"]] * 1e12)})
+            progress(f"{policy} x {per_chip} rows per chip: {rows[-1]['total_gib_per_chip']:.2f} GiB"
+                     f"{'' if report['fits'] else ' (does not fit)'}")
+    fitting = [r for r in rows if r["fits"]]
+    best = min(fitting, key=lambda r: (r["flops_per_token"], -r["rows_per_chip"])) if fitting else None
+    return {"topology": topology_name, "chip": chip_of(topology_name),
+            "hbm_gib_per_chip": CHIPS[chip_of(topology_name)]["hbm_gib"], "seq_len": config.seq_len,
+            "attention": model_config.attention, "configurations": rows, "fastest": best}
+
+
+def tune_table(result: dict) -> str:
+    best = result["fastest"]
+    return markdown_table(
+        ["remat policy", "rows per chip", "global batch", "GiB per chip", "fits",
+         "LLM GFLOPs per token", "step at peak (s)", ""],
+        [[r["remat_policy"], r["rows_per_chip"], r["batch_size"], f"{r['total_gib_per_chip']:.2f}",
+          "yes" if r["fits"] else "no", f"{r['flops_per_token'] / 1e9:.2f}",
+          f"{r['step_at_peak_s']:.3f}", "fastest" if r is best else ""]
+         for r in result["configurations"]])
 
 
 def write_report(report: dict, path: str | os.PathLike) -> None:

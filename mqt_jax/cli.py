@@ -33,8 +33,26 @@ def cmd_aot(args) -> int:
     from mqt_jax.sharding import MeshConfig
     from mqt_jax.trainer import TrainConfig
 
+    out = args.out or f"aot_{args.topology.replace(':', '_')}{'_tune' if args.tune else ''}.json"
+    if args.tune:
+        from mqt_jax.aot import tune, tune_table
+
+        from mqt_jax.config import REMAT_POLICIES
+
+        policies = tuple(args.remat.split(",")) if args.remat else REMAT_POLICIES
+        unknown = sorted(set(policies) - set(REMAT_POLICIES))
+        if unknown:
+            raise ValueError(f"--remat {','.join(unknown)}: expected some of {','.join(REMAT_POLICIES)}")
+        result = tune(args.topology, ModelConfig(), TrainConfig(), MeshConfig(), policies,
+                      tuple(args.rows_per_chip))
+        write_report(result, out)
+        print(tune_table(result) + f"\nreport {out}")
+        if result["fastest"] is None:
+            print(f"mqt-jax aot: error: no configuration fits in a {result['chip']} chip's "
+                  f"{result['hbm_gib_per_chip']} GiB", file=sys.stderr)
+            return 3
+        return 0
     report = compile_train_step(args.topology, ModelConfig(), TrainConfig(), MeshConfig())
-    out = args.out or f"aot_{args.topology.replace(':', '_')}.json"
     write_report(report, out)
     mem = report["memory_per_chip"]
     print(f"{args.topology}: {report['chips']} chips, mesh {report['mesh']}; per chip "
@@ -319,6 +337,11 @@ def cmd_scaling_fit(args) -> int:
     return 0
 
 
+def positive_ints(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4] (argparse type)."""
+    return [positive_int(part) for part in text.split(",")]
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -381,7 +404,12 @@ def main(argv=None) -> int:
     aot_p.add_argument("--gin_file", action="append", help="default mqt_llava_7b_stage2.gin")
     aot_p.add_argument("--gin_param", action="append", default=[])
     aot_p.add_argument("--topology", required=True, help="e.g. v5p:4x4x4, v5e:16x16")
-    aot_p.add_argument("--out", help="JSON report path (default aot_<topology>.json)")
+    aot_p.add_argument("--out", help="JSON report path (default aot_<topology>[_tune].json)")
+    aot_p.add_argument("--tune", action="store_true", help="compile every --remat policy x "
+                       "--rows_per_chip and name the fastest that fits (one compile each)")
+    aot_p.add_argument("--remat", help="with --tune: comma-separated remat policies (default all)")
+    aot_p.add_argument("--rows_per_chip", type=positive_ints, default=[1, 2, 4, 8],
+                       help="with --tune: rows per data-parallel chip, comma-separated")
     aot_p.set_defaults(func=cmd_aot)
     gen_p = sub.add_parser("generate", help="answer a prompt about an image at one or more m")
     add_run_args(gen_p, image_prompt=True)

@@ -11,6 +11,7 @@ import gin
 import numpy as np
 
 from mqt_jax import compressors
+from mqt_jax.models.attention import IMPLEMENTATIONS as ATTENTION_KERNELS
 from mqt_jax.models.lora import LoRAConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -180,8 +181,13 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # master weights
     remat_policy: str = "nothing_saveable"
+    # The attention kernel (models/attention.py): "xla" (everywhere), "cudnn" (GPU), "splash" (TPU).
+    attention: str = "xla"
 
     def __post_init__(self):
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"ModelConfig.attention={self.attention!r}: expected one of "
+                             f"{ATTENTION_KERNELS}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected one of {DTYPES}")

@@ -49,6 +49,19 @@ def train_flops(llm_parameters: int, tokens: int) -> float:
     return 6.0 * llm_parameters * tokens
 
 
+def train_step_flops(llm, rows: int, seq_len: int, remat_policy: str) -> float:
+    """The LLM's FLOPs in a training step of `rows` x `seq_len` tokens, attention included:
+    forward, backward (twice the forward) and what the remat policy recomputes in the
+    backward pass (nothing_saveable: the layers' whole forward; dots_with_no_batch_dims:
+    the attention score / weighted-sum matmuls, which have batch dimensions; the others
+    keep every matmul)."""
+    forward = llm_flops(llm, seq_len)
+    recompute = {"nothing_saveable": llm_flops(llm, seq_len, head=False),
+                 "dots_with_no_batch_dims_saveable":
+                     llm.num_layers * 4 * seq_len * seq_len * llm.num_heads * llm.head_dim}
+    return rows * (3 * forward + recompute.get(remat_policy, 0.0))
+
+
 
 # ---- Inference FLOPs by part (forward only; a matmul [a, b] x [b, c] is 2abc; attention
 # scores and weighted sums count every (query, key) pair the program computes). ----

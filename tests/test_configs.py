@@ -58,3 +58,18 @@ def test_tiny_config_is_a_few_million_parameters():
 def test_unknown_gin_file_is_named():
     with pytest.raises(FileNotFoundError, match="gin file 'nope.gin' not found"):
         cli.parse_gin(["nope.gin"], [])
+
+
+def test_7b_lora_trains_the_adapters_and_the_query_transformer_only():
+    model, train, abstract, size, by_tower = build("mqt_llava_7b_lora.gin")
+    lora = model.llm.lora
+    assert (lora.rank, lora.alpha, lora.dropout) == (128, 256.0, 0.05)  # finetune_lora.sh
+    hidden, mlp = 4096, 11008
+    per_layer = lora.rank * (4 * (hidden + hidden) + 3 * (hidden + mlp))  # q k v o; gate up down
+    adapters = 32 * per_layer
+    assert by_tower == {"vision_tower": VISION, "query_transformer": RESAMPLER,
+                        "llm": LLAMA_2_7B + adapters}
+    assert size(abstract.trainable) == RESAMPLER - POS_EMBED + adapters  # 328.5M of 7.4B
+    assert sum(x.size for x in jax.tree.leaves(abstract.opt_state) if x.ndim) == \
+        2 * size(abstract.trainable)
+    assert (train.learning_rate, train.batch_size) == (2e-4, 128)

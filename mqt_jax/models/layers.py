@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mqt_jax.models.attention import CausalSegments, attend
 from mqt_jax.models.lora import LoRAConfig, adapter_output
 
 Dtype = Any
@@ -143,17 +144,10 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
     return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
-    """Scaled dot-product attention with grouped kv heads.
-
-    q: [B, T, heads, D]; k, v: [B, S, kv_heads, D]; mask: bool, broadcastable to
-    [B, heads, T, S] (True = may attend). jax computes the softmax in float32.
-    """
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
-
-
 def attention_weights(q: Array, k: Array, mask: Array | None) -> Array:
     """The softmax weights [B, heads, T, S] that `attend` applies (computed explicitly)."""
+    if isinstance(mask, CausalSegments):
+        mask = mask.dense()
     k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
     logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) / np.sqrt(q.shape[-1])
     if mask is not None:
@@ -173,6 +167,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     lora: LoRAConfig | None = None  # adapters on the projections it targets (q, k, v, o)
+    attention: str = "xla"  # the kernel (models/attention.py)
 
     @nn.compact
     def __call__(
@@ -229,7 +224,7 @@ class Attention(nn.Module):
         elif stacked:
             out = attend_span(q.astype(cache["k"].dtype), cache).astype(self.dtype)
         else:
-            out = attend(q, k, v, mask)
+            out = attend(q, k, v, mask, self.attention)
         out = dense(
             self.out_features, ("heads", "head_dim", "embed"), num_in=2,
             use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="out",

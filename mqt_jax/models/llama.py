@@ -13,18 +13,11 @@ import jax.numpy as jnp
 
 from mqt_jax.config import LLMConfig
 from mqt_jax.models import layers
+from mqt_jax.models.attention import CausalSegments
 from mqt_jax.models.layers import ACT_BATCH, ACT_EMBED, ACT_LENGTH
 
 
-def causal_segment_mask(segment_ids: jax.Array) -> jax.Array:
-    """[B, 1, T, T] bool: key j is visible from query i iff j <= i and same segment."""
-    t = segment_ids.shape[-1]
-    causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal[None] & same)[:, None]
-
-
-def decoder_block(cfg: LLMConfig, kw: dict, x, mask, positions, cache):
+def decoder_block(cfg: LLMConfig, kw: dict, x, mask, positions, cache, attention: str = "xla"):
     """One pre-norm LLaMA layer (its parameters created in the calling module). mask None:
     decoding, where each layer's own cache index says which slots its token sees."""
     if mask is None and "layer" not in cache:  # (a whole-stack cache masks by its index)
@@ -33,7 +26,8 @@ def decoder_block(cfg: LLMConfig, kw: dict, x, mask, positions, cache):
     h = layers.RMSNorm(cfg.rms_norm_eps, name="attn_norm", **kw)(x)
     attended = layers.Attention(
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-        out_features=cfg.hidden, rope_theta=cfg.rope_theta, lora=cfg.lora, name="attn", **kw,
+        out_features=cfg.hidden, rope_theta=cfg.rope_theta, lora=cfg.lora, attention=attention,
+        name="attn", **kw,
     )(h, h, mask=mask, positions=positions, cache=cache)
     if cache is not None:
         attended, cache = attended
@@ -50,11 +44,12 @@ class DecoderLayer(nn.Module):
     config: LLMConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, mask, positions, cache=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        return decoder_block(self.config, kw, x, mask, positions, cache)
+        return decoder_block(self.config, kw, x, mask, positions, cache, self.attention)
 
 
 class DroppingDecoderLayer(nn.Module):
@@ -67,6 +62,7 @@ class DroppingDecoderLayer(nn.Module):
     drop_layer: int
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, carry, ctx, layer, cache=None):
@@ -74,7 +70,8 @@ class DroppingDecoderLayer(nn.Module):
 
         def early(_, carry, cache):
             full, kept = carry
-            full, cache = decoder_block(self.config, kw, full, ctx["mask"], ctx["positions"], cache)
+            full, cache = decoder_block(self.config, kw, full, ctx["mask"], ctx["positions"], cache,
+                                        self.attention)
             gathered = jnp.take_along_axis(full, ctx["kept_index"][..., None], axis=1)
             kept = jnp.where(layer == self.drop_layer - 1, gathered, kept)
             return (full, kept), cache
@@ -82,7 +79,7 @@ class DroppingDecoderLayer(nn.Module):
         def late(_, carry, cache):
             full, kept = carry
             kept, cache = decoder_block(self.config, kw, kept, ctx["kept_mask"],
-                                        ctx["kept_positions"], cache)
+                                        ctx["kept_positions"], cache, self.attention)
             return (full, kept), cache
 
         return nn.cond(layer < self.drop_layer, early, late, self, carry, cache)
@@ -117,6 +114,7 @@ class Llama(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "nothing_saveable"
     drop_layer: int = 0
+    attention: str = "xla"  # the kernel of training and prefill attention (models/attention.py)
 
     def setup(self):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -126,10 +124,10 @@ class Llama(nn.Module):
         )
         if self.drop_layer:
             blocks = layers.scan_blocks(DroppingDecoderLayer, cfg.num_layers, self.remat_policy, 1, 2)
-            self.layers = blocks(cfg, self.drop_layer, **kw)
+            self.layers = blocks(cfg, self.drop_layer, attention=self.attention, **kw)
         else:
             blocks = layers.scan_blocks(DecoderLayer, cfg.num_layers, self.remat_policy, 2, 1)
-            self.layers = blocks(cfg, **kw)
+            self.layers = blocks(cfg, attention=self.attention, **kw)
         self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, **kw)
         self.lm_head = layers.dense(cfg.vocab_size, ("embed", "vocab"), init_std=0.02, **kw)
 
@@ -198,10 +196,9 @@ class Llama(nn.Module):
         return kept, cache, (index, valid)
 
     @staticmethod
-    def _mask(segment_ids, slots: int):
-        """[B, 1, T, slots]: causal within each segment, over `slots` (>= T) cache slots."""
-        padded = jnp.pad(segment_ids, ((0, 0), (0, slots - segment_ids.shape[1])))
-        return causal_segment_mask(padded)[:, :, : segment_ids.shape[1]]
+    def _mask(segment_ids, slots: int) -> CausalSegments:
+        """Causal within each segment, over `slots` (>= T) keys (cache slots past T: none)."""
+        return CausalSegments(segment_ids, jnp.pad(segment_ids, ((0, 0), (0, slots - segment_ids.shape[1]))))
 
     def prefill(self, embeddings, positions, segment_ids, cache_len: int, dropped=None,
                 kept_len=None, last_only: bool = False):

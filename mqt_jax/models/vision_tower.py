@@ -18,6 +18,7 @@ class EncoderLayer(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     emit: bool = False  # also return the output as the scan's per-layer result
+    attention: str = "xla"  # unmasked: cuDNN fuses it; splash is for the LLM's causal masks
 
     @nn.compact
     def __call__(self, x, _=None):
@@ -25,7 +26,7 @@ class EncoderLayer(nn.Module):
         h = layers.layer_norm(cfg.layer_norm_eps, name="ln1", **kw)(x)
         x = x + layers.Attention(
             num_heads=cfg.num_heads, head_dim=cfg.width // cfg.num_heads, out_features=cfg.width,
-            use_bias=True, name="attn", **kw,
+            use_bias=True, attention=self.attention, name="attn", **kw,
         )(h, h)
         h = layers.layer_norm(cfg.layer_norm_eps, name="ln2", **kw)(x)
         x = x + layers.MLP(
@@ -44,6 +45,7 @@ class VisionTower(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "nothing_saveable"
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, images: jax.Array, extra_layers: tuple[int, ...] = (),
@@ -82,7 +84,8 @@ class VisionTower(nn.Module):
         first, hidden = x, None
         if cfg.num_layers_built:
             blocks = layers.scan_blocks(EncoderLayer, cfg.num_layers_built, self.remat_policy, 1)
-            x, hidden = blocks(cfg, emit=bool(extra_layers), name="layers", **kw)(x, None)
+            x, hidden = blocks(cfg, emit=bool(extra_layers), attention=self.attention,
+                               name="layers", **kw)(x, None)
         if class_token:
             return x
         if not extra_layers:

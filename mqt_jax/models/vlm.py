@@ -22,11 +22,11 @@ class VisionLanguageModel(nn.Module):
             dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
             remat_policy=cfg.remat_policy,
         )
-        self.vision_tower = VisionTower(cfg.vision, **kw)
+        self.vision_tower = VisionTower(cfg.vision, attention=cfg.attention, **kw)
         self.query_transformer = compressors.build(
             cfg.query, out_width=cfg.llm.hidden, grid_size=cfg.vision.grid_size, **kw
         )
-        self.llm = Llama(cfg.llm, drop_layer=cfg.drop_layer, **kw)
+        self.llm = Llama(cfg.llm, drop_layer=cfg.drop_layer, attention=cfg.attention, **kw)
 
     def visual_tokens(self, images, m, num_queries: int | None = None, guidance=None):
         """images [N, H, W, 3], m [N] -> all M visual tokens [N, M, hidden] (or, with a static
