@@ -40,3 +40,27 @@ def test_missing_libtpu_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     assert cli.main(["aot", "--gin_file", "tiny.gin", "--topology", "v5p:2x2x1"]) == 2
     assert "needs libtpu" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tune_lists_what_fits_and_names_the_fewest_flops(tmp_path, capsys):
+    pytest.importorskip("libtpu")
+    out = tmp_path / "tune.json"
+    assert cli.main(["aot", "--gin_file", "tiny.gin", "--topology", "v5p:2x2x1", "--tune",
+                     "--remat", "nothing_saveable,dots_saveable", "--rows_per_chip", "1,2",
+                     "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = report["configurations"]
+    assert [(r["remat_policy"], r["batch_size"]) for r in rows] == [
+        ("nothing_saveable", 4), ("nothing_saveable", 8), ("dots_saveable", 4), ("dots_saveable", 8)]
+    assert all(r["fits"] for r in rows)
+    # recomputing the forward costs FLOPs; the larger batch breaks the tie
+    assert rows[0]["flops_per_token"] > rows[2]["flops_per_token"]
+    assert report["fastest"] == rows[3]
+    assert "| dots_saveable | 2 | 8 |" in capsys.readouterr().out
+
+
+def test_tune_refuses_an_unknown_policy_before_compiling(capsys):
+    assert cli.main(["aot", "--gin_file", "tiny.gin", "--topology", "v5p:2x2x1", "--tune",
+                     "--remat", "dots,nothing_saveable"]) == 2
+    assert "--remat dots: expected some of" in capsys.readouterr().err

@@ -164,3 +164,19 @@ def test_escalation_flops_count_the_towers_once_and_only_the_added_tokens():
     assert two - one == pytest.approx(flops.llm_flops(llm, 12 + 6, 10 + 16 + 6))
     fresh = flops.inference_flops(cfg, 16, 16)["total"]
     assert one < fresh < two  # a raise costs less than starting over, but is not free
+
+
+def test_train_step_flops_by_hand():
+    """One layer, hidden 4, 2 heads of 2 (no GQA), MLP 8, vocab 10; 3 tokens, 2 rows."""
+    from mqt_jax.config import LLMConfig
+
+    llm = LLMConfig(vocab_size=10, hidden=4, num_layers=1, num_heads=2, num_kv_heads=2,
+                    head_dim=2, mlp_dim=8)
+    t = 3
+    layer = 2 * t * (4 * 4 + 2 * 4 * 4 + 4 * 4 + 3 * 4 * 8) + 4 * t * t * 4  # matmuls + attention
+    head = 2 * t * 4 * 10
+    forward = layer + head
+    assert flops.train_step_flops(llm, 2, t, "dots_saveable") == 2 * 3 * forward
+    assert flops.train_step_flops(llm, 2, t, "nothing_saveable") == 2 * (3 * forward + layer)
+    assert flops.train_step_flops(llm, 2, t, "dots_with_no_batch_dims_saveable") == \
+        2 * (3 * forward + 4 * t * t * 4)
