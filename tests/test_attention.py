@@ -100,6 +100,13 @@ def test_unknown_kernel_is_named():
         dataclasses.replace(tiny_config(), attention="flash")
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the refusal is for machines without one")
+def test_cudnn_without_a_gpu_is_a_clear_error():
+    q, k, v, segments = packed(length=16)
+    with pytest.raises(ValueError, match="attention='cudnn' needs an NVIDIA GPU"):
+        attend(q, k, v, CausalSegments(segments, segments), "cudnn")
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
 def test_cudnn_equals_xla_on_a_packed_batch():
     q, k, v, segments = (jnp.asarray(x) for x in packed(length=128))

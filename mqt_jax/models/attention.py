@@ -55,6 +55,9 @@ def attend(q, k, v, mask, implementation: str = "xla"):
 
 
 def cudnn(q, k, v, mask):
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"ModelConfig.attention='cudnn' needs an NVIDIA GPU (this backend: "
+                         f"{jax.default_backend()}); 'xla' runs everywhere")
     if isinstance(mask, CausalSegments):
         if q.shape[1] == k.shape[1]:  # cuDNN's causal mask is for square attention
             same = (mask.q[:, :, None] == mask.kv[:, None, :])[:, None]
