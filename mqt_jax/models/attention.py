@@ -45,9 +45,11 @@ class CausalSegments:
 def attend(q, k, v, mask, implementation: str = "xla"):
     """q [B, T, heads, D]; k, v [B, S, kv_heads, D]; mask: CausalSegments, a bool array
     broadcastable to [B, heads, T, S] (True = may attend) or None."""
+    # The fused kernels take the LLM's causal segments (and cuDNN the unmasked vision tower);
+    # other masks (query transformer, decoding's cache index) stay on XLA.
     if implementation == "splash" and isinstance(mask, CausalSegments):
         return splash(q, k, v, mask)
-    if implementation == "cudnn":
+    if implementation == "cudnn" and (mask is None or isinstance(mask, CausalSegments)):
         return cudnn(q, k, v, mask)
     if isinstance(mask, CausalSegments):
         mask = mask.dense()
