@@ -28,6 +28,7 @@ from mqt_jax.data.preprocess import clip_preprocess, open_image
 from mqt_jax.data.tokenizer import load_tokenizer
 from mqt_jax.models import layers
 from mqt_jax.models.llama import Llama
+from mqt_jax.models.lora import LoRAConfig
 from mqt_jax.models.vision_tower import VisionTower
 
 
@@ -78,7 +79,7 @@ class MiniCLIP(nn.Module):
         self.text_encoder = Llama(LLMConfig(
             vocab_size=self.vocab_size, hidden=c.text_width, num_layers=c.text_layers,
             num_heads=c.text_heads, num_kv_heads=c.text_heads, head_dim=head_dim,
-            mlp_dim=4 * c.text_width), remat_policy="none")
+            mlp_dim=4 * c.text_width, lora=LoRAConfig(rank=0)), remat_policy="none")
         self.text_projection = layers.dense(c.embed_dim, ("embed", None))
         # CLIP's learned temperature, initialised at 1 / 0.07 (its log) and capped at 100.
         self.log_scale = self.param("logit_scale", nn.initializers.constant(math.log(1 / 0.07)),
