@@ -112,12 +112,14 @@ def logical_to_shardings(boxed_tree, mesh: Mesh):
     a parameter axis that does not divide over its mesh axes is refused, naming it."""
     specs = nn.get_partition_spec(boxed_tree)
     shardings = nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
-    boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731  (no unbox: under a
-    values = jax.tree_util.tree_flatten_with_path(boxed_tree, is_leaf=boxed)[0]  # mesh it constrains)
+    # The boxed values read directly: unboxing under an active mesh would add constraints.
+    boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    values = jax.tree_util.tree_flatten_with_path(boxed_tree, is_leaf=boxed)[0]
     for (path, value), named in zip(values, jax.tree.leaves(shardings)):
         value = value.value if boxed(value) else value
         for size, axes in zip(value.shape, named.spec):
-            devices = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
+            names = (axes,) if isinstance(axes, str) else axes or ()
+            devices = int(np.prod([mesh.shape[a] for a in names]))
             if size % devices:
                 name = "/".join(str(getattr(k, "key", k)) for k in path)
                 raise ValueError(f"parameter {name} {tuple(value.shape)}: an axis of {size} does "
