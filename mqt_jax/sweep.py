@@ -12,8 +12,10 @@ a Python list is swept (the product of all lists of a method gives its runs):
 
 Each run lives in W/<run>/ (a `mqt-jax train` workdir: resumable) and is complete once its
 W/<run>/eval/<benchmark>/eval.json exists; complete runs are skipped. The collection goes to
-W/results.csv, results.md and results.png: score against visual tokens and against TFLOPs,
-one line per method (an MQT model contributes one point per evaluated m).
+W/results.csv, results.md and results.png (+ .pdf): score (± its standard error) against visual
+tokens and against prefill GFLOPs, one line per method (an MQT model contributes one point per
+evaluated m). Collection reads only W/<run>/eval/*/eval.json and W/<run>/sweep_run.json, so
+those files alone (copied from the machines that ran them) rebuild the tables.
 """
 
 from __future__ import annotations
@@ -154,7 +156,8 @@ def persistent_cache(directory: Path):
 
 
 # ------------------------------------------------------------------------------ collection
-COLUMNS = ("method", "run", "m", "tokens", "score", "tflops", "prefill_ms", "llm_params", "wall_s")
+COLUMNS = ("method", "run", "m", "tokens", "score", "stderr", "gflops", "prefill_ms", "llm_params",
+           "wall_s")
 
 
 def llm_params(sweep: Sweep, run: Run) -> int:
@@ -184,7 +187,9 @@ def collect(sweep_file: str, workdir: str | Path) -> list[dict]:
         for row in results["rows"]:
             rows.append({"method": r.method, "run": r.name, "m": row["m"],
                          "tokens": row.get("tokens", row["m"]), "score": row.get("score"),
-                         "tflops": row.get("tflops"), "prefill_ms": row.get("prefill_ms"),
+                         "stderr": row.get("stderr", {}).get("score"),
+                         "gflops": None if row.get("tflops") is None else 1e3 * row["tflops"],
+                         "prefill_ms": row.get("prefill_ms"),
                          "llm_params": n, "wall_s": wall, "benchmark": results["benchmark"],
                          "majority": results.get("majority_baseline", {}).get("score")})
     if rows:
@@ -195,7 +200,7 @@ def collect(sweep_file: str, workdir: str | Path) -> list[dict]:
 
 
 def write_results(rows: list[dict], workdir: Path) -> None:
-    from mqt_jax.outputs import fmt, markdown_table
+    from mqt_jax.outputs import fmt, markdown_table, with_error
 
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -205,10 +210,11 @@ def write_results(rows: list[dict], workdir: Path) -> None:
     # Markdown: score by method (rows) and visual tokens (columns), then every row.
     tokens = sorted({r["tokens"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    cell = {(r["method"], r["tokens"]): r["score"] for r in rows}
-    lines = [f"Score (%) on {rows[0]['benchmark']} by visual tokens in the LLM:", "",
+    cell = {(r["method"], r["tokens"]): with_error(r["score"], r["stderr"]) for r in rows}
+    lines = [f"Score (%) on {rows[0]['benchmark']} (± standard error) by visual tokens in the LLM:",
+             "",
              markdown_table(["method"] + tokens,
-                            [[m] + [fmt(cell.get((m, t))) for t in tokens] for m in methods])]
+                            [[m] + [cell.get((m, t), "") for t in tokens] for m in methods])]
     if rows[0]["majority"] is not None:
         lines += ["", f"Majority-answer baseline: {fmt(rows[0]['majority'])}"]
     lines += ["", markdown_table(COLUMNS, [[r[c] if isinstance(r[c], str) else fmt(r[c])
@@ -218,28 +224,41 @@ def write_results(rows: list[dict], workdir: Path) -> None:
 
 
 def plot_results(rows: list[dict], path: Path) -> None:
-    """Score against visual tokens and against prefill TFLOPs (log axes), a line per method."""
+    """Score (error bars: standard errors) against visual tokens and against prefill GFLOPs
+    (log axes, ticks at the evaluated token counts), a line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from mqt_jax.outputs import save_figure
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120, sharey=True)
-    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), dpi=120, sharey=True, layout="constrained")
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for i, method in enumerate(methods):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["tokens"])
-        style = dict(marker="os^vDP*Xhp"[i % 10], label=method, color=f"C{i % 10}")
-        axes[0].plot([r["tokens"] for r in mine], [r["score"] for r in mine], "-", **style)
-        have = [r for r in mine if r["tflops"] is not None]
-        axes[1].plot([r["tflops"] for r in have], [r["score"] for r in have], "-", **style)
-    for ax, label in zip(axes, ("visual tokens in the LLM", "prefill TFLOPs per request")):
+        style = dict(marker="os^vDP*Xhp"[i % 10], label=method, color=f"C{i % 10}", capsize=3,
+                     ls="-", ms=5)
+        # Methods at the same token count would hide each other: nudge each a little sideways.
+        nudge = {"tokens": 1.0 + 0.04 * (i - (len(methods) - 1) / 2), "gflops": 1.0}
+        for ax, key in zip(axes, nudge):
+            have = [r for r in mine if r[key] is not None]
+            ax.errorbar([r[key] * nudge[key] for r in have], [r["score"] for r in have],
+                        yerr=[r["stderr"] or 0.0 for r in have], **style)
+    for ax, label in zip(axes, ("visual tokens in the LLM", "prefill GFLOPs per request")):
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
         if rows[0]["majority"] is not None:
-            ax.axhline(rows[0]["majority"], color="grey", ls=":", label="majority baseline")
+            ax.axhline(rows[0]["majority"], color="grey", ls=":", label="majority answer")
+    tokens = sorted({r["tokens"] for r in rows})
+    axes[0].set_xticks(tokens, [str(t) for t in tokens])
+    axes[0].minorticks_off()
+    axes[1].xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+    axes[1].xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 0.02, not 2 x 10^-2
+    axes[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].set_ylabel(f"{rows[0]['benchmark']} score (%)")
-    axes[1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="outside right center")
     save_figure(fig, path)

@@ -66,7 +66,7 @@ def test_print_commands_lists_the_incomplete_runs(sweep_file, tmp_path, capsys):
 
 def test_complete_runs_are_skipped_and_collected(sweep_file, tmp_path, capsys):
     w = tmp_path / "w"
-    fake_eval(w / "mqt-one-model", [{"m": m, "tokens": m, "score": s, "tflops": t}
+    fake_eval(w / "mqt-one-model", [{"m": m, "tokens": m, "score": s, "tflops": t, "stderr": {"score": 1.5}}
                                     for m, s, t in [(1, 40.0, 1e-4), (4, 50.0, 2e-4), (64, 60.0, 9e-4)]])
     fake_eval(w / "avgpool_m1", [{"m": 1, "tokens": 1, "score": 30.0, "tflops": 1e-4}])
     fake_eval(w / "avgpool_m4", [{"m": 4, "tokens": 4, "score": 45.5, "tflops": 2e-4}])
@@ -80,12 +80,14 @@ def test_complete_runs_are_skipped_and_collected(sweep_file, tmp_path, capsys):
     with open(w / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert table[4]["method"] == "avgpool" and table[4]["score"] == "45.5"
+    assert float(table[4]["gflops"]) == pytest.approx(0.2) and table[4]["stderr"] == ""
+    assert float(table[0]["stderr"]) == 1.5
     assert int(table[0]["llm_params"]) == 2 * 512 * 256 + 4 * (256 * 2 * (256 + 128) + 3 * 256 * 688 + 512) + 256
     md = (w / "results.md").read_text()
     assert "| method | 1 | 4 | 64 |" in md
-    assert "| MQT (one model) | 40.0 | 50.0 | 60.0 |" in md and "| avgpool | 30.0 | 45.5 |  |" in md
+    assert "| MQT (one model) | 40.0 ± 1.5 | 50.0 ± 1.5 | 60.0 ± 1.5 |" in md and "| avgpool | 30.0 | 45.5 |  |" in md
     assert "Majority-answer baseline: 20.0" in md
-    assert (w / "results.png").stat().st_size > 10_000
+    assert (w / "results.png").stat().st_size > 10_000 and (w / "results.pdf").is_file()
 
 
 def test_persistent_cache_is_scoped_to_the_sweep(tmp_path):
