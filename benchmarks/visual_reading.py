@@ -2,7 +2,7 @@
 
     python benchmarks/visual_reading.py --run workdir/tiny/stage2 [--data data/shapes] [--m 1,4,64]
 
-Prints two tables, on the validation split (never the held-out one):
+Prints three tables, on the validation split (never the held-out one):
 1. What the visual tokens hold: a ridge probe (closed form, on the first N training images)
    from the first m tokens to each grid cell's colour (or "empty") and each cell's kind of
    shape, scored on the validation images, averaged over the 9 cells. Labels are rebuilt from
@@ -10,6 +10,13 @@ Prints two tables, on the validation split (never the held-out one):
 2. What the LLM takes from them: the mean log-probability of each reference answer given the
    true image, and given another image (the questions of image i+1), by question type and m.
    Equal columns mean the answer does not depend on the image.
+3. Whether the LLM reads the same facts as text (no image): for the count and per-cell
+   questions of the first validation images, the share answered right (the candidate answer of
+   highest log-probability) with the image's detailed description in context before the
+   question, against the question alone. A pretrained LLM such as Vicuna does this; a model
+   that cannot find "row 2, column 3" in a text before it has little chance among visual tokens.
+
+`--tables 3` alone also takes stage 0's language model (data/shapes/pretrained/llm).
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ import numpy as np
 from PIL import Image
 
 import mqt_jax
+from mqt_jax.data import shapes as shapes_vqa
+from mqt_jax.data.conversation import encode_conversation
+from mqt_jax.data.tokenizer import load_tokenizer
 from mqt_jax.data.shapes import COLOURS, SHAPES, random_scene, scene_index
 from mqt_jax.outputs import markdown_table
 
@@ -94,6 +104,66 @@ def image_use(model, data: Path, m_values, limit: int) -> list[list[str]]:
     return [[kind] + [cells[m] for m in m_values] for kind, cells in by_type.items()]
 
 
+CANDIDATES = {"count": [str(n) for n in range(1, GRID * GRID + 1)], "colour_at": list(COLOURS),
+              "shape_at": list(SHAPES)}
+
+
+def val_questions(number: int, seed: int) -> tuple[list, list[tuple[str, str, str]]]:
+    """Validation image `number`'s shapes and its (type, question, answer) triples, drawn from
+    the seed as write_shapes drew them (the scene first, then its questions)."""
+    rng = np.random.default_rng([seed, scene_index("val", number)])
+    shapes = random_scene(rng)
+    return shapes, [(kind, q, a) for kind, (q, a, _) in zip(shapes_vqa.QUESTION_TYPES,
+                                                           shapes_vqa.questions(shapes, rng))]
+
+
+def text_turns(shapes, question: str, answer: str, described: bool) -> list[dict]:
+    """A text-only conversation: the description turn (when `described`), then the question."""
+    before = [{"from": "human", "value": shapes_vqa.DESCRIBE_PROMPT},
+              {"from": "gpt", "value": shapes_vqa.caption(shapes)}] if described else []
+    return before + [{"from": "human", "value": f"{question}\n{shapes_vqa.SHORT_ANSWER}"},
+                     {"from": "gpt", "value": answer}]
+
+
+def text_reading(model, tokenizer, limit: int, seed: int) -> list[list[str]]:
+    """Table 3: the run's LLM alone, each candidate answer scored by its log-probability."""
+    import jax
+    import jax.numpy as jnp
+
+    from mqt_jax.models.llama import Llama
+
+    llm, params = Llama(model.config.llm), model.params["llm"]
+
+    @jax.jit
+    def log_probs(ids):
+        x = llm.apply({"params": params}, ids, method=Llama.embed)
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+        return jax.nn.log_softmax(llm.apply({"params": params}, x, positions, jnp.ones_like(ids)))
+
+    right = collections.defaultdict(list)  # (question type, described) -> [bool]
+    for number in range(limit):
+        shapes, asked = val_questions(number, seed)
+        for kind, question, answer in asked:
+            if kind not in CANDIDATES:
+                continue
+            for described in (True, False):
+                examples = [encode_conversation(text_turns(shapes, question, c, described),
+                                                "vicuna_v1", tokenizer, has_image=False)
+                            for c in CANDIDATES[kind]]
+                width = -(-max(len(e.tokens) for e in examples) // 64) * 64  # few compiled shapes
+                ids, spans = np.zeros((len(examples), width), np.int32), []
+                for row, example in enumerate(examples):
+                    ids[row, :len(example.tokens)] = example.tokens
+                    prompt_end = max(j for j, label in enumerate(example.labels) if label < 0)
+                    spans.append([(j, example.labels[j])
+                                  for j in range(prompt_end + 1, len(example.labels))])
+                lp = np.asarray(log_probs(jnp.asarray(ids)))
+                scores = [sum(lp[row, j - 1, t] for j, t in span) for row, span in enumerate(spans)]
+                right[kind, described].append(CANDIDATES[kind][int(np.argmax(scores))] == answer)
+    return [[kind, f"{100 * np.mean(right[kind, True]):.1f}", f"{100 * np.mean(right[kind, False]):.1f}",
+             f"{100 / len(CANDIDATES[kind]):.1f}"] for kind in CANDIDATES]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a trained run (e.g. workdir/tiny/stage2)")
@@ -102,19 +172,32 @@ def main():
     parser.add_argument("--num_train", type=int, default=1500, help="probe training images")
     parser.add_argument("--limit", type=int, default=500, help="validation questions scored")
     parser.add_argument("--seed", type=int, default=0, help="write_shapes' seed")
+    parser.add_argument("--tables", default="1,2,3", help="which tables to print")
+    parser.add_argument("--text_images", type=int, default=150,
+                        help="validation images whose questions table 3 asks as text")
     args = parser.parse_args()
     data, m_values = Path(args.data), [int(m) for m in args.m.split(",")]
     if not (data / "val" / "questions.jsonl").is_file():
         parser.error(f"{data} has no validation split (val/questions.jsonl)")
+    tables = {int(t) for t in args.tables.split(",")}
     model = mqt_jax.load(args.run)
-    print(f"1. ridge probe on the first m visual tokens ({args.num_train} training images, "
-          f"validation accuracy %, mean of the 9 cells)\n")
-    print(markdown_table(["m", "cell colour (or empty)", "cell kind (or empty)"],
-                         probe(model, data, m_values, args.num_train, args.seed)))
-    print(f"\n2. mean log p(reference answer): true image / another image ({args.limit} "
-          f"validation questions)\n")
-    print(markdown_table(["type"] + [f"m = {m}" for m in m_values],
-                         image_use(model, data, m_values, args.limit)))
+    if 1 in tables:
+        print(f"1. ridge probe on the first m visual tokens ({args.num_train} training images, "
+              f"validation accuracy %, mean of the 9 cells)\n")
+        print(markdown_table(["m", "cell colour (or empty)", "cell kind (or empty)"],
+                             probe(model, data, m_values, args.num_train, args.seed)) + "\n")
+    if 2 in tables:
+        print(f"2. mean log p(reference answer): true image / another image ({args.limit} "
+              f"validation questions)\n")
+        print(markdown_table(["type"] + [f"m = {m}" for m in m_values],
+                             image_use(model, data, m_values, args.limit)) + "\n")
+    if 3 in tables:
+        print(f"3. the LLM reading the facts as text: % right, the questions of "
+              f"{args.text_images} validation images\n")
+        print(markdown_table(["type", "description before the question", "question alone",
+                              "one candidate at random"],
+                             text_reading(model, model.tokenizer or load_tokenizer(data / "tokenizer"),
+                                          args.text_images, args.seed)))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mqt_jax.data.shapes import COLOURS, write_shapes
+from mqt_jax.data.shapes import COLOURS, SHORT_ANSWER, write_shapes
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +150,22 @@ def test_visual_reading_labels_match_the_written_captions(shapes):
             cell = 3 * (int(r) - 1) + int(c) - 1
             want[:, cell] = [list(COLOURS).index(colour) + 1, ["circle", "square", "triangle"].index(kind) + 1]
         np.testing.assert_array_equal(vr.cell_labels(index, seed=3), want)
+
+
+def test_visual_reading_rebuilds_the_written_validation_questions(tmp_path):
+    """Table 3 asks the validation questions again, as text: they and their answers must be
+    the ones write_shapes wrote, and the description turn holds the image's caption."""
+    vr = _visual_reading()
+    out = write_shapes(tmp_path / "s", num_train=3, num_eval=2, num_val=4, seed=5, tfds=False)
+    questions, answers = read_jsonl(out / "val" / "questions.jsonl"), read_jsonl(out / "val" / "answers.jsonl")
+    rebuilt = [t for n in range(4) for t in vr.val_questions(n, seed=5)[1]]
+    assert [(k, q + "\n" + SHORT_ANSWER, a) for k, q, a in rebuilt] == [
+        (a["type"], q["text"], a["answer"]) for q, a in zip(questions, answers)]
+    shapes, _ = vr.val_questions(0, seed=5)
+    turns = vr.text_turns(shapes, "How many shapes are there?", "3", described=True)
+    assert [t["from"] for t in turns] == ["human", "gpt", "human", "gpt"]
+    assert turns[1]["value"].startswith(f"{len(shapes)} shape") and turns[3]["value"] == "3"
+    assert len(vr.text_turns(shapes, "q", "a", described=False)) == 2
 
 
 def test_visual_reading_ridge_probe_separates_what_is_separable():
