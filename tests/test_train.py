@@ -139,7 +139,9 @@ def test_gradient_accumulation_equals_one_pass():
         assert loss == pytest.approx(loss1, rel=1e-6) and count == count1
         np.testing.assert_allclose(rows, rows1, rtol=1e-5)  # row order restored
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads1)):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+            # summing in another order moves float32 by ~eps times the largest term, so the
+            # absolute slack follows each leaf's scale (a lost micro-batch moves values ~50%)
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
 
 
 def test_accumulation_must_divide_the_batch():
