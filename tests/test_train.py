@@ -138,10 +138,14 @@ def test_gradient_accumulation_equals_one_pass():
     for loss, count, rows, grads in results[1:]:
         assert loss == pytest.approx(loss1, rel=1e-6) and count == count1
         np.testing.assert_allclose(rows, rows1, rtol=1e-5)  # row order restored
+        # Summing in another order moves float32 by ~eps times the largest gradient, so the
+        # absolute slack follows the whole tree's scale: leaves whose true gradient is zero
+        # (attention key biases: softmax ignores a shift) hold only that rounding noise.
+        # Measured: largest difference 5e-7 x the largest gradient; a lost micro-batch moves
+        # every leaf with a real gradient by ~50%.
+        scale = max(float(np.abs(b).max()) for b in jax.tree.leaves(grads1))
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads1)):
-            # summing in another order moves float32 by ~eps times the largest term, so the
-            # absolute slack follows each leaf's scale (a lost micro-batch moves values ~50%)
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_accumulation_must_divide_the_batch():
