@@ -549,6 +549,9 @@ def serve(model, engine: Engine, config: ServeConfig, sock) -> int:
     server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None))
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+    # Listen before saying so: a client that connects on "serving" then waits in the backlog
+    # until uvicorn accepts, instead of being refused while uvicorn starts up.
+    sock.listen(server.config.backlog)
     print(f"serving {config.model_name} (M={model.config.num_queries}, default m="
           f"{config.default_m}, {engine.config.slots} slots) on http://{host}:{port}/v1",
           flush=True)

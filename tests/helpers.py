@@ -178,3 +178,5 @@ class Server:
             self.proc.kill()
         self.proc.wait()
         self.log.close()
+        # captured output, which pytest shows only when the test failed
+        print("the server's log ends:", pathlib.Path(self.log.name).read_text()[-6000:])

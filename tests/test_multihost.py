@@ -161,6 +161,7 @@ def test_serving_on_two_processes_matches_one(tmp_path):
         if follower.poll() is None:
             follower.kill()
         follower_log.close()
+        print("process 1's log ends:", (tmp_path / "process_1.log").read_text()[-6000:])
     assert "Traceback" not in (tmp_path / "process_1.log").read_text()
 
 

@@ -318,3 +318,38 @@ def test_detokenizer_holds_back_stop_prefixes_and_incomplete_characters():
     assert text.text == "Hello " and text.rest() == ""
     text = Detokenizer(Pieces(), ())
     assert [text.add(i) for i in (0, 4, 5)] == [("Hel", False), ("", False), ("é", False)]
+
+
+def test_the_socket_listens_before_serving_is_printed(monkeypatch, capsys):
+    """Clients connect as soon as "serving ... on URL" appears: until uvicorn accepts (its
+    startup can lag behind the engine thread's first step) they must wait in the backlog,
+    not be refused. CI once lost a multi-process test to that refusal."""
+    import faulthandler
+    import socket
+
+    import uvicorn
+
+    from mqt_jax import server as server_module
+
+    sock = server_module.listen("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    seen = {}
+
+    def run_uvicorn(_self, sockets):  # the moment uvicorn would start: a client connects now
+        seen["printed"] = "serving" in capsys.readouterr().out
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            seen["connected"] = True
+
+    monkeypatch.setattr(server_module, "make_app", lambda *_: None)
+    # what would grab pytest's captured stderr: the stack dump and uvicorn's logging setup
+    monkeypatch.setattr(faulthandler, "register", lambda *_, **__: None)
+    monkeypatch.setattr(uvicorn.Config, "configure_logging", lambda _self: None)
+    monkeypatch.setattr(uvicorn.Server, "run", run_uvicorn)
+    model = types.SimpleNamespace(config=types.SimpleNamespace(num_queries=16))
+    engine = types.SimpleNamespace(config=types.SimpleNamespace(slots=2))
+    config = types.SimpleNamespace(model_name="tiny", default_m=4)
+    try:
+        assert server_module.serve(model, engine, config, sock) == 0
+    finally:
+        sock.close()
+    assert seen == {"printed": True, "connected": True}
