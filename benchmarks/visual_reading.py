@@ -167,6 +167,7 @@ def text_reading(model, tokenizer, limit: int, seed: int) -> list[list[str]]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a trained run (e.g. workdir/tiny/stage2)")
+    parser.add_argument("--step", type=int, default=None, help="the run's checkpoint (default: latest)")
     parser.add_argument("--data", default="data/shapes")
     parser.add_argument("--m", default="1,4,64")
     parser.add_argument("--num_train", type=int, default=1500, help="probe training images")
@@ -180,7 +181,7 @@ def main():
     if not (data / "val" / "questions.jsonl").is_file():
         parser.error(f"{data} has no validation split (val/questions.jsonl)")
     tables = {int(t) for t in args.tables.split(",")}
-    model = mqt_jax.load(args.run)
+    model = mqt_jax.load(args.run, step=args.step)
     if 1 in tables:
         print(f"1. ridge probe on the first m visual tokens ({args.num_train} training images, "
               f"validation accuracy %, mean of the 9 cells)\n")
