@@ -50,8 +50,10 @@ def _clear_gin():
 # ---- order: the long end-to-end modules first ----
 # `--dist loadscope` hands each worker whole modules, by default the modules with the most
 # tests first, which leaves the few-test, longest ones (the default recipe, the multi-process
-# runs, the CLI) for the end, where one worker runs them while the other idles. Longest
-# first, the short modules fill in at the end instead (3.8 min off the suite on 2 cores).
+# runs, the CLI) for the end, where one worker runs them while the other idles. Here the
+# modules with the most `slow` (end-to-end) tests go first, a proxy for the longest, and the
+# short modules fill in at the end (on 2 cores: 1,347 s -> 1,149 s, within 4% of the
+# workers' summed test time over two).
 def _slow_tests(module_items) -> int:
     return sum(1 for item in module_items if item.get_closest_marker("slow"))
 
