@@ -322,8 +322,9 @@ def test_detokenizer_holds_back_stop_prefixes_and_incomplete_characters():
 
 def test_the_socket_listens_before_serving_is_printed(monkeypatch, capsys):
     """Clients connect as soon as "serving ... on URL" appears: until uvicorn accepts (its
-    startup can lag behind the engine thread's first step) they must wait in the backlog,
-    not be refused. CI once lost a multi-process test to that refusal."""
+    start-up takes a moment, longer on a loaded machine) they must wait in the backlog, not
+    be refused. Before, the socket listened only once uvicorn had started (a CI run lost a
+    multi-process test to a refused connection)."""
     import faulthandler
     import socket
 
