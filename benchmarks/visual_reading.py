@@ -117,15 +117,22 @@ def val_questions(number: int, seed: int) -> tuple[list, list[tuple[str, str, st
                                                            shapes_vqa.questions(shapes, rng))]
 
 
-def text_turns(shapes, question: str, answer: str, described: bool) -> list[dict]:
-    """A text-only conversation: the description turn (when `described`), then the question."""
-    before = [{"from": "human", "value": shapes_vqa.DESCRIBE_PROMPT},
-              {"from": "gpt", "value": shapes_vqa.caption(shapes)}] if described else []
-    return before + [{"from": "human", "value": f"{question}\n{shapes_vqa.SHORT_ANSWER}"},
-                     {"from": "gpt", "value": answer}]
+def text_turns(shapes, question: str, answer: str, described: bool,
+               layout: str = "turn") -> list[dict]:
+    """A text-only conversation: when `described`, the description as its own turn (layout
+    "turn", as the stage-0 corpus has it) or inside the question's ("question": "The picture:
+    <description>\n<question>"), then the question."""
+    text = f"{question}\n{shapes_vqa.SHORT_ANSWER}"
+    before = []
+    if described and layout == "turn":
+        before = [{"from": "human", "value": shapes_vqa.DESCRIBE_PROMPT},
+                  {"from": "gpt", "value": shapes_vqa.caption(shapes)}]
+    elif described:
+        text = f"The picture: {shapes_vqa.caption(shapes)}\n{text}"
+    return before + [{"from": "human", "value": text}, {"from": "gpt", "value": answer}]
 
 
-def text_reading(model, tokenizer, limit: int, seed: int) -> list[list[str]]:
+def text_reading(model, tokenizer, limit: int, seed: int, layout: str = "turn") -> list[list[str]]:
     """Table 3: the run's LLM alone, each candidate answer scored by its log-probability."""
     import jax
     import jax.numpy as jnp
@@ -147,7 +154,7 @@ def text_reading(model, tokenizer, limit: int, seed: int) -> list[list[str]]:
             if kind not in CANDIDATES:
                 continue
             for described in (True, False):
-                examples = [encode_conversation(text_turns(shapes, question, c, described),
+                examples = [encode_conversation(text_turns(shapes, question, c, described, layout),
                                                 "vicuna_v1", tokenizer, has_image=False)
                             for c in CANDIDATES[kind]]
                 width = -(-max(len(e.tokens) for e in examples) // 64) * 64  # few compiled shapes
@@ -174,6 +181,8 @@ def main():
     parser.add_argument("--limit", type=int, default=500, help="validation questions scored")
     parser.add_argument("--seed", type=int, default=0, help="write_shapes' seed")
     parser.add_argument("--tables", default="1,2,3", help="which tables to print")
+    parser.add_argument("--description", choices=("turn", "question"), default="turn",
+                        help="table 3: the description as its own turn, or inside the question's")
     parser.add_argument("--text_images", type=int, default=150,
                         help="validation images whose questions table 3 asks as text")
     args = parser.parse_args()
@@ -198,7 +207,7 @@ def main():
         print(markdown_table(["type", "description before the question", "question alone",
                               "one candidate at random"],
                              text_reading(model, model.tokenizer or load_tokenizer(data / "tokenizer"),
-                                          args.text_images, args.seed)))
+                                          args.text_images, args.seed, args.description)))
 
 
 if __name__ == "__main__":

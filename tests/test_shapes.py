@@ -166,6 +166,9 @@ def test_visual_reading_rebuilds_the_written_validation_questions(tmp_path):
     assert [t["from"] for t in turns] == ["human", "gpt", "human", "gpt"]
     assert turns[1]["value"].startswith(f"{len(shapes)} shape") and turns[3]["value"] == "3"
     assert len(vr.text_turns(shapes, "q", "a", described=False)) == 2
+    inside = vr.text_turns(shapes, "q", "a", described=True, layout="question")
+    assert [t["value"] for t in inside] == [
+        f"The picture: {turns[1]['value']}\nq\n{SHORT_ANSWER}", "a"]
 
 
 def test_visual_reading_ridge_probe_separates_what_is_separable():
