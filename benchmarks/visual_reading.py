@@ -122,6 +122,8 @@ def text_turns(shapes, question: str, answer: str, described: bool,
     """A text-only conversation: when `described`, the description as its own turn (layout
     "turn", as the stage-0 corpus has it) or inside the question's ("question": "The picture:
     <description>\n<question>"), then the question."""
+    if layout not in ("turn", "question"):
+        raise ValueError(f"layout {layout!r}: 'turn' or 'question'")
     text = f"{question}\n{shapes_vqa.SHORT_ANSWER}"
     before = []
     if described and layout == "turn":
