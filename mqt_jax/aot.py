@@ -15,11 +15,11 @@ from pathlib import Path
 
 import jax
 
-from mqt_jax import flops, sharding, splice
-from mqt_jax.checkpoint import abstract_like
-from mqt_jax.config import ModelConfig
-from mqt_jax.outputs import markdown_table, write_atomic
-from mqt_jax.trainer import TrainConfig, Trainer
+from mqt_jax.config import MeshConfig, ModelConfig, TrainConfig
+from mqt_jax.core import flops, sharding, splice
+from mqt_jax.core.checkpoint import abstract_like
+from mqt_jax.core.outputs import markdown_table, write_atomic
+from mqt_jax.training.trainer import Trainer
 
 GIB = 2**30
 # HBM per chip (public spec sheets); peak FLOP/s in flops.PEAK_TFLOPS.
@@ -43,7 +43,7 @@ def abstract_batch(trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def compile_train_step(topology_name: str, model_config: ModelConfig, config: TrainConfig,
-                       mesh_config: sharding.MeshConfig) -> dict:
+                       mesh_config: MeshConfig) -> dict:
     import importlib.util
 
     from jax.experimental import topologies
@@ -95,7 +95,7 @@ def compile_train_step(topology_name: str, model_config: ModelConfig, config: Tr
 
 
 def tune(topology_name: str, model_config: ModelConfig, config: TrainConfig,
-         mesh_config: sharding.MeshConfig, policies: tuple[str, ...],
+         mesh_config: MeshConfig, policies: tuple[str, ...],
          rows_per_chip: tuple[int, ...], progress=print) -> dict:
     """Compile the step for every (remat policy, rows per data-parallel chip); the ones that
     fit in HBM, with the LLM's FLOPs per token including recomputation, and the one that

@@ -6,16 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from mqt_jax import gin_files
-from mqt_jax.gin_files import CONFIG_DIR, find_gin_file, in_scope, parse_gin  # noqa: F401
+from mqt_jax.core.gin_files import CONFIG_DIR, find_gin_file, in_scope, parse_gin  # noqa: F401
 
 
 def cmd_train(args) -> int:
     parse_gin(args.gin_file or ["tiny_two_stage.gin"], args.gin_param)
     import jax
 
-    from mqt_jax.recipe import run
-    from mqt_jax.train import Preemption
+    from mqt_jax.training.loop import Preemption
+    from mqt_jax.training.recipe import run
 
     join_processes(args)
     try:
@@ -29,14 +28,11 @@ def cmd_train(args) -> int:
 def cmd_aot(args) -> int:
     parse_gin(args.gin_file or ["mqt_llava_7b_stage2.gin"], args.gin_param)
     from mqt_jax.aot import compile_train_step, write_report
-    from mqt_jax.config import ModelConfig
-    from mqt_jax.sharding import MeshConfig
-    from mqt_jax.trainer import TrainConfig
+    from mqt_jax.config import MeshConfig, ModelConfig, TrainConfig
 
     out = args.out or f"aot_{args.topology.replace(':', '_')}{'_tune' if args.tune else ''}.json"
     if args.tune:
         from mqt_jax.aot import tune, tune_table
-
         from mqt_jax.config import REMAT_POLICIES
 
         policies = tuple(args.remat.split(",")) if args.remat else REMAT_POLICIES
@@ -79,7 +75,9 @@ def parse_m(text: str) -> list[int]:
 
 def parse_run_config(args) -> tuple[Path, str]:
     """The run named by --workdir / --ckpt, its config parsed (gin_files.parse_run_config)."""
-    return gin_files.parse_run_config(args.ckpt or args.workdir, args.gin_file or [],
+    from mqt_jax.run import parse_run_config
+
+    return parse_run_config(args.ckpt or args.workdir, args.gin_file or [],
                                       args.gin_param)
 
 
@@ -87,7 +85,7 @@ def open_model(args, m_values: list[int] = (), check=None):
     """`mqt_jax.load` of the run named by --workdir / --ckpt with --gin_file / --gin_param on
     top. `m_values` are checked against its M, and `check(model_config)` is called, before
     any parameter is read."""
-    from mqt_jax.api import load
+    from mqt_jax.inference.api import load
 
     def checks(config):
         if m_values:
@@ -130,8 +128,8 @@ def cmd_eval(args) -> int:
 
     import jax
 
-    from mqt_jax.benchmarks import get
-    from mqt_jax.recipe import evaluate_run
+    from mqt_jax.evaluation.benchmarks import get
+    from mqt_jax.training.recipe import evaluate_run
 
     if args.benchmark:
         get(args.benchmark)  # a known name, before anything is read
@@ -171,8 +169,8 @@ def eval_auto(run_, config, out: Path, args) -> int:
 
     import jax
 
-    from mqt_jax.policy import evaluate_policies, policy_table
-    from mqt_jax.sharding import activate
+    from mqt_jax.core.sharding import activate
+    from mqt_jax.evaluation.policies import evaluate_policies, policy_table
 
     validation = (args.val_questions or config.val_questions, args.val_answers or config.val_answers)
     training = (args.train_questions or config.train_questions,
@@ -194,8 +192,8 @@ def eval_auto(run_, config, out: Path, args) -> int:
 
 
 def cmd_gradcam(args) -> int:
-    from mqt_jax.gradcam import check_variant, draw, gradcam_maps
-    from mqt_jax.sharding import activate
+    from mqt_jax.core.sharding import activate
+    from mqt_jax.evaluation.gradcam import check_variant, draw, gradcam_maps
 
     pil = read_image(args.image)
     if not args.out.endswith(".png"):
@@ -218,8 +216,9 @@ def cmd_gradcam(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from mqt_jax.engine import Engine, EngineConfig
-    from mqt_jax.server import ServeConfig, listen, serve
+    from mqt_jax.config import EngineConfig
+    from mqt_jax.inference.engine import Engine
+    from mqt_jax.serving.server import ServeConfig, listen, serve
 
     if args.image_root and not Path(args.image_root).is_dir():
         raise FileNotFoundError(f"--image_root {args.image_root} is not a folder")
@@ -268,8 +267,9 @@ def cmd_data_shapes(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from mqt_jax.convert import convert
-    from mqt_jax.sharding import MeshConfig, make_mesh
+    from mqt_jax.config import MeshConfig
+    from mqt_jax.core.sharding import make_mesh
+    from mqt_jax.interop.convert import convert
 
     parse_gin([], args.gin_param)  # only MeshConfig bindings matter here
     params = convert(args.kind, args.src, args.out, vision=args.vision,
@@ -287,14 +287,12 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from mqt_jax.checkpoint import restore_params
-    from mqt_jax.config import ModelConfig
-    from mqt_jax.convert import abstract_params, export_llama
-    from mqt_jax.data.pipeline import DataConfig
-    from mqt_jax.evaluate import EvalConfig
+    from mqt_jax.config import DataConfig, EvalConfig, MeshConfig, ModelConfig
+    from mqt_jax.core.checkpoint import restore_params
+    from mqt_jax.core.sharding import make_mesh
+    from mqt_jax.interop.convert import abstract_params, export_llama
     from mqt_jax.models import lora
-    from mqt_jax.recipe import scoped
-    from mqt_jax.sharding import MeshConfig, make_mesh
+    from mqt_jax.training.recipe import scoped
 
     if args.kind != "llama":
         raise ValueError(f"--kind {args.kind!r}: only 'llama' exports")
@@ -313,7 +311,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from mqt_jax import sweep
+    from mqt_jax.research import sweep
 
     if args.print_commands:
         spec, runs = sweep.load_sweep(args.sweep)
@@ -331,7 +329,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_scaling_fit(args) -> int:
-    from mqt_jax import scaling
+    from mqt_jax.research import scaling
 
     scaling.main(args.results, args.out, [b * 1e12 for b in args.budget_tflops], args.text_tokens)
     return 0
@@ -364,7 +362,7 @@ def add_multiprocess_args(p) -> None:
 
 
 def join_processes(args) -> None:
-    from mqt_jax.sharding import initialize_distributed
+    from mqt_jax.core.sharding import initialize_distributed
 
     initialize_distributed(args.distributed, args.coordinator_address, args.num_processes,
                            args.process_id)

@@ -1,20 +1,22 @@
-"""Model configuration: frozen dataclasses that gin binds (see configs/*.gin).
+"""Every setting gin binds (see configs/*.gin): frozen dataclasses, at the bottom of the
+package (this module imports nothing of mqt_jax, so parsing a gin file registers every
+configurable by importing it alone).
 
-Frozen so that Flax modules can hold them as attributes and jit can hash them.
+Frozen so that Flax modules can hold them as attributes and jit can hash them. Checks that
+need a compressor's own rules run where the model is built (`mqt_jax.compressors.check`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import gin
 import numpy as np
 
-from mqt_jax import compressors
-from mqt_jax.models.attention import IMPLEMENTATIONS as ATTENTION_KERNELS
-from mqt_jax.models.lora import LoRAConfig
-
 DTYPES = ("float32", "bfloat16", "float16")
+# The attention kernels of models/attention.py: "xla" (everywhere), "cudnn" (GPU), "splash" (TPU).
+ATTENTION_KERNELS = ("xla", "cudnn", "splash")
 
 REMAT_POLICIES = (
     "none",  # no rematerialisation: keep every activation
@@ -39,6 +41,31 @@ def gin_bindings(part) -> list[str]:
     name = type(part).__name__
     return [f"{name}.{f.name} = {getattr(part, f.name)!r}" for f in dataclasses.fields(part)
             if not dataclasses.is_dataclass(getattr(part, f.name))]
+
+
+def check_m(m, num_queries: int) -> np.ndarray:
+    """m as an int32 array, or a ValueError naming every value outside [1, M]."""
+    m = np.asarray(m)
+    if not np.issubdtype(m.dtype, np.integer):
+        raise ValueError(f"m must be integers, got dtype {m.dtype}")
+    bad = m[(m < 1) | (m > num_queries)]
+    if bad.size:
+        raise ValueError(
+            f"m={sorted(set(bad.tolist()))} outside [1, {num_queries}] (M = num_queries)"
+        )
+    return m.astype(np.int32)
+
+
+# Compressor classes by name: each file of mqt_jax/compressors registers its class here, so a
+# config names a compressor and asks it what depends on it without importing it.
+COMPRESSORS: dict[str, type] = {}
+
+
+def compressor_named(name: str) -> type:
+    if name not in COMPRESSORS:
+        raise ValueError(f"QueryTransformerConfig.variant={name!r}: expected one of "
+                         f"{tuple(COMPRESSORS) or '(none registered: import mqt_jax.compressors)'}")
+    return COMPRESSORS[name]
 
 
 @gin.configurable
@@ -123,7 +150,6 @@ class QueryTransformerConfig:
 
     def __post_init__(self):
         positive(self, "num_queries", "width", "num_heads", "num_layers", "mlp_dim")
-        compressor = compressors.get(self.variant)  # a ValueError naming the known ones
         if self.query_mask not in ("prefix", "causal"):
             raise ValueError(
                 f"QueryTransformerConfig.query_mask={self.query_mask!r}: "
@@ -134,13 +160,43 @@ class QueryTransformerConfig:
                 f"QueryTransformerConfig.width={self.width} is not divisible by "
                 f"num_heads={self.num_heads}"
             )
-        if self.num_queries < 1:
-            raise ValueError(f"QueryTransformerConfig.num_queries={self.num_queries} must be >= 1")
-        if compressor.square_queries and int(self.num_queries**0.5) ** 2 != self.num_queries:
-            raise ValueError(
-                f"QueryTransformerConfig.num_queries={self.num_queries}: the {self.variant} "
-                "variant needs a square number of queries (a square grid of tokens)"
-            )
+
+
+# target -> the Dense layer it names in the LLaMA decoder layer
+TARGETS = {"q": "attn/query", "k": "attn/key", "v": "attn/value", "o": "attn/out",
+           "gate": "mlp/fc1", "up": "mlp/up", "down": "mlp/fc2"}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """rank 0: no adapters (the default). LLaVA-1.5's LoRA recipe: rank 128, alpha 256,
+    dropout 0.05, every target. Dropout applies in training only (when the step passes a
+    "dropout" rng)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = tuple(TARGETS)
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"LoRAConfig.rank={self.rank!r}: expected an integer >= 0")
+        if not self.alpha > 0:
+            raise ValueError(f"LoRAConfig.alpha={self.alpha!r}: expected > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRAConfig.dropout={self.dropout!r}: expected in [0, 1)")
+        unknown = sorted(set(self.targets) - set(TARGETS))
+        if unknown or not self.targets:
+            raise ValueError(f"LoRAConfig.targets={self.targets!r}: expected some of {tuple(TARGETS)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def on(self, target: str) -> LoRAConfig | None:
+        """This config for the Dense layer of `target`, or None when it is not adapted."""
+        return self if self.rank and target in self.targets else None
 
 
 @gin.configurable
@@ -195,18 +251,12 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.remat_policy={self.remat_policy!r}: expected one of {REMAT_POLICIES}"
             )
-        if self.compressor.vision_width and self.query.width != self.vision.width:
-            raise ValueError(
-                f"the {self.query.variant} query transformer attends at the vision width: "
-                f"QueryTransformerConfig.width={self.query.width} != "
-                f"VisionConfig.width={self.vision.width}"
-            )
-        self.compressor.check(self)
 
     @property
-    def compressor(self) -> type[compressors.Compressor]:
-        """The compressor class `query.variant` names: what it is and can do."""
-        return compressors.get(self.query.variant)
+    def compressor(self) -> type:
+        """The compressor class `query.variant` names (a mqt_jax.compressors.Compressor):
+        what it is and can do."""
+        return compressor_named(self.query.variant)
 
     @property
     def num_queries(self) -> int:
@@ -236,8 +286,6 @@ class ModelConfig:
     def check_m(self, m):
         """m as int32, or a ValueError: outside [1, M], not M for a fixed-token projector, or
         not one of the compressor's scales (M3)."""
-        from mqt_jax.splice import check_m
-
         m = check_m(m, self.num_queries)
         if not self.has_m and (m != self.num_queries).any():
             raise ValueError(f"m={sorted(set(m.reshape(-1).tolist()))}: the {self.query.variant} "
@@ -248,3 +296,308 @@ class ModelConfig:
             raise ValueError(f"m={bad}: the {self.query.variant} compressor serves m in "
                              f"{list(valid)} only")
         return m
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Size of each mesh axis; one of them may be -1, meaning "all remaining devices"."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    # Multislice: the `data` axis spans this many TPU slices (over the data-center network);
+    # fsdp and tensor stay within a slice. `data` must be a multiple of it.
+    slices: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"mesh {self}: sizes must be positive, with at most one -1")
+        known = int(np.prod([s for s in sizes if s != -1]))
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(
+                    f"mesh {self} does not divide {num_devices} devices "
+                    f"({num_devices} is not a multiple of {known})"
+                )
+            sizes[sizes.index(-1)] = num_devices // known
+        if int(np.prod(sizes)) != num_devices:
+            raise ValueError(
+                f"mesh {self} has {int(np.prod(sizes))} devices but {num_devices} are available"
+            )
+        return tuple(sizes)
+
+
+PAPER_TOKEN_COUNTS = (2, 4, 8, 16, 36, 64, 144, 256)
+
+
+DISTRIBUTIONS = ("official", "log_uniform", "fixed_set", "constant", "all")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MSampler:
+    """distribution:
+    - "official": uniform over the even values 2, 4, ..., M (MQT-LLaVA stage 2);
+    - "log_uniform": log m uniform on [log 1, log (M+1)), floored: small m drawn more often;
+    - "fixed_set": uniform over `values` (those <= M);
+    - "constant": always `constant` (None = M; MQT-LLaVA stage 1);
+    - "all": every one of `values` (those <= M) for every example, M3's training rule: the
+      pipeline trains each example once per scale, its copies in the same batch, so the
+      token-mean loss is the mean over scales of each scale's loss.
+    per: "example" (one draw per image) or "batch" (one draw shared by the whole batch).
+    """
+
+    distribution: str = "official"
+    values: tuple[int, ...] = PAPER_TOKEN_COUNTS
+    constant: int | None = None
+    per: str = "example"
+
+    def __post_init__(self):
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(
+                f"MSampler.distribution={self.distribution!r}: expected one of {DISTRIBUTIONS}"
+            )
+        if self.per not in ("example", "batch"):
+            raise ValueError(f"MSampler.per={self.per!r}: expected 'example' or 'batch'")
+        if self.distribution == "all" and self.per == "batch":
+            raise ValueError("MSampler.distribution='all' trains every scale per example; "
+                             "per='batch' draws one m per batch: choose one")
+
+    def support(self, num_queries: int) -> np.ndarray:
+        """The values m can take for a query transformer of M = num_queries."""
+        if self.distribution == "official":
+            values = np.arange(2, num_queries + 1, 2)
+        elif self.distribution == "log_uniform":
+            values = np.arange(1, num_queries + 1)
+        elif self.distribution == "fixed_set":
+            values = np.array([v for v in self.values if 1 <= v <= num_queries])
+        elif self.distribution == "all":
+            values = np.array(sorted({v for v in self.values if 1 <= v <= num_queries}))
+        else:
+            values = np.array([num_queries if self.constant is None else self.constant])
+        if values.size == 0 or values.min() < 1 or values.max() > num_queries:
+            raise ValueError(
+                f"MSampler({self.distribution}, values={self.values}, constant={self.constant}) "
+                f"has no valid m in [1, {num_queries}]"
+            )
+        return values
+
+    def copies(self, num_queries: int) -> int:
+        """How many times each example is trained per step: one, or one per scale ("all")."""
+        return len(self.support(num_queries)) if self.distribution == "all" else 1
+
+    def sample(self, num_queries: int, shape: tuple[int, ...], seed: int, *keys: int) -> np.ndarray:
+        """int32 array of `shape`, a deterministic function of (seed, *keys); with "all",
+        [copies, *shape]: copy k at the k-th scale."""
+        values = self.support(num_queries)
+        if self.distribution == "all":
+            return np.broadcast_to(values.astype(np.int32).reshape((-1,) + (1,) * len(shape)),
+                                   (len(values), *shape)).copy()
+        rng = np.random.default_rng([seed, *keys])
+        draw_shape = shape if self.per == "example" else ()
+        if self.distribution == "log_uniform":
+            m = np.floor(np.exp(rng.uniform(0.0, np.log(num_queries + 1), draw_shape)))
+            m = np.clip(m, 1, num_queries)
+        else:
+            m = rng.choice(values, draw_shape)
+        return np.broadcast_to(np.asarray(m, np.int32), shape).copy()
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    data_path: str = ""  # a LLaVA training file: JSON list or JSON Lines
+    image_root: str = ""  # folder the records' "image" paths are relative to
+    tfds_dir: str = ""  # or: a prepared shapes_vqa TFDS dataset (data_dir) ...
+    tfds_split: str = "qa"  # ... and its split ("captions" or "qa")
+    tokenizer_dir: str = ""  # holds tokenizer.model (sentencepiece) or tokenizer.json
+    template: str = "vicuna_v1"  # "plain" for stage 1
+    image_mode: str = "pad"  # "pad" to square with the mean colour (LLaVA-1.5), or "crop"
+    pack: bool = False  # several examples per row, first-fit on their true length
+    strict: bool = False  # raise on the first bad record instead of skipping it
+    shuffle: bool = True
+    num_epochs: int | None = None  # None: repeat forever
+    num_workers: int = 0  # grain worker processes for decode/preprocess/tokenize
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # global, rows per step
+    grad_accum_steps: int = 1  # micro-batches per step (each batch_size / grad_accum_steps rows)
+    seq_len: int = 128
+    images_per_row: int = 1
+    learning_rate: float = 1e-3
+    warmup_fraction: float = 0.03
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    grad_clip: float = 1.0
+    # Regexes matched (re.match) against "/"-joined parameter paths such as
+    # "query_transformer/attn/query/kernel". `frozen` wins over `trainable`.
+    trainable: tuple[str, ...] = ("query_transformer",)
+    frozen: tuple[str, ...] = (r"query_transformer/pos_embed$",)  # fixed sin-cos table
+    # Start from another run's parameters (e.g. stage 2 from stage 1): its workdir or
+    # checkpoints folder, taking the parameters that match `init_from_params`; or a dict
+    # {run: (regexes, ...)} taking parts of several runs (the vision tower of one, the LLM of
+    # another). A relative path names a sibling of this run's workdir when there is one, else
+    # a path from the working directory. The parameters not taken keep their initialisation.
+    init_from: str | dict = ""
+    init_from_params: tuple[str, ...] = (".*",)
+    seed: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end and on SIGTERM
+    max_to_keep: int = 3
+    # Updates with a non-finite loss or gradient are skipped; this many in a row stop the run.
+    max_nonfinite_in_a_row: int = 3
+
+    def __post_init__(self):
+        at_least = {"steps": 1, "batch_size": 1, "grad_accum_steps": 1, "seq_len": 2,
+                    "images_per_row": 1, "log_every": 1, "checkpoint_every": 0,
+                    "max_to_keep": 1, "max_nonfinite_in_a_row": 1, "learning_rate": 0,
+                    "weight_decay": 0}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
+                why = " (the final checkpoint must be kept)" if name == "max_to_keep" else ""
+                raise ValueError(f"TrainConfig.{name}={value!r}: must be a number >= {low}{why}")
+        for name in ("b1", "b2", "warmup_fraction"):
+            if not 0 <= getattr(self, name) < 1 + (name == "warmup_fraction"):
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: must be in [0, 1"
+                                 + ("]" if name == "warmup_fraction" else ")"))
+        if not self.grad_clip > 0:
+            raise ValueError(f"TrainConfig.grad_clip={self.grad_clip!r}: must be > 0")
+        sources = self.init_from if isinstance(self.init_from, dict) else {"": self.init_from_params}
+        if not isinstance(self.init_from, (str, dict)) or not all(
+                isinstance(k, str) and k for k in sources if isinstance(self.init_from, dict)):
+            raise ValueError(f"TrainConfig.init_from={self.init_from!r}: a run's path, or a dict "
+                             f"{{path: (regexes, ...)}}")
+        named = {"trainable": self.trainable, "frozen": self.frozen,
+                 **{"init_from_params" if not k else f"init_from[{k!r}]": v for k, v in sources.items()}}
+        for name, patterns in named.items():
+            if isinstance(patterns, str) or not isinstance(patterns, (tuple, list)) \
+                    or not all(isinstance(p, str) for p in patterns):
+                raise ValueError(f"TrainConfig.{name}={patterns!r}: a tuple of regexes, "
+                                 f"e.g. ('query_transformer',)")
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"TrainConfig.{name}: {pattern!r} is not a regex ({e})") from None
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+    steps: int = 600
+    batch_size: int = 128  # pairs per step: each image's negatives are the other captions
+    learning_rate: float = 1e-3
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.1
+    embed_dim: int = 128  # the joint embedding
+    # The text encoder: a small causal LLaMA, pooled at the caption's EOS (as CLIP's at EOT).
+    text_width: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "embed_dim", "text_width", "text_layers", "text_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"CLIPConfig.{name}={value!r}: must be an integer >= 1")
+        if self.text_width % self.text_heads or (self.text_width // self.text_heads) % 2:
+            raise ValueError(f"CLIPConfig.text_width={self.text_width} must split into "
+                             f"text_heads={self.text_heads} heads of an even width")
+        if not self.learning_rate > 0 or not 0 <= self.warmup_fraction <= 1:
+            raise ValueError(f"CLIPConfig: learning_rate={self.learning_rate!r} must be > 0 and "
+                             f"warmup_fraction={self.warmup_fraction!r} in [0, 1]")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    benchmark: str = "shapes"  # a name of benchmarks.BENCHMARKS
+    questions: str = ""  # the benchmark's question file; empty: no evaluation
+    answers: str = ""  # its references (not needed by MMBench, LLaVA-Bench, MM-Vet)
+    image_root: str = ""
+    tokenizer_dir: str = ""
+    template: str = "vicuna_v1"
+    image_mode: str = "pad"
+    m_values: tuple[int, ...] = (1, 2, 4, 8, 16, 36, 64)  # capped at M; M itself is added
+    batch_size: int = 64
+    max_new_tokens: int = 8
+    bucket: int = 16  # prompt lengths round up to a multiple of this (one compile per bucket)
+    limit: int = 0  # > 0: only the first `limit` questions (a quick look)
+    # A validation split (never the held-out questions) that calibrates m chosen per query
+    # (`mqt-jax eval --m auto`).
+    val_questions: str = ""
+    val_answers: str = ""
+    # A training split's questions, whose per-m correctness trains the m router (the first
+    # `router_questions` of them).
+    train_questions: str = ""
+    train_answers: str = ""
+    router_questions: int = 2000
+    # Questions whose visual tokens are computed once for every m and held on the host at once
+    # (M x hidden each: 4 MB at 7B in float32).
+    reuse_chunk: int = 1024
+
+
+POLICIES = ("mixed", "per_m", "static")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    slots: int = 8  # rows decoded together (a multiple of the mesh's data x fsdp devices)
+    cache_len: int = 1024  # KV slots per row: prompt (text + m visual tokens) + answer
+    prefill_batch: int = 4  # rows per prefill (rounded up to a multiple of the batch devices)
+    bucket: int = 32  # prompt lengths round up to a multiple of this
+    max_queue: int = 256  # requests waiting beyond this are refused (QueueFull)
+    vision_cache_mb: float = 256.0  # 0: no vision cache
+    # "mixed": any m shares a batch; "per_m": a batch holds one m at a time (what a server
+    # that cannot mix m must do); "static": a batch is admitted only into an empty engine and
+    # runs to its longest answer (classic static batching). The last two are for comparison.
+    policy: str = "mixed"
+
+    def __post_init__(self):
+        for name in ("slots", "cache_len", "prefill_batch", "bucket", "max_queue"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name}={getattr(self, name)!r} must be an integer >= 1")
+        if self.vision_cache_mb < 0:
+            raise ValueError(f"EngineConfig.vision_cache_mb={self.vision_cache_mb} must be >= 0")
+        if self.policy not in POLICIES:
+            raise ValueError(f"EngineConfig.policy={self.policy!r}: expected one of {POLICIES}")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    # Gin scopes trained one after another, each in W/<stage>; bindings scoped to a stage
+    # (`stage2/TrainConfig.steps = ...`) override the unscoped ones. Empty: one run in W.
+    stages: tuple[str, ...] = ()
+    # Generate shapes-VQA into this folder first when it does not exist (the default data).
+    shapes_dir: str = ""
+    # Stage 0, cached in this folder (a second run skips what is there): a mini-CLIP trained
+    # on the first stage's image-caption pairs (its DataConfig), its vision side written as a
+    # CLIPVisionModel folder (P/clip-vit) and converted into P/clip; and the LLM pretrained as
+    # a language model in the gin scope `pretrain_llm` (a training run in P/llm). Empty: none.
+    pretrained: str = ""
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    base: tuple[str, ...] = ("tiny_two_stage.gin",)  # gin files of every run
+    common: tuple[str, ...] = ()  # bindings of every run, e.g. "stage2/TrainConfig.steps = 100"
+    methods: dict = dataclasses.field(default_factory=dict)  # method -> {binding: value | [values]}
+
+    def __post_init__(self):
+        if not self.methods:
+            raise ValueError("Sweep.methods is empty: bind the methods to compare")
+        for method, spec in self.methods.items():
+            if not isinstance(spec, dict):
+                raise ValueError(f"Sweep.methods[{method!r}] must map bindings to values, "
+                                 f"got {type(spec).__name__}")

@@ -18,9 +18,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import tiny_config  # noqa: E402
 
-from mqt_jax import sharding, splice  # noqa: E402
-from mqt_jax.generate import Generator, SamplingConfig  # noqa: E402
-from mqt_jax.trainer import TrainConfig, Trainer, merge_params  # noqa: E402
+from mqt_jax.config import MeshConfig, TrainConfig  # noqa: E402
+from mqt_jax.core import sharding, splice  # noqa: E402
+from mqt_jax.inference.generate import Generator, SamplingConfig  # noqa: E402
+from mqt_jax.training.trainer import Trainer, merge_params
 
 M_VALUES = (1, 5, 16)
 SAMPLINGS = {"greedy": SamplingConfig(max_new_tokens=6),
@@ -48,7 +49,7 @@ def main():
     sharding.initialize_distributed(False, args.coordinator_address, args.num_processes,
                                     args.process_id)
     cfg = tiny_config(num_queries=16)
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4, tensor=1))
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4, tensor=1))
     state = Trainer(cfg, TrainConfig(batch_size=8, seq_len=32), mesh).init_state(seed=0)
     params = merge_params(state.trainable, state.frozen)  # sharded over both processes
     prompts, images = requests(cfg)

@@ -13,9 +13,8 @@ import time
 
 import numpy as np
 
-from mqt_jax import splice
 from mqt_jax.config import LLMConfig, ModelConfig, QueryTransformerConfig, VisionConfig
-
+from mqt_jax.core import splice
 
 
 def tiny_config(variant="official", query_mask="prefix", num_queries=16, **model_kw) -> ModelConfig:
@@ -79,8 +78,8 @@ def write_run(folder, variant="official", query_mask="prefix", num_queries=16, s
     import jax
 
     from mqt_jax.config import gin_bindings
-    from mqt_jax.convert import save_params
     from mqt_jax.data.tokenizer import train_sentencepiece
+    from mqt_jax.interop.convert import save_params
     from mqt_jax.models.vlm import VisionLanguageModel
 
     folder = Path(folder)

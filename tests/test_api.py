@@ -4,10 +4,10 @@ batch equal to each row alone, log-probabilities equal to a plain forward's."""
 import jax
 import numpy as np
 import pytest
+from helpers import write_run
 
 import mqt_jax
-from helpers import write_run
-from mqt_jax import splice
+from mqt_jax.core import splice
 from mqt_jax.models.vlm import MODEL_INPUTS
 
 QUESTIONS = ["What shape is in the picture?", "How many triangles are there?",
@@ -91,7 +91,7 @@ def test_bad_calls_are_named(run, tmp_path):
 
 
 def test_m_auto_escalates_with_the_saved_policy_and_reports_the_m_used(run):
-    from mqt_jax.policy import Escalate
+    from mqt_jax.inference.policy import Escalate
 
     model = mqt_jax.load(run)
     with pytest.raises(ValueError, match="calibrate one with `mqt-jax eval"):
@@ -122,7 +122,7 @@ def test_m_auto_escalates_with_the_saved_policy_and_reports_the_m_used(run):
 
 
 def test_m_auto_routes_each_row_to_the_m_its_router_picks(run):
-    from mqt_jax.policy import Router, embedding_table, router_features
+    from mqt_jax.inference.policy import Router, embedding_table, router_features
 
     model = mqt_jax.load(run)
     with pytest.raises(ValueError, match="router.json does not exist"):

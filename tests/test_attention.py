@@ -8,13 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import init_params, random_batch, tiny_config
-from mqt_jax import sharding
+from numpy_reference import attention_core
+
+from mqt_jax.config import MeshConfig
+from mqt_jax.core import sharding
+from mqt_jax.core.sharding import make_mesh
 from mqt_jax.models.attention import CausalSegments, attend
 from mqt_jax.models.vlm import VisionLanguageModel
-from mqt_jax.sharding import MeshConfig, make_mesh
-from numpy_reference import attention_core
 
 
 def packed(seed=0, batch=2, length=100, heads=4, kv_heads=2, dim=16):

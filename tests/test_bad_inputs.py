@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from mqt_jax import cli
+from mqt_jax.config import MeshConfig
 
 TINY = ["--gin_file", "tiny.gin"]
 
@@ -110,7 +111,7 @@ def test_resume_that_does_not_fit_names_the_change(run, capsys, binding, culprit
 
 
 def test_a_second_trainer_on_one_workdir_is_refused(run, capsys):
-    from mqt_jax.train import WorkdirLock
+    from mqt_jax.training.loop import WorkdirLock
 
     held = WorkdirLock(run)  # as a running trainer holds it
     try:
@@ -168,7 +169,7 @@ def test_resume_keeps_metrics_up_to_the_checkpoint(run, capsys):
 
 
 def test_config_gin_paths_are_absolute(tmp_path, monkeypatch):
-    from mqt_jax.train import absolute_paths
+    from mqt_jax.training.loop import absolute_paths
 
     monkeypatch.chdir(tmp_path)
     text = ("stage2/DataConfig.data_path = 'data/x.json'\nEvalConfig.questions = \"q.jsonl\"\n"
@@ -260,7 +261,9 @@ def questions_file(tmp_path, rows):
 
 def test_duplicate_question_ids_are_refused(tmp_path):
     from helpers import tiny_config
-    from mqt_jax.evaluate import EvalConfig, evaluate
+
+    from mqt_jax.config import EvalConfig
+    from mqt_jax.evaluation.evaluate import evaluate
 
     rows = [{"question_id": i, "image": "a.png", "text": "?"} for i in (1, 2, 1)]
     config = EvalConfig(benchmark="llava_bench", questions=questions_file(tmp_path, rows))
@@ -272,8 +275,8 @@ def test_duplicate_question_ids_are_refused(tmp_path):
                                            ("/etc/hostname", "not a path inside the image root"),
                                            (7, "'image' is 7, not a path")])
 def test_question_images_stay_under_the_image_root(tmp_path, image, culprit):
-    from mqt_jax.benchmarks import Question
-    from mqt_jax.evaluate import load_images
+    from mqt_jax.evaluation.benchmarks import Question
+    from mqt_jax.evaluation.evaluate import load_images
 
     (tmp_path / "images").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
@@ -285,13 +288,14 @@ def test_a_prompt_longer_than_the_model_takes_is_refused_before_compiling():
     import dataclasses
 
     from helpers import init_params, random_batch, tiny_config
-    from mqt_jax import sharding, splice
-    from mqt_jax.generate import Generator, SamplingConfig
+
+    from mqt_jax.core import sharding, splice
+    from mqt_jax.inference.generate import Generator, SamplingConfig
     from mqt_jax.models.vlm import VisionLanguageModel
 
     cfg = tiny_config()
     cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, max_length=64))
-    mesh = sharding.make_mesh(sharding.MeshConfig())
+    mesh = sharding.make_mesh(MeshConfig())
     params = init_params(VisionLanguageModel(cfg), random_batch(cfg, [4] * 8), method="logits")
     generator = Generator(cfg, params, mesh, eos_id=2, sampling=SamplingConfig(max_new_tokens=8),
                           batch_size=8)

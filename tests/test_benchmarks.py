@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mqt_jax import benchmarks as bm
-from mqt_jax.benchmarks import Question
+from mqt_jax.evaluation import benchmarks as bm
+from mqt_jax.evaluation.benchmarks import Question
 
 
 def qs(*ids, **meta):

@@ -9,11 +9,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
 from helpers import random_batch, tiny_config
-from mqt_jax.checkpoint import Checkpointer, abstract_like, restore_params
-from mqt_jax.sharding import MeshConfig, make_mesh
-from mqt_jax.trainer import TrainConfig, Trainer
+
+from mqt_jax.config import MeshConfig, TrainConfig
+from mqt_jax.core.checkpoint import Checkpointer, abstract_like, restore_params
+from mqt_jax.core.sharding import make_mesh
+from mqt_jax.training.trainer import Trainer
 
 STEPS, EVERY = 40, 5
 # These runs execute many steps, so default XLA optimisation (not the suite's fast-compile flag).
@@ -159,7 +160,9 @@ def test_non_finite_updates_are_skipped_and_counted():
 def test_run_stops_after_too_many_non_finite_updates(tmp_path, monkeypatch):
     import gin
 
-    from mqt_jax import cli, synthetic, train as train_module
+    from mqt_jax import cli
+    from mqt_jax.training import loop as train_module
+    from mqt_jax.training import synthetic
 
     real = synthetic.synthetic_batch
 
@@ -185,7 +188,7 @@ def test_run_stops_after_too_many_non_finite_updates(tmp_path, monkeypatch):
 def test_init_from_takes_the_matching_parameters_of_another_run(tmp_path):
     from flax.traverse_util import flatten_dict
 
-    from mqt_jax.trainer import merge_params
+    from mqt_jax.training.trainer import merge_params
 
     stage1 = trainer_on(jax.devices(), mesh=(2, 2, 2))
     saved = stage1.init_state(seed=1)
@@ -216,9 +219,8 @@ def test_init_from_several_runs_takes_each_ones_parts(tmp_path):
     is no sibling of the workdir."""
     from flax.traverse_util import flatten_dict
 
-    from mqt_jax.trainer import merge_params
-
-    from mqt_jax.train import init_sources
+    from mqt_jax.training.loop import init_sources
+    from mqt_jax.training.trainer import merge_params
 
     saved = {}
     for name, seed in (("clip", 1), ("lm", 2)):

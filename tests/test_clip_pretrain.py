@@ -1,4 +1,4 @@
-"""Stage 0's mini-CLIP (mqt_jax/clip_pretrain.py): it learns, its vision side exports as a
+"""Stage 0's mini-CLIP (mqt_jax/training/clip_pretrain.py): it learns, its vision side exports as a
 CLIPVisionModel folder that transformers reads to the same outputs, and `convert --kind
 clip-vision` imports it like any CLIP tower."""
 
@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from mqt_jax import convert, sharding
-from mqt_jax.clip_pretrain import CLIPConfig, MiniCLIP, train_clip, whole_tower
-from mqt_jax.config import VisionConfig
+from mqt_jax.config import CLIPConfig, MeshConfig, VisionConfig
+from mqt_jax.core import sharding
 from mqt_jax.data.shapes import write_shapes
 from mqt_jax.data.tokenizer import load_tokenizer
+from mqt_jax.interop import convert
 from mqt_jax.models.vision_tower import VisionTower
+from mqt_jax.training.clip_pretrain import MiniCLIP, train_clip, whole_tower
 
 VISION = VisionConfig(image_size=32, patch_size=8, width=32, num_layers=3, num_heads=4, mlp_dim=64)
 CONFIG = CLIPConfig(steps=100, batch_size=16, learning_rate=3e-3, embed_dim=16, text_width=32,
@@ -23,7 +24,7 @@ CONFIG = CLIPConfig(steps=100, batch_size=16, learning_rate=3e-3, embed_dim=16, 
 
 
 def mesh():
-    return sharding.make_mesh(sharding.MeshConfig(1, -1, 1))
+    return sharding.make_mesh(MeshConfig(1, -1, 1))
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-
 from helpers import init_params, tiny_config
-from mqt_jax.config import QueryTransformerConfig
+from numpy_reference import bicubic_resize_torch, official_resampler
+
 from mqt_jax.compressors import build as QueryTransformer
 from mqt_jax.compressors.avgpool import adaptive_pool_matrix
 from mqt_jax.compressors.official import resize_grid_torch_bicubic, sincos_2d, torch_bicubic_matrix
-from numpy_reference import bicubic_resize_torch, official_resampler
+from mqt_jax.config import QueryTransformerConfig
 
 
 def make(cfg, batch=3, seed=0):
@@ -200,8 +200,10 @@ def test_a_new_compressor_is_one_registered_class(monkeypatch):
     refused by Grad-CAM, without an edit anywhere else."""
     import dataclasses
 
-    from mqt_jax import compressors, flops, gradcam
+    from mqt_jax import compressors
     from mqt_jax.compressors.base import Compressor, register
+    from mqt_jax.core import flops
+    from mqt_jax.evaluation import gradcam
     from mqt_jax.models.vlm import VisionLanguageModel
 
     monkeypatch.setattr(compressors.base, "REGISTRY", dict(compressors.REGISTRY))
@@ -275,6 +277,7 @@ def test_m3_serves_its_scales_only():
             dataclasses.replace(cfg, query=dataclasses.replace(cfg.query, scales=scales))
     with pytest.raises(ValueError, match="m3 pools the projected patch grid"):
         tiny_config("m3", num_queries=4)
-    from mqt_jax.evaluate import EvalConfig, m_values_for
+    from mqt_jax.config import EvalConfig
+    from mqt_jax.evaluation.evaluate import m_values_for
 
     assert m_values_for(EvalConfig(m_values=(1, 2, 4, 8)), cfg) == [1, 4, 16]

@@ -6,10 +6,9 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from mqt_jax import cli
-from mqt_jax.config import ModelConfig
-from mqt_jax.m_sampler import MSampler
-from mqt_jax.sharding import MeshConfig, make_mesh
-from mqt_jax.trainer import TrainConfig, Trainer
+from mqt_jax.config import MeshConfig, ModelConfig, MSampler, TrainConfig
+from mqt_jax.core.sharding import make_mesh
+from mqt_jax.training.trainer import Trainer
 
 VISION = 290_909_184  # ViT-L/14-336, the 23 layers up to the selected one (test_vision_tower)
 RESAMPLER = 8_923_136

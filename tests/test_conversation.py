@@ -1,9 +1,10 @@
 import pytest
-
 from data_helpers import system_ids, word_level_tokenizer
+
+from mqt_jax.core.splice import IGNORE as X
+from mqt_jax.core.splice import IMAGE_TOKEN as IMG
 from mqt_jax.data.conversation import BadRecord, encode_conversation
 from mqt_jax.data.tokenizer import load_tokenizer, train_sentencepiece
-from mqt_jax.splice import IGNORE as X, IMAGE_TOKEN as IMG
 
 TWO_TURNS = [
     {"from": "human", "value": "What colour ?\n<image>"},

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out (mqt_jax/convert.py, mqt_jax/hf.py).
+"""Hugging Face checkpoints in and out (mqt_jax/interop/convert.py, mqt_jax/core/hf.py).
 
 The equivalence tests build tiny random-weight models with torch + transformers (test-only
 extras; skipped without them), save them with `save_pretrained`, convert, and compare values.
@@ -17,15 +17,16 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from mqt_jax import convert, hf, sharding, splice
 from mqt_jax.cli import main
-from mqt_jax.config import LLMConfig
-from mqt_jax.models.llama import Llama
 from mqt_jax.compressors.official import sincos_2d
+from mqt_jax.config import LLMConfig, MeshConfig
+from mqt_jax.core import hf, sharding, splice
+from mqt_jax.interop import convert
+from mqt_jax.models.llama import Llama
 from mqt_jax.models.vision_tower import VisionTower
 from mqt_jax.models.vlm import VisionLanguageModel
 
-MESH_SHAPE = sharding.MeshConfig(1, 8, 1)  # 3 query heads: tensor parallelism would not divide
+MESH_SHAPE = MeshConfig(1, 8, 1)  # 3 query heads: tensor parallelism would not divide
 
 
 def mesh():
@@ -189,7 +190,6 @@ def test_llama_logits_and_greedy_tokens_equal_transformers(hf_models, tmp_path):
 
 def test_llava_1_5_logits_equal_transformers(hf_models, tmp_path):
     import torch
-
     from PIL import Image
 
     from mqt_jax.data.preprocess import clip_preprocess
@@ -361,14 +361,14 @@ def test_import_export_import_is_identical_and_transformers_reads_the_export(hf_
         np.testing.assert_array_equal(reloaded(ids).logits.numpy(), hf_models["llama"](ids).logits.numpy())
 
 
-# ---- bad input: no torch needed, the folders are written with mqt_jax.hf ----
+# ---- bad input: no torch needed, the folders are written with mqt_jax.core.hf ----
 
 SMALL = LLMConfig(vocab_size=16, hidden=8, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4,
                   mlp_dim=16)
 
 
 def llama_folder(folder: Path, drop=(), add=(), reshape=None, dtype=None, shards=1) -> Path:
-    """A random LLaMA checkpoint folder written by mqt_jax.hf (optionally broken)."""
+    """A random LLaMA checkpoint folder written by mqt_jax.core.hf (optionally broken)."""
     folder.mkdir(parents=True)
     rules = [r for r in convert.llama_rules(SMALL, "model.", "lm_head.weight") if r.hf_key not in drop]
     entries = [(r.hf_key, reshape if r.hf_key == "model.norm.weight" and reshape else r.hf_shape,
@@ -495,8 +495,9 @@ def test_a_converted_llava_opens_for_generation_and_training(hf_models, tmp_path
 
     from PIL import Image
 
-    from mqt_jax.checkpoint import restore_params
-    from mqt_jax.trainer import TrainConfig, Trainer, merge_params
+    from mqt_jax.config import TrainConfig
+    from mqt_jax.core.checkpoint import restore_params
+    from mqt_jax.training.trainer import Trainer, merge_params
 
     src = tmp_path / "llava"
     shutil.copytree(hf_models["root"] / "llava", src)

@@ -8,9 +8,10 @@ import pytest
 from helpers import write_run
 
 import mqt_jax
-from mqt_jax.engine import Engine, EngineConfig, QueueFull, Request, Stopped
-from mqt_jax.splice import true_length
-from mqt_jax.trainer import CompileCounter
+from mqt_jax.config import EngineConfig
+from mqt_jax.core.splice import true_length
+from mqt_jax.inference.engine import Engine, QueueFull, Request, Stopped
+from mqt_jax.training.trainer import CompileCounter
 
 QUESTIONS = ["What shape is in the picture?", "How many triangles are there?",
              "Describe the image in one word.", "What colour?",

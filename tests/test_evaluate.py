@@ -3,8 +3,8 @@ import json
 import pytest
 from PIL import Image
 
-from mqt_jax.config import ModelConfig, QueryTransformerConfig, VisionConfig
-from mqt_jax.evaluate import EvalConfig, m_values_for, sweep_tables, write_collection, write_sweep
+from mqt_jax.config import EvalConfig, ModelConfig, QueryTransformerConfig, VisionConfig
+from mqt_jax.evaluation.evaluate import m_values_for, sweep_tables, write_collection, write_sweep
 
 RESULTS = {"benchmark": "pope", "questions": 6, "rows": [
     {"m": 1, "score": 50.0, "random": {"f1": 40.0, "yes_ratio": 25.0}, "tflops": 0.5, "prefill_ms": 12.0},

@@ -5,9 +5,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import pytest
-
 from helpers import init_params, tiny_config
-from mqt_jax import flops
+
+from mqt_jax.core import flops
 from mqt_jax.models.vlm import VisionLanguageModel
 
 
@@ -90,8 +90,8 @@ def test_the_papers_claim_on_the_7b_config():
 @pytest.mark.parametrize("variant,num_queries", [
     ("qformer", 16), ("avgpool", 9), ("mlp2x_gelu", 16), ("quecc", 4)])
 def test_other_compressors_flops_match_xla(one_layer, variant, num_queries):
-    from mqt_jax.config import ModelConfig, QueryTransformerConfig
     from mqt_jax.compressors import build as QueryTransformer
+    from mqt_jax.config import ModelConfig, QueryTransformerConfig
 
     base = one_layer[0]  # 4 x 4 patches; widths where matmuls dominate (an exact GELU costs
     # XLA about 70 FLOPs per element):

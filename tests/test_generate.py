@@ -4,14 +4,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import init_params, tiny_config
-from mqt_jax import sharding, splice
-from mqt_jax.config import ModelConfig
-from mqt_jax.generate import (Generator, SamplingConfig, cut_at_eos, cut_at_stop, next_token,
-                              prompt_batch, stop_tokens)
+
+from mqt_jax.config import MeshConfig, ModelConfig, TrainConfig
+from mqt_jax.core import sharding, splice
+from mqt_jax.inference.generate import (
+    Generator,
+    SamplingConfig,
+    cut_at_eos,
+    cut_at_stop,
+    next_token,
+    prompt_batch,
+    stop_tokens,
+)
 from mqt_jax.models.vlm import MODEL_INPUTS, VisionLanguageModel
-from mqt_jax.trainer import CompileCounter, TrainConfig, Trainer
+from mqt_jax.training.trainer import CompileCounter, Trainer
 
 EOS = 2
 
@@ -53,7 +60,7 @@ def recompute_greedy(model, params, examples, images, m, num_queries, steps):
 
 def make_generator(cfg: ModelConfig, params, mesh_shape=(1, 8, 1), eos=-1, placed=False, **sampling):
     """A Generator on an 8-device mesh; `placed`: parameters in training's shardings."""
-    mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
+    mesh = sharding.make_mesh(MeshConfig(*mesh_shape))
     if placed:
         abstract = Trainer(cfg, TrainConfig(batch_size=8), mesh).abstract_params()
         params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract))
@@ -222,7 +229,7 @@ class NumberTokenizer:
 
 @pytest.mark.parametrize("variant,query_mask", [("official", "prefix"), ("qformer", "causal")])
 def test_an_m_sweep_runs_each_image_once_and_answers_as_one_pass_per_m(variant, query_mask):
-    from mqt_jax.evaluate import sweep_answers
+    from mqt_jax.evaluation.evaluate import sweep_answers
 
     cfg = tiny_config(variant, query_mask, num_queries=16)
     model = VisionLanguageModel(cfg)
@@ -249,7 +256,7 @@ def test_an_m_sweep_runs_each_image_once_and_answers_as_one_pass_per_m(variant, 
 def test_tokens_that_depend_on_m_or_the_question_are_not_reused():
     import dataclasses
 
-    from mqt_jax.evaluate import sweep_answers
+    from mqt_jax.evaluation.evaluate import sweep_answers
 
     base = tiny_config()
     quecc = dataclasses.replace(base, query=dataclasses.replace(

@@ -5,13 +5,13 @@ compressors without cross-attention are refused; the picture is drawn."""
 import jax
 import numpy as np
 import pytest
-from PIL import Image
-
 from helpers import init_params, tiny_config
-from mqt_jax import splice
-from mqt_jax.gradcam import _patch_map, answer_example, draw, gradcam_maps
+from PIL import Image
+from test_generate import prompt_batch, prompts
+
+from mqt_jax.core import splice
+from mqt_jax.evaluation.gradcam import _patch_map, answer_example, draw, gradcam_maps
 from mqt_jax.models.vlm import MODEL_INPUTS, VisionLanguageModel
-from test_generate import prompts, prompt_batch
 
 
 @pytest.mark.parametrize("variant", ["official", "qformer"])

@@ -2,9 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numpy_reference import rope_hf
 
 from mqt_jax.models import layers
-from numpy_reference import rope_hf
 
 
 def test_dense_contracts_several_axes_like_einsum():

@@ -1,11 +1,11 @@
 import jax
 import numpy as np
 import pytest
-
 from helpers import init_params, tiny_config
+from numpy_reference import llama as llama_reference
+
 from mqt_jax.config import LLMConfig
 from mqt_jax.models.llama import Llama
-from numpy_reference import llama as llama_reference
 
 
 def setup(cfg, batch=2, length=10, seed=0):

@@ -8,14 +8,15 @@ import jax
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
-
 from helpers import init_params, random_batch, tiny_config, write_run
-from mqt_jax import sharding
+
+from mqt_jax.config import TARGETS, LoRAConfig, MeshConfig, TrainConfig
+from mqt_jax.core import sharding
+from mqt_jax.core.sharding import make_mesh
 from mqt_jax.models import lora
-from mqt_jax.models.lora import ADAPTERS, TARGETS, LoRAConfig
+from mqt_jax.models.lora import ADAPTERS
 from mqt_jax.models.vlm import VisionLanguageModel
-from mqt_jax.sharding import MeshConfig, make_mesh
-from mqt_jax.trainer import TrainConfig, Trainer, merge_params
+from mqt_jax.training.trainer import Trainer, merge_params
 
 RANK = 8
 
@@ -146,12 +147,12 @@ def test_adapters_shard_like_their_kernels_and_by_rank_over_fsdp():
 def test_stage_two_starts_from_a_run_without_adapters_and_inference_merges(tmp_path):
     """init_from a run that has no adapters (stage 1) keeps B = 0; a LoRA run's checkpoint
     opens (open_run, export) as the merged model, equal to the adapted one."""
-    from mqt_jax.checkpoint import restore_params
     from mqt_jax.cli import main
-    from mqt_jax.convert import save_params
-    from mqt_jax.gin_files import parse_gin
+    from mqt_jax.core.checkpoint import restore_params
+    from mqt_jax.core.gin_files import parse_gin
+    from mqt_jax.interop.convert import save_params
     from mqt_jax.models.vlm import abstract_params
-    from mqt_jax.recipe import open_run
+    from mqt_jax.run import open_run
 
     base_cfg = write_run(tmp_path / "base")
     cfg = with_lora(base_cfg, alpha=8.0)
@@ -179,7 +180,7 @@ def test_stage_two_starts_from_a_run_without_adapters_and_inference_merges(tmp_p
                                    atol=1e-4)
     assert main(["export", "--kind", "llama", "--workdir", str(tmp_path / "lora"),
                  "--out", str(tmp_path / "hf")]) == 0
-    from mqt_jax import convert
+    from mqt_jax.interop import convert
 
     back = convert.convert("llama", tmp_path / "hf", tmp_path / "back", mesh=mesh, progress=False)
     merged = flatten_dict(lora.merge(trained, cfg.llm.lora)["llm"])

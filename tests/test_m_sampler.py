@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mqt_jax.m_sampler import MSampler
+from mqt_jax.config import MSampler
 
 
 def draws(sampler, num_queries=256, n=20000, seed=0):

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import Server, data_url, png, write_run
 
 import mqt_jax
-from helpers import Server, data_url, png, write_run
+from mqt_jax.config import EngineConfig
+from mqt_jax.core.sharding import initialize_distributed
 from mqt_jax.data.shapes import write_shapes
-from mqt_jax.engine import Engine, EngineConfig, Request
-from mqt_jax.sharding import initialize_distributed
+from mqt_jax.inference.engine import Engine, Request
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "launch" / "local_processes.sh"

@@ -2,13 +2,13 @@ import json
 
 import numpy as np
 import pytest
+from data_helpers import word_level_tokenizer, write_jsonl
 from PIL import Image
 
-from data_helpers import word_level_tokenizer, write_jsonl
-from mqt_jax import splice
-from mqt_jax.data.pipeline import DataConfig, make_batches, read_records
+from mqt_jax.config import DataConfig, MSampler
+from mqt_jax.core import splice
+from mqt_jax.data.pipeline import make_batches, read_records
 from mqt_jax.data.shapes import write_shapes
-from mqt_jax.m_sampler import MSampler
 
 ANSWERS = ["Red", "Blue", "circle", "shape", "colour", "What", "now", "And"]
 

@@ -3,12 +3,12 @@ costs, and the threshold calibration picks."""
 
 import numpy as np
 import pytest
-
 from helpers import tiny_config
-from mqt_jax import flops, splice
-from mqt_jax.generate import Generated
-from mqt_jax.policy import (Escalate, Router, Sweep, calibrate, calibrate_router, log_loss,
-                            mean_logprob, router_features, train_router)
+
+from mqt_jax.core import flops, splice
+from mqt_jax.evaluation.policies import Sweep, calibrate, calibrate_router, log_loss, train_router
+from mqt_jax.inference.generate import Generated
+from mqt_jax.inference.policy import Escalate, Router, mean_logprob, router_features
 
 LADDER = (2, 8, 16)
 

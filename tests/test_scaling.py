@@ -5,7 +5,8 @@ import csv
 import numpy as np
 import pytest
 
-from mqt_jax import cli, scaling
+from mqt_jax import cli
+from mqt_jax.research import scaling
 
 TRUE = {"A": 0.55, "alpha": 0.077, "beta": 0.015, "D": 0.04}  # baselines.md
 

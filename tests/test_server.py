@@ -16,13 +16,13 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from helpers import Server, data_url, one_device_env, png, user, write_run
 from PIL import Image
 from starlette.requests import ClientDisconnect
 
 import mqt_jax
-from mqt_jax.engine import Request
-from mqt_jax.server import Completion, EventStream
-from helpers import Server, data_url, one_device_env, png, user, write_run
+from mqt_jax.inference.engine import Request
+from mqt_jax.serving.server import Completion, EventStream
 
 QUESTIONS = ["What shape is in the picture?", "How many triangles are there?",
              "Describe the image in one word.", "What colour?", "Hi",
@@ -46,7 +46,7 @@ def router(run, model):
     """A router saved with the run before the server starts: a random head (seeded) that
     sends the AUTO requests to more than one m, and the m it picks for each, computed here
     apart from the server."""
-    from mqt_jax.policy import Router, embedding_table, router_features
+    from mqt_jax.inference.policy import Router, embedding_table, router_features
 
     features = router_features(embedding_table(model.params),
                                model.visual_tokens([image for _, image in AUTO]),
@@ -137,7 +137,7 @@ def test_m_auto_takes_the_routers_m_and_reports_it(server, model, router):
 
 
 def test_m_auto_without_a_router_is_refused_naming_how_to_train_one(tmp_path):
-    from mqt_jax.server import AutoM, BadRequest, ChatRequest, ServeConfig, prepare
+    from mqt_jax.serving.server import AutoM, BadRequest, ChatRequest, ServeConfig, prepare
 
     model = types.SimpleNamespace(run=types.SimpleNamespace(path=tmp_path))
     body = ChatRequest.model_validate({"model": "tiny", "messages": user("Hi"), "m": "auto"})
@@ -308,7 +308,7 @@ class Pieces:
 
 
 def test_detokenizer_holds_back_stop_prefixes_and_incomplete_characters():
-    from mqt_jax.server import Detokenizer
+    from mqt_jax.serving.server import Detokenizer
 
     text = Detokenizer(Pieces(), ("world",))
     assert text.add(0) == ("Hel", False)  # leading space dropped
@@ -330,7 +330,7 @@ def test_the_socket_listens_before_serving_is_printed(monkeypatch, capsys):
 
     import uvicorn
 
-    from mqt_jax import server as server_module
+    from mqt_jax.serving import server as server_module
 
     sock = server_module.listen("127.0.0.1", 0)
     port = sock.getsockname()[1]

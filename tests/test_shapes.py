@@ -106,9 +106,9 @@ def test_cli_refuses_to_overwrite(shapes):
 
 
 def test_tfds_route_gives_the_same_examples(shapes):
-    from mqt_jax.data.pipeline import DataConfig, ExampleBuilder
+    from mqt_jax.config import DataConfig, MSampler
+    from mqt_jax.data.pipeline import ExampleBuilder
     from mqt_jax.data.shapes_tfds import TfdsRecords
-    from mqt_jax.m_sampler import MSampler
 
     records = TfdsRecords(str(shapes / "tfds"), "qa")  # written with the LLaVA files
     raw = {r["id"]: r for r in json.loads((shapes / "shapes_qa.json").read_text())}

@@ -2,12 +2,13 @@ import jax
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
+from helpers import random_batch, tiny_config
 from jax.sharding import PartitionSpec as P
 
-from helpers import random_batch, tiny_config
-from mqt_jax import sharding
-from mqt_jax.sharding import LOGICAL_AXIS_RULES, MeshConfig, make_mesh
-from mqt_jax.trainer import TrainConfig, Trainer, merge_params
+from mqt_jax.config import MeshConfig, TrainConfig
+from mqt_jax.core import sharding
+from mqt_jax.core.sharding import LOGICAL_AXIS_RULES, make_mesh
+from mqt_jax.training.trainer import Trainer, merge_params
 
 TRAIN = TrainConfig(batch_size=8, seq_len=40, trainable=(".*",), learning_rate=3e-3, steps=10)
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from mqt_jax import splice
-from mqt_jax.splice import IGNORE, IMAGE_TOKEN, Example
+from mqt_jax.core import splice
+from mqt_jax.core.splice import IGNORE, IMAGE_TOKEN, Example
 
 X = IGNORE
 # [BOS, 10, <image>, 11, 12] with the loss on 12.

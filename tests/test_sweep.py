@@ -6,7 +6,9 @@ import json
 import jax
 import pytest
 
-from mqt_jax import cli, sweep
+from mqt_jax import cli
+from mqt_jax.config import Sweep
+from mqt_jax.research import sweep
 
 SWEEP = """
 Sweep.base = ["tiny_two_stage.gin"]
@@ -38,11 +40,11 @@ def test_a_list_valued_binding_is_swept(sweep_file):
 
 def test_bad_sweeps_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="Sweep.methods is empty"):
-        sweep.Sweep()
+        Sweep()
     with pytest.raises(ValueError, match=r"methods\['x'\] must map bindings"):
-        sweep.Sweep(methods={"x": ["M = 1"]})
+        Sweep(methods={"x": ["M = 1"]})
     with pytest.raises(ValueError, match="two runs share a folder name"):
-        sweep.expand(sweep.Sweep(methods={"a b": {"M": 1}, "a-b": {"M": 2}}))
+        sweep.expand(Sweep(methods={"a b": {"M": 1}, "a-b": {"M": 2}}))
 
 
 def fake_eval(run_dir, rows, majority=20.0):
@@ -104,7 +106,8 @@ def test_shipped_sweeps_expand_into_valid_models(name, runs):
     """Every run of a shipped sweep passes the recipe's own checks: each stage builds its model,
     m sampler and Trainer."""
     from mqt_jax.cli import parse_gin
-    from mqt_jax.recipe import Recipe, check_stages
+    from mqt_jax.config import Recipe
+    from mqt_jax.training.recipe import check_stages
 
     spec, expanded = sweep.load_sweep(f"sweeps/{name}.gin")
     assert len(expanded) == runs

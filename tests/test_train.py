@@ -3,14 +3,19 @@ import numpy as np
 import optax
 import pytest
 from flax.traverse_util import flatten_dict
-
 from helpers import random_batch, tiny_config
-from mqt_jax import sharding
-from mqt_jax.sharding import MeshConfig, make_mesh
-from mqt_jax.m_sampler import MSampler
-from mqt_jax.synthetic import synthetic_batch
-from mqt_jax.trainer import (CompileCounter, TrainConfig, Trainer, make_optimizer, merge_params,
-                             split_params)
+
+from mqt_jax.config import MeshConfig, MSampler, TrainConfig
+from mqt_jax.core import sharding
+from mqt_jax.core.sharding import make_mesh
+from mqt_jax.training.synthetic import synthetic_batch
+from mqt_jax.training.trainer import (
+    CompileCounter,
+    Trainer,
+    make_optimizer,
+    merge_params,
+    split_params,
+)
 
 
 def trainer_for(mesh_shape=(1, 4, 2), variant="official", **train_kw):
@@ -156,7 +161,7 @@ def test_accumulation_must_divide_the_batch():
 
 
 def test_m_ranges_and_loss_by_m_by_hand():
-    from mqt_jax.metrics import loss_by_m, m_ranges
+    from mqt_jax.training.metrics import loss_by_m, m_ranges
 
     assert m_ranges(64) == [(0, 4), (4, 16), (16, 64)]
     assert m_ranges(256)[-1] == (64, 256) and m_ranges(2) == [(0, 2)]

@@ -1,11 +1,11 @@
 import jax
 import numpy as np
 import pytest
-
 from helpers import init_params, tiny_config
+from numpy_reference import clip_vit
+
 from mqt_jax.config import VisionConfig
 from mqt_jax.models.vision_tower import VisionTower
-from numpy_reference import clip_vit
 
 
 def vit_l_336_params(num_layers_built: int) -> int:

@@ -6,12 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import conversation, init_params, random_batch, tiny_config
-from mqt_jax import splice
-from mqt_jax.loss import cross_entropy
+
+from mqt_jax.config import MeshConfig
+from mqt_jax.core import splice
+from mqt_jax.models.loss import cross_entropy
 from mqt_jax.models.vlm import VisionLanguageModel
-from mqt_jax.trainer import CompileCounter
+from mqt_jax.training.trainer import CompileCounter
 
 M_SET = (1, 2, 4, 8, 16)  # M = 16
 
@@ -137,15 +138,16 @@ def test_abstract_params_are_the_trainers_without_building_one(variant):
     into) exactly as the training state holds them."""
     import dataclasses
 
-    from mqt_jax import sharding
+    from mqt_jax.config import TrainConfig
+    from mqt_jax.core import sharding
     from mqt_jax.models.vlm import abstract_params
-    from mqt_jax.trainer import TrainConfig, Trainer
+    from mqt_jax.training.trainer import Trainer
 
     cfg = tiny_config()
     if variant == "victor":
         cfg = dataclasses.replace(cfg, query=dataclasses.replace(
             cfg.query, variant="victor", num_queries=4, drop_layer=1))
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     seq_len = cfg.dropped_per_image + 64
     ours = abstract_params(cfg, mesh)
     theirs = Trainer(cfg, TrainConfig(batch_size=4, seq_len=seq_len), mesh).abstract_params()

@@ -2,12 +2,19 @@
 
 Each is a Flax module that also describes itself (base.Compressor's class attributes and
 class methods); `get(name)` finds the one `QueryTransformerConfig.variant` names. A new
-compressor is a file here that registers itself (imported below) plus its test.
+compressor is a file here that registers itself plus its test: every module of this folder
+is imported below, so nothing else changes.
 """
 
-# Imported in the order their names are listed (errors, --help).
-from mqt_jax.compressors import official, qformer, mlp2x_gelu, avgpool, victor, quecc, m3  # noqa: F401, I001
-from mqt_jax.compressors.base import REGISTRY, Compressor, get, register  # noqa: F401
+import importlib
+import pkgutil
+
+from mqt_jax.compressors.base import REGISTRY, Compressor, check, get, register
+
+__all__ = ["REGISTRY", "Compressor", "build", "check", "get", "register"]
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
 
 
 def build(config, **kwargs) -> Compressor:

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mqt_jax import flops
 from mqt_jax.compressors.base import Compressor, register
 from mqt_jax.compressors.mlp2x_gelu import mlp2x_gelu
+from mqt_jax.core import flops
 
 
 def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:

@@ -8,17 +8,18 @@ splice and the inference code read these; none of them switches on a compressor'
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mqt_jax import flops
+from mqt_jax.config import COMPRESSORS as REGISTRY
+from mqt_jax.config import compressor_named as get
+from mqt_jax.core import flops
 
 if TYPE_CHECKING:
     from mqt_jax.config import ModelConfig, QueryTransformerConfig
-
-REGISTRY: dict[str, type["Compressor"]] = {}
 
 
 def register(name: str):
@@ -34,15 +35,23 @@ def register(name: str):
     return add
 
 
-def get(name: str) -> type["Compressor"]:
-    if name not in REGISTRY:
-        raise ValueError(f"QueryTransformerConfig.variant={name!r}: expected one of {tuple(REGISTRY)}")
-    return REGISTRY[name]
+def check(model: "ModelConfig") -> None:
+    """A ValueError naming what in `model` its compressor cannot run (run where a model is
+    built: the config itself knows no compressor)."""
+    compressor, q = get(model.query.variant), model.query
+    if compressor.square_queries and math.isqrt(q.num_queries) ** 2 != q.num_queries:
+        raise ValueError(f"QueryTransformerConfig.num_queries={q.num_queries}: the {q.variant} "
+                         "variant needs a square number of queries (a square grid of tokens)")
+    if compressor.vision_width and q.width != model.vision.width:
+        raise ValueError(f"the {q.variant} query transformer attends at the vision width: "
+                         f"QueryTransformerConfig.width={q.width} != "
+                         f"VisionConfig.width={model.vision.width}")
+    compressor.check(model)
 
 
 class Compressor(nn.Module):
     """Patch features [N, patches, vision width] -> all M tokens [N, M, out_width]; which of
-    them the LLM sees is decided by `mqt_jax.splice` from m."""
+    them the LLM sees is decided by `mqt_jax.core.splice` from m."""
 
     config: "QueryTransformerConfig"
     out_width: int  # the LLM's width

@@ -10,10 +10,10 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mqt_jax import flops
 from mqt_jax.compressors.avgpool import pool_grid
 from mqt_jax.compressors.base import Compressor, register
 from mqt_jax.compressors.mlp2x_gelu import mlp2x_gelu, read_projector
+from mqt_jax.core import flops
 
 
 def scales(grid_size: int, configured: tuple[int, ...] = ()) -> tuple[int, ...]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from mqt_jax import flops
 from mqt_jax.compressors.base import Compressor, register
-from mqt_jax.hf import Rule, linear
+from mqt_jax.core import flops
+from mqt_jax.core.hf import Rule, linear
 from mqt_jax.models import layers
 from mqt_jax.models.layers import ACT_BATCH, ACT_EMBED, ACT_LENGTH
 

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mqt_jax.compressors.base import Compressor, register
-from mqt_jax.hf import Rule, linear, norm
+from mqt_jax.core.hf import Rule, linear, norm
 from mqt_jax.models import layers
 from mqt_jax.models.layers import ACT_BATCH, ACT_EMBED, ACT_LENGTH
+
 
 def sincos_2d(grid_size: int, dim: int) -> np.ndarray:
     """MAE's fixed 2-D sin-cos table [grid_size**2, dim]: first half encodes the column index,

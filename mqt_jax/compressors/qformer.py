@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mqt_jax import splice
 from mqt_jax.compressors.base import Compressor, register
+from mqt_jax.core import splice
 from mqt_jax.models import layers
 from mqt_jax.models.layers import ACT_BATCH, ACT_EMBED, ACT_LENGTH
 

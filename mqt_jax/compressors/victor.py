@@ -6,9 +6,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mqt_jax import flops
 from mqt_jax.compressors.base import Compressor, register
 from mqt_jax.compressors.mlp2x_gelu import mlp2x_gelu
+from mqt_jax.core import flops
 from mqt_jax.models import layers
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mqt_jax.core.splice import IGNORE, IMAGE_TOKEN, Example
 from mqt_jax.data.tokenizer import Tokenizer
-from mqt_jax.splice import IGNORE, IMAGE_TOKEN, Example
 
 IMAGE_PLACEHOLDER = "<image>"
 VICUNA_SYSTEM = (

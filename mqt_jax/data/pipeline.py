@@ -12,39 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections import Counter
-from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
-import gin
 import grain
 import numpy as np
 from etils import epath
 from PIL import Image
 
-from mqt_jax import splice
+from mqt_jax.config import DataConfig, MSampler
+from mqt_jax.core import splice
 from mqt_jax.data.conversation import BadRecord, encode_conversation
-from mqt_jax.data.preprocess import BadImage, clip_preprocess, open_image
+from mqt_jax.data.preprocess import BadImage, clip_preprocess, confined, open_image
 from mqt_jax.data.tokenizer import load_tokenizer
-from mqt_jax.m_sampler import MSampler
-
-
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    data_path: str = ""  # a LLaVA training file: JSON list or JSON Lines
-    image_root: str = ""  # folder the records' "image" paths are relative to
-    tfds_dir: str = ""  # or: a prepared shapes_vqa TFDS dataset (data_dir) ...
-    tfds_split: str = "qa"  # ... and its split ("captions" or "qa")
-    tokenizer_dir: str = ""  # holds tokenizer.model (sentencepiece) or tokenizer.json
-    template: str = "vicuna_v1"  # "plain" for stage 1
-    image_mode: str = "pad"  # "pad" to square with the mean colour (LLaVA-1.5), or "crop"
-    pack: bool = False  # several examples per row, first-fit on their true length
-    strict: bool = False  # raise on the first bad record instead of skipping it
-    shuffle: bool = True
-    num_epochs: int | None = None  # None: repeat forever
-    num_workers: int = 0  # grain worker processes for decode/preprocess/tokenize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,22 +114,6 @@ class ExampleBuilder:
                  else clip_preprocess(pil, self.image_size, self.config.image_mode))
         m = self.sampler.sample(self.num_queries, (example.num_images,), self.seed, index)
         return {"example": example, "image": image, "m": m}
-
-
-def confined(root: str, relative: str) -> epath.Path:
-    """root / relative, refused (BadRecord "image_outside_root") when it would leave root: an
-    absolute path, a `..` step, or (on local disks) a symbolic link pointing out of root."""
-    if not relative or PurePosixPath(relative).is_absolute() or PureWindowsPath(relative).drive \
-            or ".." in PurePosixPath(relative.replace("\\", "/")).parts:
-        raise BadRecord("image_outside_root", f"{relative!r} is not a path inside the image root "
-                        f"{root or '.'}")
-    path = epath.Path(root) / relative
-    if "://" not in str(root):  # local: resolve symbolic links on both sides
-        real_root = os.path.realpath(root or ".")
-        if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
-            raise BadRecord("image_outside_root", f"{relative!r} leads out of the image root "
-                            f"{root or '.'} (a symbolic link)")
-    return path
 
 
 def keeps_loss(example: splice.Example, m, num_queries: int, seq_len: int) -> bool:

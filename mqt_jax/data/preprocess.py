@@ -10,9 +10,13 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from pathlib import PurePosixPath, PureWindowsPath
 
 import numpy as np
+from etils import epath
 from PIL import Image
+
+from mqt_jax.data.conversation import BadRecord
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -93,3 +97,19 @@ def clip_preprocess(image: Image.Image, size: int, mode: str = "pad") -> np.ndar
     image = image.crop((left, top, left + size, top + size))
     pixels = np.asarray(image, np.float32) / 255.0
     return (pixels - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+
+
+def confined(root: str, relative: str) -> epath.Path:
+    """root / relative, refused (BadRecord "image_outside_root") when it would leave root: an
+    absolute path, a `..` step, or (on local disks) a symbolic link pointing out of root."""
+    if not relative or PurePosixPath(relative).is_absolute() or PureWindowsPath(relative).drive \
+            or ".." in PurePosixPath(relative.replace("\\", "/")).parts:
+        raise BadRecord("image_outside_root", f"{relative!r} is not a path inside the image root "
+                        f"{root or '.'}")
+    path = epath.Path(root) / relative
+    if "://" not in str(root):  # local: resolve symbolic links on both sides
+        real_root = os.path.realpath(root or ".")
+        if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+            raise BadRecord("image_outside_root", f"{relative!r} leads out of the image root "
+                            f"{root or '.'} (a symbolic link)")
+    return path

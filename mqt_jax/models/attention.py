@@ -80,7 +80,7 @@ def block_size(length: int) -> int:
 def splash(q, k, v, mask: CausalSegments):
     """Splash attention, shard_map'd over the mesh in context (batch over data x fsdp, heads
     over tensor) so each device runs the kernel on its own rows and heads."""
-    from mqt_jax import sharding
+    from mqt_jax.core import sharding
 
     heads, t = q.shape[2], q.shape[1]
     k, v = (jnp.repeat(x, heads // x.shape[2], axis=2) for x in (k, v))  # grouped kv heads
@@ -108,8 +108,8 @@ def splash(q, k, v, mask: CausalSegments):
 
 def _splash_local(q, k, v, seg_q, seg_kv, interpret: bool):
     """One device's rows and heads: q [b, h, T, D], k / v [b, h, S, D] (whole blocks)."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_kernel as kernel, splash_attention_mask as masks)
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
     heads, t, s = q.shape[1], q.shape[2], k.shape[2]
     bq, bkv = block_size(t), block_size(s)

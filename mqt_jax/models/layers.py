@@ -1,6 +1,6 @@
 """Building blocks shared by the vision tower, the query transformer and the LLM.
 
-Every parameter carries logical axis names (see `mqt_jax.sharding.LOGICAL_AXIS_RULES` for the
+Every parameter carries logical axis names (see `mqt_jax.core.sharding.LOGICAL_AXIS_RULES` for the
 table that maps them onto the mesh); activations are constrained with `constrain`.
 """
 
@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mqt_jax.config import LoRAConfig
 from mqt_jax.models.attention import CausalSegments, attend
-from mqt_jax.models.lora import LoRAConfig, adapter_output
+from mqt_jax.models.lora import adapter_output
 
 Dtype = Any
 Array = jax.Array
@@ -215,7 +216,7 @@ class Attention(nn.Module):
             k, v = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
         hooked = self.is_mutable_collection("perturbations") and not self.is_initializing()
         if hooked or self.has_variable("perturbations", "weights"):
-            # Grad-CAM (mqt_jax/gradcam.py): the weights as an intermediate whose gradient
+            # Grad-CAM (mqt_jax/evaluation/gradcam.py): the weights as an intermediate whose gradient
             # can be taken; adds zero, so the output is unchanged.
             weights = self.perturb("weights", attention_weights(q, k, mask))
             self.sow("intermediates", "weights", weights)

@@ -17,48 +17,14 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-# target -> the Dense layer it names in the LLaMA decoder layer
-TARGETS = {"q": "attn/query", "k": "attn/key", "v": "attn/value", "o": "attn/out",
-           "gate": "mlp/fc1", "up": "mlp/up", "down": "mlp/fc2"}
+from mqt_jax.config import LoRAConfig
+
 ADAPTERS = "llm/.*/lora_[ab]$"  # regex of every adapter parameter (TrainConfig.trainable)
-
-
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class LoRAConfig:
-    """rank 0: no adapters (the default). LLaVA-1.5's LoRA recipe: rank 128, alpha 256,
-    dropout 0.05, every target. Dropout applies in training only (when the step passes a
-    "dropout" rng)."""
-
-    rank: int = 0
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = tuple(TARGETS)
-
-    def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 0:
-            raise ValueError(f"LoRAConfig.rank={self.rank!r}: expected an integer >= 0")
-        if not self.alpha > 0:
-            raise ValueError(f"LoRAConfig.alpha={self.alpha!r}: expected > 0")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"LoRAConfig.dropout={self.dropout!r}: expected in [0, 1)")
-        unknown = sorted(set(self.targets) - set(TARGETS))
-        if unknown or not self.targets:
-            raise ValueError(f"LoRAConfig.targets={self.targets!r}: expected some of {tuple(TARGETS)}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def on(self, target: str) -> LoRAConfig | None:
-        """This config for the Dense layer of `target`, or None when it is not adapted."""
-        return self if self.rank and target in self.targets else None
 
 
 def adapter_output(module: nn.Module, x: jax.Array, lora: LoRAConfig, num_in: int,

@@ -6,15 +6,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mqt_jax import compressors, sharding, splice
-from mqt_jax.checkpoint import abstract_like
+from mqt_jax import compressors
 from mqt_jax.config import ModelConfig
+from mqt_jax.core import sharding, splice
+from mqt_jax.core.checkpoint import abstract_like
 from mqt_jax.models.llama import Llama
 from mqt_jax.models.vision_tower import VisionTower
 
 
 class VisionLanguageModel(nn.Module):
     config: ModelConfig
+
+    def __post_init__(self):
+        compressors.check(self.config)  # the compressor's own rules, before anything is built
+        super().__post_init__()
 
     def setup(self):
         cfg = self.config
