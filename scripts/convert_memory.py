@@ -6,7 +6,7 @@ after placing the parameters and after writing the orbax checkpoint. On this CPU
 "devices" are host memory too, so the placed model itself counts; what the conversion adds on
 top of it is the figure to compare with the largest single tensor.
 
-    python benchmarks/convert_memory.py [--num_layers 32] [--workdir /tmp/convert_7b]
+    python scripts/convert_memory.py [--num_layers 32] [--workdir /tmp/convert_7b]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Examples per second through the whole input pipeline (decode, CLIP preprocess, tokenize,
 m sampling, packing, layout), and the fraction of padding tokens, printed as a table.
 
-    python benchmarks/data_pipeline.py [--batches 30] [--out /tmp/bench_data]
+    python scripts/data_pipeline.py [--batches 30] [--out /tmp/bench_data]
 
 Datasets: shapes-VQA at 64 px (PNG, the tiny config) and the same scenes as 336 x 336 JPEGs
 (the 7B config's resolution, M = 256).

@@ -1,8 +1,8 @@
 """GPU check: cuDNN's fused attention against XLA's on a packed batch, and the MFU of a
 ~1B-class LLM + MQT stage-2 train step with each kernel, printed as tables.
 
-    python benchmarks/gpu_check.py [--steps 5] [--batch 8] [--seq 2048]
-    python benchmarks/gpu_check.py --smoke      # any machine: tiny sizes; splash (interpreted) vs xla
+    python scripts/gpu_check.py [--steps 5] [--batch 8] [--seq 2048]
+    python scripts/gpu_check.py --smoke      # any machine: tiny sizes; splash (interpreted) vs xla
 
 1. Attention: q, k, v in bfloat16 over rows holding several packed examples (segment ids)
    and padding; `attention="cudnn"` against `"xla"` (mqt_jax/models/attention.py), outputs

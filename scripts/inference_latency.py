@@ -1,7 +1,7 @@
 """Prefill latency and decode tokens/s against m, next to the analytical FLOPs ratio, printed
 as a table (Markdown; --out also writes JSON).
 
-    python benchmarks/inference_latency.py [--configs tiny,mid] [--batch 8] [--repeats 3]
+    python scripts/inference_latency.py [--configs tiny,mid] [--batch 8] [--repeats 3]
 
 For each m the prefill (vision tower + query transformer + LLM over prompt and m visual
 tokens) is timed on a batch of prompts laid out at m (bucketed lengths, so a smaller m is a

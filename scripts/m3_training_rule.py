@@ -1,6 +1,6 @@
 """M3's training rule against MQT's: the cost of training every example at every scale.
 
-    python benchmarks/m3_training_rule.py [--shapes data/shapes] [--steps 10]
+    python scripts/m3_training_rule.py [--shapes data/shapes] [--steps 10]
 
 The default recipe's stage 2 (tiny model, the m3 compressor, batch 8 x 320 packed) on
 shapes-VQA with MSampler "fixed_set" (one scale drawn per example, MQT's rule) and "all"

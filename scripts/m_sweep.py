@@ -1,7 +1,7 @@
 """An m-sweep (every question answered at every m, as `mqt-jax eval` does) with the visual
 tokens computed once per image against once per image and m; prints a Markdown table.
 
-    python benchmarks/m_sweep.py [--configs tiny,mid] [--images 32] [--new_tokens 4]
+    python scripts/m_sweep.py [--configs tiny,mid] [--images 32] [--new_tokens 4]
 
 Models: inference_latency.py's "tiny" (64 px, M = 64) and "mid" (224 px, M = 256, a 12 x 768
 LLM), random weights (speed does not depend on training; serve_load.py's build_model), one question per random image,

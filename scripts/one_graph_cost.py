@@ -2,7 +2,7 @@
 example, laid out as the pipeline does (one compiled shape), against the really truncated
 computation of the same examples at the same m, printed as a table.
 
-    python benchmarks/one_graph_cost.py [--model tiny|76m] [--examples 32] [--repeats 3]
+    python scripts/one_graph_cost.py [--model tiny|76m] [--examples 32] [--repeats 3]
 
 Examples: one image and a text of 48..224 tokens each (uniform), m per example from
 MQT's official sampler (even 2..M, M = 64), trained parts the query transformer and the LLM
@@ -27,7 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from train_step import model_config  # benchmarks/train_step.py: the same tiny / 76M models
+from train_step import model_config  # scripts/train_step.py: the same tiny / 76M models
 
 from mqt_jax.config import MSampler
 from mqt_jax.core import splice

@@ -1,6 +1,6 @@
 """Serving under load, and the decode step against the PyTorch peer; prints Markdown tables.
 
-    python benchmarks/serve_load.py [--requests 40] [--rates 1,2] [--sections decode,cache,load]
+    python scripts/serve_load.py [--requests 40] [--rates 1,2] [--sections decode,cache,load]
         [--m_values 16,64,256] [--lengths 8,32,64]
 
 Model: the "mid" model of inference_latency.py (224 px, M = 256, a 12 x 768 LLM), random

@@ -2,7 +2,7 @@
 as a table (Markdown; --out also writes JSON). torch and transformers are a benchmark-only
 extra (`pip install torch transformers`); without them only the JAX rows are printed.
 
-    python benchmarks/train_step.py [--model 76m|tiny] [--dtype float32|bfloat16] [--steps 5]
+    python scripts/train_step.py [--model 76m|tiny] [--dtype float32|bfloat16] [--steps 5]
                                     [--profile DIR]
 
 The step is stage 2's: the CLIP tower frozen, the query transformer (the released resampler)

@@ -2,7 +2,7 @@
 against the same LLM over the whole sequence (LLaVA-1.5's cost) and over the survivors
 alone (the floor). Printed as a Markdown table (--out also writes JSON).
 
-    python benchmarks/victor_drop.py [--layers 8] [--hidden 512] [--k 1,2,3,4] [--batch 2]
+    python scripts/victor_drop.py [--layers 8] [--hidden 512] [--k 1,2,3,4] [--batch 2]
 
 XLA's cost_analysis() counts both branches of the per-layer conditional, so the saving can
 only be seen by timing. "stack" is the decoder layers alone, where the drop happens;

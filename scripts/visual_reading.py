@@ -1,6 +1,6 @@
 """Where a shapes-VQA model's accuracy stalls: in the visual tokens, or in the LLM reading them.
 
-    python benchmarks/visual_reading.py --run workdir/tiny/stage2 [--data data/shapes] [--m 1,4,64]
+    python scripts/visual_reading.py --run workdir/tiny/stage2 [--data data/shapes] [--m 1,4,64]
 
 Prints three tables, on the validation split (never the held-out one):
 1. What the visual tokens hold: a ridge probe (closed form, on the first N training images)

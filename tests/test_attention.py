@@ -1,6 +1,6 @@
 """The attention kernels (mqt_jax/models/attention.py) against a float64 numpy reference and
 each other: splash runs here in Pallas interpret mode; cuDNN needs an NVIDIA GPU
-(benchmarks/gpu_check.py runs its comparison there)."""
+(scripts/gpu_check.py runs its comparison there)."""
 
 import dataclasses
 
@@ -120,7 +120,7 @@ def test_cudnn_equals_xla_on_a_packed_batch():
 
 
 def test_gpu_check_script_runs_its_cpu_parts():
-    """benchmarks/gpu_check.py (a script): its attention table with splash (interpreted) in
+    """scripts/gpu_check.py (a script): its attention table with splash (interpreted) in
     place of cuDNN, and its train-step row on the tiny shapes."""
     import importlib.util
     from pathlib import Path

@@ -126,7 +126,7 @@ def test_tfds_route_gives_the_same_examples(shapes):
 
 
 def _visual_reading():
-    """benchmarks/visual_reading.py, which is a script, not a module of the package."""
+    """scripts/visual_reading.py, which is a script, not a module of the package."""
     import importlib.util
     from pathlib import Path
 
