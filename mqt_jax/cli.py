@@ -386,7 +386,8 @@ def add_run_args(p, image_prompt: bool = False) -> None:
                        "one result per m")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and flag (also read by tests/test_readme.py against the docs)."""
     parser = argparse.ArgumentParser(prog="mqt-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train_p = sub.add_parser("train", help="train (stage by stage) and evaluate at every m")
@@ -519,7 +520,11 @@ def main(argv=None) -> int:
     shapes_p.add_argument("--seed", type=int, default=0)
     shapes_p.add_argument("--image_size", type=positive_int, default=64)
     shapes_p.set_defaults(func=cmd_data_shapes)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, OSError, SyntaxError) as e:  # a user's mistake: one line, no traceback

@@ -601,3 +601,19 @@ class Sweep:
             if not isinstance(spec, dict):
                 raise ValueError(f"Sweep.methods[{method!r}] must map bindings to values, "
                                  f"got {type(spec).__name__}")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ShapesConfig:
+    """shapes-VQA as the recipe generates it (`Recipe.shapes_dir`; `mqt-jax data shapes` takes
+    the same as flags): scenes per split, their seed and size, the tokenizer's vocabulary, and
+    whether a TFDS copy is built beside the LLaVA files."""
+
+    num_train: int = 2000
+    num_eval: int = 300
+    num_val: int = 200
+    seed: int = 0
+    image_size: int = 64
+    vocab_size: int = 512
+    tfds: bool = True

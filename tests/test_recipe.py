@@ -16,7 +16,7 @@ ENV = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "PYTHONU
 SHORT = ["--gin_param", "stage1/TrainConfig.steps = 2", "--gin_param", "stage2/TrainConfig.steps = 2",
          "--gin_param", "CLIPConfig.steps = 2", "--gin_param", "CLIPConfig.batch_size = 8",
          "--gin_param", "pretrain_llm/TrainConfig.steps = 2",
-         "--gin_param", "write_shapes.num_train = 12", "--gin_param", "write_shapes.num_eval = 2",
+         "--gin_param", "ShapesConfig.num_train = 12", "--gin_param", "ShapesConfig.num_eval = 2",
          "--gin_param", "EvalConfig.m_values = (2,)", "--workdir", "w"]
 
 

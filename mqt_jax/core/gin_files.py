@@ -12,9 +12,9 @@ from pathlib import Path
 import gin
 
 # configs/ of a source checkout (editable install), else the copy setup.py installs.
-CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "configs",
+CONFIG_DIR = next((d for d in (Path(__file__).resolve().parents[2] / "configs",
                                Path(sys.prefix) / "share" / "mqt_jax" / "configs")
-                   if (d / "tiny.gin").is_file()), Path(__file__).resolve().parent.parent / "configs")
+                   if (d / "tiny.gin").is_file()), Path(__file__).resolve().parents[2] / "configs")
 
 
 def find_gin_file(name: str) -> str:

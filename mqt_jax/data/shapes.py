@@ -25,7 +25,6 @@ import os
 import shutil
 from pathlib import Path
 
-import gin
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
@@ -136,7 +135,6 @@ def scene_index(split: str, number: int) -> int:
     return number if number < EVAL_INDEX else TRAIN_INDEX + number
 
 
-@gin.configurable
 def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 300,
                  seed: int = 0, image_size: int = 64, vocab_size: int = 512,
                  tfds: bool = True, num_val: int = 200) -> Path:

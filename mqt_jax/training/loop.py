@@ -179,7 +179,6 @@ def init_sources(config: TrainConfig, workdir: Path) -> dict[Path, tuple[str, ..
     return sources
 
 
-@gin.configurable
 def train(workdir: str) -> list[dict]:
     """Train, resuming from W/checkpoints if a checkpoint is there; write W/config.gin and
     W/metrics.jsonl. Returns this invocation's log. Every setting comes from gin

@@ -10,16 +10,8 @@ from pathlib import Path
 
 import jax
 
-from mqt_jax.config import (
-    CLIPConfig,
-    DataConfig,
-    EvalConfig,
-    MeshConfig,
-    ModelConfig,
-    MSampler,
-    Recipe,
-    TrainConfig,
-)
+from mqt_jax.config import (CLIPConfig, DataConfig, EvalConfig, MSampler, MeshConfig, ModelConfig,
+                            Recipe, ShapesConfig, TrainConfig)
 from mqt_jax.core import sharding
 from mqt_jax.core.gin_files import scoped
 from mqt_jax.data.shapes import write_shapes
@@ -49,7 +41,7 @@ def run(workdir: str) -> dict | None:
             raise FileNotFoundError(f"{recipe.shapes_dir} does not exist; in a multi-process run "
                                     f"generate it first (mqt-jax data shapes --out ...)")
         say(f"generating shapes-VQA into {recipe.shapes_dir}")
-        write_shapes(recipe.shapes_dir)
+        write_shapes(recipe.shapes_dir, **dataclasses.asdict(ShapesConfig()))
     if recipe.pretrained:
         with scoped(first):
             vision = ModelConfig().vision
