@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
+from mqt_jax.config import EngineConfig, EvalConfig, ServeConfig, ShapesConfig
 from mqt_jax.core.gin_files import CONFIG_DIR, find_gin_file, in_scope, parse_gin  # noqa: F401
 
 
@@ -129,12 +131,16 @@ def cmd_eval(args) -> int:
     import jax
 
     from mqt_jax.evaluation.benchmarks import get
-    from mqt_jax.training.recipe import evaluate_run
+    from mqt_jax.evaluation.evaluate import evaluate_run
 
     if args.benchmark:
         get(args.benchmark)  # a known name, before anything is read
+    with_flags(args, EvalConfig())  # bad values, before anything is read
     for flag, path in (("--questions", args.questions), ("--answers", args.answers),
-                       ("--images", args.images)):
+                       ("--image_root", args.image_root), ("--val_questions", args.val_questions),
+                       ("--val_answers", args.val_answers),
+                       ("--train_questions", args.train_questions),
+                       ("--train_answers", args.train_answers)):
         if path and not Path(path).exists():
             raise FileNotFoundError(f"{flag} {path} not found")
     given = Path(args.ckpt or args.workdir)
@@ -144,10 +150,7 @@ def cmd_eval(args) -> int:
     join_processes(args)
     auto = args.m == "auto"
     run_ = open_model(args, parse_m(args.m) if args.m and not auto else []).run
-    config = run_.eval_config
-    given = {"benchmark": args.benchmark, "questions": args.questions, "answers": args.answers,
-             "image_root": args.images, "limit": args.limit}
-    config = dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None})
+    config = with_flags(args, run_.eval_config)
     if args.benchmark and args.benchmark != run_.eval_config.benchmark and not args.questions:
         raise ValueError(f"--benchmark {args.benchmark}: give its --questions file")
     if args.m and not auto:
@@ -172,13 +175,8 @@ def eval_auto(run_, config, out: Path, args) -> int:
     from mqt_jax.core.sharding import activate
     from mqt_jax.evaluation.policies import evaluate_policies, policy_table
 
-    validation = (args.val_questions or config.val_questions, args.val_answers or config.val_answers)
-    training = (args.train_questions or config.train_questions,
-                args.train_answers or config.train_answers)
-    for flag, path in (("--val_questions", validation[0]), ("--val_answers", validation[1]),
-                       ("--train_questions", training[0]), ("--train_answers", training[1])):
-        if path and not Path(path).exists():
-            raise FileNotFoundError(f"{flag} {path} not found")
+    validation = (config.val_questions, config.val_answers)
+    training = (config.train_questions, config.train_answers)
     about = {"run": str(run_.path.absolute()), "step": run_.step,
              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     with activate(run_.mesh):
@@ -216,30 +214,29 @@ def cmd_gradcam(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from mqt_jax.config import EngineConfig
     from mqt_jax.inference.engine import Engine
-    from mqt_jax.serving.server import ServeConfig, listen, serve
+    from mqt_jax.serving.server import listen, serve
 
     if args.image_root and not Path(args.image_root).is_dir():
         raise FileNotFoundError(f"--image_root {args.image_root} is not a folder")
+    with_flags(args, EngineConfig())  # bad values, before the model is read
     join_processes(args)
     import jax
 
     leader = jax.process_index() == 0  # takes the HTTP traffic; the others follow its steps
     sock = listen(args.host, args.port) if leader else None
-    engine_config = EngineConfig(slots=args.slots, cache_len=args.cache_len,
-                                 prefill_batch=args.prefill_batch, max_queue=args.max_queue,
-                                 vision_cache_mb=args.vision_cache_mb)
     model = open_model(args, [args.default_m])
+    engine_config = with_flags(args, EngineConfig())  # the run's gin bindings, then the flags
     if model.tokenizer is None:
         raise ValueError(f"{model.run.path}: the run's config names no tokenizer "
                          f"(EvalConfig.tokenizer_dir): nothing to read requests with")
     engine = Engine(model, engine_config)
     if not leader:
         return follow(engine)
-    name = args.model_name or Path(args.ckpt or args.workdir).absolute().name
-    config = ServeConfig(default_m=args.default_m, model_name=name, image_root=args.image_root,
-                         max_image_bytes=int(args.max_image_mb * 2**20))
+    config = with_flags(args, ServeConfig())
+    if not config.model_name:
+        name = Path(args.ckpt or args.workdir).absolute().name
+        config = dataclasses.replace(config, model_name=name)
     return serve(model, engine, config, sock)
 
 
@@ -260,8 +257,7 @@ def follow(engine) -> int:
 def cmd_data_shapes(args) -> int:
     from mqt_jax.data.shapes import write_shapes
 
-    out = write_shapes(args.out, num_train=args.num_train, num_eval=args.num_eval,
-                       num_val=args.num_val, seed=args.seed, image_size=args.image_size)
+    out = write_shapes(args.out, **dataclasses.asdict(with_flags(args, ShapesConfig())))
     print(f"wrote shapes-VQA to {out}")
     return 0
 
@@ -287,26 +283,13 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from mqt_jax.config import DataConfig, EvalConfig, MeshConfig, ModelConfig
-    from mqt_jax.core.checkpoint import restore_params
-    from mqt_jax.core.sharding import make_mesh
-    from mqt_jax.interop.convert import abstract_params, export_llama
-    from mqt_jax.models import lora
-    from mqt_jax.training.recipe import scoped
+    from mqt_jax.interop.export import export_run
 
     if args.kind != "llama":
         raise ValueError(f"--kind {args.kind!r}: only 'llama' exports")
-    if Path(args.out).exists():
-        raise FileExistsError(f"--out {args.out} exists; choose a new folder")
-    path, scope = parse_run_config(args)
-    with scoped(scope):
-        model_config, mesh = ModelConfig(), make_mesh(MeshConfig())
-        tokenizer = EvalConfig().tokenizer_dir or DataConfig().tokenizer_dir
-    params, step = restore_params(path, abstract_params(model_config, ("llm",), mesh),
-                                  only=("llm/.*",))
-    model_config, params = lora.merged(model_config, params)  # LoRA adapters folded in
-    out = export_llama(model_config.llm, params, args.out, tokenizer or None, args.dtype)
-    print(f"wrote {out}: the LLM of {path} at step {step} as a Hugging Face LLaMA folder")
+    out, run, step = export_run(args.ckpt or args.workdir, args.out, args.dtype,
+                                args.gin_file or [], args.gin_param)
+    print(f"wrote {out}: the LLM of {run} at step {step} as a Hugging Face LLaMA folder")
     return 0
 
 
@@ -349,6 +332,30 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
     return value
+
+
+def add_flags(parser, cls, default: str = "", aliases: dict = {}, required=()) -> None:  # noqa: B006
+    """One flag per field of `cls` declared with config.flag (its help is written there);
+    `with_flags` puts the values given on top of a `cls` instance."""
+    about = f"gin: {cls.__name__}.<flag>" + (f"; {default}" if default else "")
+    group = parser.add_argument_group(cls.__name__, about)
+    for field in dataclasses.fields(cls):
+        if "flag" not in field.metadata:
+            continue
+        kind = field.type.split(" |")[0]
+        extra = ({"action": argparse.BooleanOptionalAction} if kind == "bool"
+                 else {"type": {"int": int, "float": float, "str": str}[kind]})
+        shown = "" if default or field.default in ("", None) else f" (default {field.default})"
+        group.add_argument(f"--{field.name}", *aliases.get(field.name, ()), dest=field.name,
+                           default=None, required=field.name in required,
+                           help=field.metadata["flag"] + shown, **extra)
+
+
+def with_flags(args, config):
+    """`config` with the flags of its dataclass that were given (see add_flags)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config)
+             if "flag" in f.metadata and getattr(args, f.name, None) is not None}
+    return dataclasses.replace(config, **given)
 
 
 def add_multiprocess_args(p) -> None:
@@ -420,21 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen_p.set_defaults(func=cmd_generate)
     eval_p = sub.add_parser("eval", help="score a benchmark at several m: tables and a plot")
     add_run_args(eval_p)
-    eval_p.add_argument("--benchmark", help="default: the run's (shapes for the default run); "
-                        "one of vqav2 vizwiz textvqa gqa scienceqa mmmu pope mme mmbench "
-                        "llava_bench mmvet shapes")
-    eval_p.add_argument("--questions", help="question file in LLaVA's format (MMBench: its TSV)")
-    eval_p.add_argument("--answers", help="references (annotations) to score against")
-    eval_p.add_argument("--images", help="image folder the question file's paths are relative to")
+    add_flags(eval_p, EvalConfig, "default: the run's EvalConfig", {"image_root": ("--images",)})
     eval_p.add_argument("--m", help="e.g. 2,4,8,16,36,64,144,256 (default: the run's EvalConfig); "
                         "auto: m chosen per query (escalate, router, oracle) against every fixed m")
-    eval_p.add_argument("--val_questions", help="--m auto: the validation split that calibrates "
-                        "the escalation threshold and the router (default: EvalConfig.val_questions)")
-    eval_p.add_argument("--val_answers", help="its references")
-    eval_p.add_argument("--train_questions", help="--m auto: the training split the router "
-                        "learns from (default: EvalConfig.train_questions)")
-    eval_p.add_argument("--train_answers", help="its references")
-    eval_p.add_argument("--limit", type=positive_int, help="only the first N questions")
     eval_p.add_argument("--out", help="default: <workdir>/eval; results go to OUT/<benchmark>/")
     add_multiprocess_args(eval_p)
     eval_p.set_defaults(func=cmd_eval)
@@ -447,22 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p = sub.add_parser("serve", help="an OpenAI-compatible server where each request "
                              "picks its m (continuous batching mixes m in one batch)")
     add_run_args(serve_p)
-    serve_p.add_argument("--default_m", type=positive_int, required=True, help="m for requests "
-                         "that do not give one (a request's extra field \"m\" overrides it)")
     serve_p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     serve_p.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
-    serve_p.add_argument("--slots", type=positive_int, default=8, help="requests decoded together")
-    serve_p.add_argument("--cache_len", type=positive_int, default=1024,
-                         help="KV cache per slot: prompt (text + m visual tokens) + answer")
-    serve_p.add_argument("--prefill_batch", type=positive_int, default=4)
-    serve_p.add_argument("--max_queue", type=positive_int, default=256,
-                         help="waiting requests beyond this get 429")
-    serve_p.add_argument("--vision_cache_mb", type=float, default=256.0,
-                         help="visual tokens kept per image (0: none)")
-    serve_p.add_argument("--image_root", default="", help="the folder local image paths may "
-                         "name (default: none; data: URLs always work)")
-    serve_p.add_argument("--max_image_mb", type=float, default=20.0)
-    serve_p.add_argument("--model_name", help="the name clients send (default: the folder's)")
+    add_flags(serve_p, ServeConfig, required=("default_m",))
+    add_flags(serve_p, EngineConfig, "default: gin's EngineConfig")
     add_multiprocess_args(serve_p)
     serve_p.set_defaults(func=cmd_serve)
     conv_p = sub.add_parser("convert", help="a Hugging Face checkpoint -> an orbax run folder")
@@ -514,11 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_p = sub.add_parser("data", help="datasets").add_subparsers(dest="dataset", required=True)
     shapes_p = data_p.add_parser("shapes", help="generate the shapes-VQA dataset (LLaVA format)")
     shapes_p.add_argument("--out", required=True, help="output folder (must not exist)")
-    shapes_p.add_argument("--num_train", type=positive_int, default=2000)
-    shapes_p.add_argument("--num_eval", type=positive_int, default=300)
-    shapes_p.add_argument("--num_val", type=int, default=200, help="validation images (>= 0)")
-    shapes_p.add_argument("--seed", type=int, default=0)
-    shapes_p.add_argument("--image_size", type=positive_int, default=64)
+    add_flags(shapes_p, ShapesConfig)
     shapes_p.set_defaults(func=cmd_data_shapes)
     return parser
 

@@ -8,6 +8,7 @@ need a compressor's own rules run where the model is built (`mqt_jax.compressors
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 
@@ -33,6 +34,12 @@ def positive(config, *names: str) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{type(config).__name__}.{name}={value!r}: must be an integer >= 1")
+
+
+def flag(default, help: str):
+    """A field that is also a command-line flag of the commands that take its dataclass
+    (`mqt-jax eval --questions`, `serve --slots`, ...): declared once, here, with its help."""
+    return dataclasses.field(default=default, metadata={"flag": help})
 
 
 def gin_bindings(part) -> list[str]:
@@ -520,10 +527,11 @@ class CLIPConfig:
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    benchmark: str = "shapes"  # a name of benchmarks.BENCHMARKS
-    questions: str = ""  # the benchmark's question file; empty: no evaluation
-    answers: str = ""  # its references (not needed by MMBench, LLaVA-Bench, MM-Vet)
-    image_root: str = ""
+    benchmark: str = flag("shapes", "the benchmark (a file of mqt_jax/evaluation/benchmarks)")
+    questions: str = flag("", "its question file in LLaVA's format (MMBench: its TSV); empty: "
+                          "no evaluation")
+    answers: str = flag("", "its references (not needed by MMBench, LLaVA-Bench, MM-Vet)")
+    image_root: str = flag("", "the folder the question file's image paths are relative to")
     tokenizer_dir: str = ""
     template: str = "vicuna_v1"
     image_mode: str = "pad"
@@ -531,36 +539,44 @@ class EvalConfig:
     batch_size: int = 64
     max_new_tokens: int = 8
     bucket: int = 16  # prompt lengths round up to a multiple of this (one compile per bucket)
-    limit: int = 0  # > 0: only the first `limit` questions (a quick look)
+    limit: int = flag(0, "> 0: only the first LIMIT questions (a quick look)")
     # A validation split (never the held-out questions) that calibrates m chosen per query
     # (`mqt-jax eval --m auto`).
-    val_questions: str = ""
-    val_answers: str = ""
+    val_questions: str = flag("", "--m auto: the validation split that calibrates the "
+                              "escalation threshold and the router")
+    val_answers: str = flag("", "--m auto: the validation split's references")
     # A training split's questions, whose per-m correctness trains the m router (the first
     # `router_questions` of them).
-    train_questions: str = ""
-    train_answers: str = ""
+    train_questions: str = flag("", "--m auto: the training split the router learns from")
+    train_answers: str = flag("", "--m auto: the training split's references")
     router_questions: int = 2000
     # Questions whose visual tokens are computed once for every m and held on the host at once
     # (M x hidden each: 4 MB at 7B in float32).
     reuse_chunk: int = 1024
 
+    def __post_init__(self):
+        if not isinstance(self.limit, int) or isinstance(self.limit, bool) or self.limit < 0:
+            raise ValueError(f"EvalConfig.limit={self.limit!r}: must be an integer >= 0")
+
 
 POLICIES = ("mixed", "per_m", "static")
 
 
+@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    slots: int = 8  # rows decoded together (a multiple of the mesh's data x fsdp devices)
-    cache_len: int = 1024  # KV slots per row: prompt (text + m visual tokens) + answer
-    prefill_batch: int = 4  # rows per prefill (rounded up to a multiple of the batch devices)
-    bucket: int = 32  # prompt lengths round up to a multiple of this
-    max_queue: int = 256  # requests waiting beyond this are refused (QueueFull)
-    vision_cache_mb: float = 256.0  # 0: no vision cache
+    slots: int = flag(8, "rows decoded together (a multiple of the mesh's data x fsdp devices)")
+    cache_len: int = flag(1024, "KV slots per row: prompt (text + m visual tokens) + answer")
+    prefill_batch: int = flag(4, "rows per prefill (rounded up to a multiple of the batch "
+                              "devices)")
+    bucket: int = flag(32, "prompt lengths round up to a multiple of this")
+    max_queue: int = flag(256, "requests waiting beyond this are refused (HTTP 429)")
+    vision_cache_mb: float = flag(256.0, "visual tokens kept per image, in MB (0: no cache)")
     # "mixed": any m shares a batch; "per_m": a batch holds one m at a time (what a server
     # that cannot mix m must do); "static": a batch is admitted only into an empty engine and
     # runs to its longest answer (classic static batching). The last two are for comparison.
-    policy: str = "mixed"
+    policy: str = flag("mixed", "mixed: any m shares a batch; per_m and static are for "
+                       "comparison")
 
     def __post_init__(self):
         for name in ("slots", "cache_len", "prefill_batch", "bucket", "max_queue"):
@@ -606,14 +622,58 @@ class Sweep:
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ShapesConfig:
-    """shapes-VQA as the recipe generates it (`Recipe.shapes_dir`; `mqt-jax data shapes` takes
-    the same as flags): scenes per split, their seed and size, the tokenizer's vocabulary, and
-    whether a TFDS copy is built beside the LLaVA files."""
+    """shapes-VQA as the recipe generates it (`Recipe.shapes_dir`) and `mqt-jax data shapes`
+    writes it."""
 
-    num_train: int = 2000
-    num_eval: int = 300
-    num_val: int = 200
-    seed: int = 0
-    image_size: int = 64
-    vocab_size: int = 512
-    tfds: bool = True
+    num_train: int = flag(2000, "training images")
+    num_eval: int = flag(300, "held-out images (5 questions each)")
+    num_val: int = flag(200, "validation images, drawn apart for choosing a recipe")
+    seed: int = flag(0, "the scenes' seed")
+    image_size: int = flag(64, "image side in pixels")
+    vocab_size: int = flag(512, "the sentencepiece tokenizer's vocabulary")
+    tfds: bool = flag(True, "also build a TFDS (ArrayRecord) copy")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """`mqt-jax serve`: what the HTTP side accepts (the engine's settings are EngineConfig)."""
+
+    default_m: int | None = flag(None, "m for requests that do not give one (a request's extra "
+                                 "field \"m\" overrides it)")
+    model_name: str = flag("", "the name clients send (default: the run folder's)")
+    image_root: str = flag("", "the folder local image paths may name (default: none; data: "
+                           "URLs always work)")
+    max_image_mb: float = flag(20.0, "the largest image a request may carry")
+    default_max_tokens: int = 256
+
+    def __post_init__(self):
+        if self.default_m is not None and (not isinstance(self.default_m, int)
+                                           or self.default_m < 1):
+            raise ValueError(f"ServeConfig.default_m={self.default_m!r}: must be an integer >= 1")
+        if not self.max_image_mb > 0:
+            raise ValueError(f"ServeConfig.max_image_mb={self.max_image_mb!r}: must be > 0")
+
+    @property
+    def max_image_bytes(self) -> int:
+        return int(self.max_image_mb * 2**20)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """One training stage's settings, read from gin once (in the stage's scope) and passed to
+    what runs it: nothing below reads gin again."""
+
+    model: ModelConfig
+    train: TrainConfig
+    data: DataConfig
+    sampler: MSampler
+    mesh: MeshConfig
+    evaluation: EvalConfig
+    clip: CLIPConfig
+
+    @classmethod
+    def read(cls, scope: str = "") -> StageConfig:
+        with gin.config_scope(scope) if scope else contextlib.nullcontext():
+            return cls(ModelConfig(), TrainConfig(), DataConfig(), MSampler(), MeshConfig(),
+                       EvalConfig(), CLIPConfig())

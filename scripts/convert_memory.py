@@ -55,7 +55,8 @@ def write_checkpoint(folder: Path, num_layers: int) -> tuple[int, int]:
 
     from mqt_jax.config import LLMConfig
     from mqt_jax.core import hf
-    from mqt_jax.interop.convert import hf_llama_config, llama_rules
+    from mqt_jax.interop.convert import llama_rules
+    from mqt_jax.interop.export import hf_llama_config
 
     config = LLMConfig(num_layers=num_layers)  # LLaMA-2-7B / Vicuna-7B v1.5 otherwise
     rules = llama_rules(config, "model.", "lm_head.weight")

@@ -272,11 +272,13 @@ def test_m3_serves_its_scales_only():
         cfg.check_m([1, 2, 8, 16])
     picked = dataclasses.replace(cfg, query=dataclasses.replace(cfg.query, scales=(1, 16)))
     assert picked.compressor.valid_m(picked) == (1, 16)
+    from mqt_jax.compressors import check
+
     for scales in ((1, 9), (0, 4)):
         with pytest.raises(ValueError, match="not squares whose side divides"):
-            dataclasses.replace(cfg, query=dataclasses.replace(cfg.query, scales=scales))
+            check(dataclasses.replace(cfg, query=dataclasses.replace(cfg.query, scales=scales)))
     with pytest.raises(ValueError, match="m3 pools the projected patch grid"):
-        tiny_config("m3", num_queries=4)
+        check(tiny_config("m3", num_queries=4))
     from mqt_jax.config import EvalConfig
     from mqt_jax.evaluation.evaluate import m_values_for
 

@@ -21,7 +21,7 @@ from mqt_jax.cli import main
 from mqt_jax.compressors.official import sincos_2d
 from mqt_jax.config import LLMConfig, MeshConfig
 from mqt_jax.core import hf, sharding, splice
-from mqt_jax.interop import convert
+from mqt_jax.interop import convert, export
 from mqt_jax.models.llama import Llama
 from mqt_jax.models.vision_tower import VisionTower
 from mqt_jax.models.vlm import VisionLanguageModel
@@ -378,7 +378,7 @@ def llama_folder(folder: Path, drop=(), add=(), reshape=None, dtype=None, shards
     make = {k: rng.normal(size=s).astype(d) for k, s, d in entries}
     total = sum(a.nbytes for a in make.values())
     hf.write_weights(folder, entries, make.__getitem__, max_shard_bytes=total // shards + 1)
-    config = convert.hf_llama_config(SMALL, "bfloat16")
+    config = export.hf_llama_config(SMALL, "bfloat16")
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 

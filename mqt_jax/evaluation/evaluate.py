@@ -10,6 +10,8 @@ benchmark's submission files), eval.json, and the sweep as eval.csv, eval.md and
 from __future__ import annotations
 
 import csv
+import dataclasses
+import datetime
 import io
 import json
 from collections import Counter
@@ -21,13 +23,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mqt_jax.config import EvalConfig, ModelConfig
-from mqt_jax.core import flops, splice
+from mqt_jax.core import flops, sharding, splice
 from mqt_jax.core.outputs import fmt, markdown_table, save_figure, with_error, write_atomic
 from mqt_jax.data.conversation import BadRecord, encode_prompt
 from mqt_jax.data.preprocess import BadImage, clip_preprocess, confined, open_image
 from mqt_jax.data.tokenizer import load_tokenizer
 from mqt_jax.evaluation import benchmarks
 from mqt_jax.inference.generate import Generator, SamplingConfig
+from mqt_jax.run import TrainedRun, run_config_file
 
 
 def m_values_for(config: EvalConfig, model_config: ModelConfig) -> list[int]:
@@ -283,3 +286,21 @@ def write_collection(root: Path) -> list[dict]:
                                               for r in all_results))
     plot_sweep(all_results, root / "sweep.png")
     return all_results
+
+
+def evaluate_run(run_: TrainedRun, out_root: Path, config: EvalConfig | None = None) -> dict:
+    """Evaluate into out_root/<benchmark>/ and refresh out_root's sweep table and plot
+    (process 0 writes and prints)."""
+    config = config or run_.eval_config
+    about = {"run": str(run_.path.absolute()), "step": run_.step,
+             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "config": str(run_config_file(run_.path).absolute()), "eval_config": dataclasses.asdict(config)}
+    with sharding.activate(run_.mesh):
+        results = evaluate(run_.model_config, run_.params, config, run_.mesh,
+                           out_root / config.benchmark, about)
+    if jax.process_index() > 0:
+        return results
+    write_collection(out_root)
+    print(f"{results['benchmark']} score (%) by m; written to {out_root / config.benchmark}\n"
+          + sweep_tables(results)[1])
+    return results

@@ -16,7 +16,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import dataclasses
 import re
 import time
 import uuid
@@ -42,6 +41,7 @@ from pydantic import (
     model_validator,
 )
 
+from mqt_jax.config import ServeConfig
 from mqt_jax.core import splice
 from mqt_jax.data.conversation import IMAGE_PLACEHOLDER, encode_chat
 from mqt_jax.data.preprocess import MAX_PIXELS, BadImage, confined, open_image
@@ -113,16 +113,6 @@ def error(status: int, message: str, param: str | None = None, kind: str | None 
                                    "param": param, "code": None}}, status_code=status)
 
 
-@dataclasses.dataclass(frozen=True)
-class ServeConfig:
-    default_m: int
-    model_name: str
-    image_root: str = ""  # local image paths are read only inside this folder
-    max_image_bytes: int = 20 * 2**20
-    max_pixels: int = MAX_PIXELS
-    default_max_tokens: int = 256
-
-
 class AutoM:
     """`"m": "auto"`: the run's router (router.json, from `mqt-jax eval --m auto`) picks a
     request's m from its question and its image's first visual tokens. The image's tokens
@@ -184,7 +174,7 @@ def read_image(url: str, config: ServeConfig):
             raise BadRequest(f"the image is over the {config.max_image_bytes} byte limit", "image_url")
         source = path
     try:
-        return open_image(source, config.max_pixels, name="the image")
+        return open_image(source, MAX_PIXELS, name="the image")
     except BadImage as e:
         raise BadRequest(str(e), "image_url") from None
 

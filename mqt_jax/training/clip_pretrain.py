@@ -115,7 +115,7 @@ def train_clip(vision: VisionConfig, captions_file: str | Path, image_root: str 
     """Train the mini-CLIP and write its vision side to `out` (a CLIPVisionModel folder).
     Returns ({"first_loss", "loss", "retrieval_accuracy"}: the last tenth of the steps'
     means, accuracy within a batch; the parameters)."""
-    from mqt_jax.interop.convert import export_clip_vision
+    from mqt_jax.interop.export import export_clip_vision
 
     config = config or CLIPConfig()
     mesh = mesh or sharding.make_mesh(MeshConfig())

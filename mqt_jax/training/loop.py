@@ -19,7 +19,7 @@ from flax.traverse_util import flatten_dict
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from mqt_jax.config import DataConfig, MeshConfig, ModelConfig, MSampler, TrainConfig
+from mqt_jax.config import DataConfig, ModelConfig, MSampler, StageConfig, TrainConfig
 from mqt_jax.core import flops, sharding
 from mqt_jax.core.checkpoint import Checkpointer, abstract_like, checkpoint_dir, first_line
 from mqt_jax.core.outputs import write_atomic
@@ -29,10 +29,10 @@ from mqt_jax.training.synthetic import SyntheticBatches
 from mqt_jax.training.trainer import CompileCounter, Trainer
 
 
-def batch_source(model_config: ModelConfig, config: TrainConfig, sampler: MSampler, mesh):
+def batch_source(model_config: ModelConfig, config: TrainConfig, data: DataConfig,
+                 sampler: MSampler, mesh):
     """This process's batches: the data pipeline when DataConfig names data, else synthetic
     batches. Either way an iterator with get_state / set_state and a `skipped` Counter."""
-    data = DataConfig()
     if not (data.data_path or data.tfds_dir):
         return SyntheticBatches(model_config, config, sampler,
                                 sharding.process_rows(mesh, config.batch_size))
@@ -81,10 +81,10 @@ class WorkdirLock:
         self.file.close()
 
 
-def run_settings(model_config: ModelConfig, config: TrainConfig, sampler: MSampler) -> dict:
+def run_settings(model_config: ModelConfig, config: TrainConfig, data: DataConfig,
+                 sampler: MSampler) -> dict:
     """What a checkpoint must agree with to be resumed, saved beside it: "model" decides the
     parameters' shapes and which are trained, "data" the data iterator's position."""
-    data = DataConfig()
     return {
         "model": {"ModelConfig": dataclasses.asdict(model_config),
                   "TrainConfig.trainable": list(config.trainable),
@@ -179,12 +179,12 @@ def init_sources(config: TrainConfig, workdir: Path) -> dict[Path, tuple[str, ..
     return sources
 
 
-def train(workdir: str) -> list[dict]:
-    """Train, resuming from W/checkpoints if a checkpoint is there; write W/config.gin and
-    W/metrics.jsonl. Returns this invocation's log. Every setting comes from gin
-    (ModelConfig, TrainConfig, MeshConfig, MSampler, DataConfig)."""
-    model_config, config, sampler = ModelConfig(), TrainConfig(), MSampler()
-    mesh = sharding.make_mesh(MeshConfig())
+def train(workdir: str, settings: StageConfig) -> list[dict]:
+    """Train with `settings`, resuming from W/checkpoints if a checkpoint is there; write
+    W/config.gin (gin's whole config, which rebuilds the run) and W/metrics.jsonl. Returns this
+    invocation's log."""
+    model_config, config, sampler = settings.model, settings.train, settings.sampler
+    mesh = sharding.make_mesh(settings.mesh)
     workdir_path = Path(workdir)
     init_from = init_sources(config, workdir_path)
     workdir_path.mkdir(parents=True, exist_ok=True)
@@ -193,10 +193,10 @@ def train(workdir: str) -> list[dict]:
     try:
         lock = WorkdirLock(workdir_path) if is_chief else None
         trainer = Trainer(model_config, config, mesh, sampler)
-        batches = batch_source(model_config, config, sampler, mesh)
+        batches = batch_source(model_config, config, settings.data, sampler, mesh)
         ckpt = Checkpointer(workdir_path / "checkpoints", config.max_to_keep)
-        settings = run_settings(model_config, config, sampler)
-        resumed = resume(ckpt, trainer, batches, config.steps, settings)
+        saved = run_settings(model_config, config, settings.data, sampler)
+        resumed = resume(ckpt, trainer, batches, config.steps, saved)
         if resumed:
             start, state = resumed
             if is_chief:
@@ -209,7 +209,7 @@ def train(workdir: str) -> list[dict]:
         if preempted.requested:
             raise Preemption(f"SIGTERM during start-up: nothing trained since step {start}; exiting")
         out = MetricsLog(workdir_path, start) if is_chief else None
-        log = _loop(trainer, state, batches, ckpt, out, preempted, start, workdir_path, settings)
+        log = _loop(trainer, state, batches, ckpt, out, preempted, start, workdir_path, saved)
     finally:
         preempted.restore()
         if ckpt:

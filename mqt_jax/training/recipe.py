@@ -4,19 +4,21 @@ scopes, e.g. stage1 -> stage2), then evaluation of the final parameters at every
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 from pathlib import Path
 
 import jax
 
-from mqt_jax.config import (CLIPConfig, DataConfig, EvalConfig, MSampler, MeshConfig, ModelConfig,
-                            Recipe, ShapesConfig, TrainConfig)
+from mqt_jax.config import (
+    EvalConfig,
+    Recipe,
+    ShapesConfig,
+    StageConfig,
+)
 from mqt_jax.core import sharding
-from mqt_jax.core.gin_files import scoped
 from mqt_jax.data.shapes import write_shapes
-from mqt_jax.evaluation.evaluate import evaluate, m_values_for, sweep_tables, write_collection
-from mqt_jax.run import TrainedRun, latest_step, open_run, run_config_file
+from mqt_jax.evaluation.evaluate import evaluate_run, m_values_for
+from mqt_jax.run import latest_step, open_run
 from mqt_jax.training.clip_pretrain import train_clip
 from mqt_jax.training.loop import train
 from mqt_jax.training.trainer import Trainer
@@ -24,17 +26,16 @@ from mqt_jax.training.trainer import Trainer
 
 def run(workdir: str) -> dict | None:
     """Train every stage (resuming, and skipping those already complete), then evaluate.
-    Returns eval.json's content, or None without EvalConfig.questions."""
+    Returns eval.json's content, or None without EvalConfig.questions. Every stage's settings
+    are read from gin once, here, and passed down."""
     recipe, workdir = Recipe(), Path(workdir)
-    first = recipe.stages[0] if recipe.stages else ""
-    with scoped(first):
-        clip_config, clip_data = CLIPConfig(), DataConfig()
-    check_stages(recipe)  # bad settings fail here, before any work
-    with scoped(recipe.stages[-1] if recipe.stages else ""):
-        eval_config = EvalConfig()
-        m_values_for(eval_config, ModelConfig())
-        check_data_paths(eval_config, recipe.shapes_dir,
-                         ("questions", "answers", "image_root", "tokenizer_dir"))
+    stages = {name: StageConfig.read(name) for name in recipe.stages or ("",)}
+    llm = StageConfig.read(PRETRAIN_LLM) if recipe.pretrained else None
+    first, (last_name, last) = next(iter(stages.values())), list(stages.items())[-1]
+    check_stages(recipe, stages, llm)  # bad settings fail here, before any work
+    m_values_for(last.evaluation, last.model)
+    check_data_paths(last.evaluation, recipe.shapes_dir,
+                     ("questions", "answers", "image_root", "tokenizer_dir"))
     say = print if jax.process_index() == 0 else (lambda *_: None)
     if recipe.shapes_dir and not Path(recipe.shapes_dir).exists():
         if jax.process_count() > 1:
@@ -43,62 +44,59 @@ def run(workdir: str) -> dict | None:
         say(f"generating shapes-VQA into {recipe.shapes_dir}")
         write_shapes(recipe.shapes_dir, **dataclasses.asdict(ShapesConfig()))
     if recipe.pretrained:
-        with scoped(first):
-            vision = ModelConfig().vision
-        pretrain(Path(recipe.pretrained), vision, clip_data, clip_config, say)
-    final, scope = workdir, ""
-    for stage in recipe.stages:
-        with scoped(stage):
-            say(f"== {stage}: {workdir / stage}")
-            train(str(workdir / stage))
-        final, scope = workdir / stage, stage
-    if not recipe.stages:
-        train(str(workdir))
-    with scoped(scope):
-        if not EvalConfig().questions:
-            return None
-        done = scored(final, workdir / "eval" / EvalConfig().benchmark)
+        pretrain(Path(recipe.pretrained), first, llm, say)
+    for name, settings in stages.items():
+        if name:
+            say(f"== {name}: {workdir / name}")
+        train(str(workdir / name), settings)
+    final = workdir / last_name
+    if not last.evaluation.questions:
+        return None
+    done = scored(final, workdir / "eval" / last.evaluation.benchmark, last.evaluation)
     if done:
         say(f"complete: {workdir / 'eval' / done['benchmark'] / 'eval.json'} already scores "
             f"step {done['step']} of {final} (remove it to evaluate again, or run `mqt-jax eval`)")
         return done
-    run_ = open_run(final, scope)
+    run_ = open_run(final, last_name)
     say(f"== eval: {final} step {run_.step} on {run_.eval_config.questions}")
     return evaluate_run(run_, workdir / "eval")
 
 
-def check_stages(recipe: Recipe) -> None:
-    """Each stage's settings build its model, sampler and Trainer and name data that exist."""
-    for stage in ((PRETRAIN_LLM,) if recipe.pretrained else ()) + (recipe.stages or ("",)):
-        with scoped(stage):
-            model_config = ModelConfig()
-            model_config.check_m(MSampler().support(model_config.num_queries))
-            Trainer(model_config, TrainConfig(), sharding.make_mesh(MeshConfig()),
-                    MSampler())
-            check_data_paths(DataConfig(), recipe.shapes_dir)
+def check_stages(recipe: Recipe, stages: dict[str, StageConfig] | None = None,
+                 llm: StageConfig | None = None) -> None:
+    """Each stage's settings build its model, sampler and Trainer and name data that exist
+    (read from gin when not given)."""
+    stages = stages or {name: StageConfig.read(name) for name in recipe.stages or ("",)}
+    if recipe.pretrained:
+        stages = {PRETRAIN_LLM: llm or StageConfig.read(PRETRAIN_LLM), **stages}
+    for settings in stages.values():
+        settings.model.check_m(settings.sampler.support(settings.model.num_queries))
+        Trainer(settings.model, settings.train, sharding.make_mesh(settings.mesh), settings.sampler)
+        check_data_paths(settings.data, recipe.shapes_dir)
 
 
-def scored(run: Path, out_dir: Path) -> dict | None:
-    """out_dir's eval.json when it scores the latest checkpoint of `run` with the settings in
-    effect now, else None."""
-
+def scored(run: Path, out_dir: Path, config: EvalConfig) -> dict | None:
+    """out_dir's eval.json when it scores the latest checkpoint of `run` with `config`, else
+    None."""
     try:
         done = json.loads((out_dir / "eval.json").read_text())
     except (OSError, ValueError):
         return None
     same = (done.get("run") == str(run.absolute()) and done.get("step") == latest_step(run)
-            and done.get("eval_config") == json.loads(json.dumps(dataclasses.asdict(EvalConfig()))))
+            and done.get("eval_config") == json.loads(json.dumps(dataclasses.asdict(config))))
     return done if same else None
 
 
 PRETRAIN_LLM = "pretrain_llm"  # the gin scope of stage 0's language-model pretraining
 
 
-def pretrain(folder: Path, vision, data: DataConfig, clip_config: CLIPConfig, say=print) -> None:
-    """Stage 0 into `folder`, each part skipped when already there (see Recipe.pretrained)."""
+def pretrain(folder: Path, first: StageConfig, llm: StageConfig, say=print) -> None:
+    """Stage 0 into `folder`, each part skipped when already there (see Recipe.pretrained):
+    the mini-CLIP on the first stage's data with its vision tower, then the language model
+    with the `pretrain_llm` scope's settings."""
     from mqt_jax.interop.convert import convert
 
-    clip, tower = folder / "clip", folder / "clip-vit"
+    clip, tower, data = folder / "clip", folder / "clip-vit", first.data
     if (clip / "checkpoints").is_dir():
         say(f"== stage 0: mini-CLIP: {clip} is there (cached)")
     else:
@@ -106,19 +104,18 @@ def pretrain(folder: Path, vision, data: DataConfig, clip_config: CLIPConfig, sa
             raise FileNotFoundError(f"{clip} does not exist; stage 0 runs in a single process")
         if not (tower / "config.json").is_file():
             say(f"== stage 0: mini-CLIP on {data.data_path} -> {tower}")
-            result, _ = train_clip(vision, data.data_path, data.image_root, data.tokenizer_dir,
-                                   tower, clip_config)
+            result, _ = train_clip(first.model.vision, data.data_path, data.image_root,
+                                   data.tokenizer_dir, tower, first.clip)
             say(f"mini-CLIP: loss {result['loss']:.3f}, in-batch retrieval accuracy "
                 f"{100 * result['retrieval_accuracy']:.1f}%")
         convert("clip-vision", tower, clip, progress=False)
-    with scoped(PRETRAIN_LLM):
-        # Complete: cached, whatever the compressor of this run (the run holds a whole model,
-        # but later stages take its LLM alone).
-        if latest_step(folder / "llm") >= TrainConfig().steps:
-            say(f"== stage 0: language model: {folder / 'llm'} is there (cached)")
-            return
-        say(f"== stage 0: language model: {folder / 'llm'}")
-        train(str(folder / "llm"))
+    # Complete: cached, whatever the compressor of this run (the run holds a whole model, but
+    # later stages take its LLM alone).
+    if latest_step(folder / "llm") >= llm.train.steps:
+        say(f"== stage 0: language model: {folder / 'llm'} is there (cached)")
+        return
+    say(f"== stage 0: language model: {folder / 'llm'}")
+    train(str(folder / "llm"), llm)
 
 
 def check_data_paths(config, generated: str = "",
@@ -137,19 +134,3 @@ def check_data_paths(config, generated: str = "",
                                    f"and it is generated again)" if inside else ""))
 
 
-def evaluate_run(run_: TrainedRun, out_root: Path, config: EvalConfig | None = None) -> dict:
-    """Evaluate into out_root/<benchmark>/ and refresh out_root's sweep table and plot
-    (process 0 writes and prints)."""
-    config = config or run_.eval_config
-    about = {"run": str(run_.path.absolute()), "step": run_.step,
-             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "config": str(run_config_file(run_.path).absolute()), "eval_config": dataclasses.asdict(config)}
-    with sharding.activate(run_.mesh):
-        results = evaluate(run_.model_config, run_.params, config, run_.mesh,
-                           out_root / config.benchmark, about)
-    if jax.process_index() > 0:
-        return results
-    write_collection(out_root)
-    print(f"{results['benchmark']} score (%) by m; written to {out_root / config.benchmark}\n"
-          + sweep_tables(results)[1])
-    return results
