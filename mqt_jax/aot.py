@@ -141,3 +141,38 @@ def write_report(report: dict, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(report, indent=2))
+
+
+def report(topology_name: str, out: str | os.PathLike, tune_policies: bool = False,
+           remat: tuple[str, ...] | None = None,
+           rows_per_chip: tuple[int, ...] = (1, 2, 4, 8)) -> tuple[str, str | None]:
+    """`mqt-jax aot` with the settings gin holds: compile the train step for the slice (with
+    `tune_policies`, every remat policy x rows per chip), write the JSON report to `out`;
+    returns (the text to print, the error when nothing fits, else None)."""
+    from mqt_jax.config import REMAT_POLICIES
+
+    model_config, config, mesh = ModelConfig(), TrainConfig(), MeshConfig()
+    if tune_policies:
+        policies = remat or REMAT_POLICIES
+        unknown = sorted(set(policies) - set(REMAT_POLICIES))
+        if unknown:
+            raise ValueError(f"--remat {','.join(unknown)}: expected some of "
+                             f"{','.join(REMAT_POLICIES)}")
+        result = tune(topology_name, model_config, config, mesh, policies, rows_per_chip)
+        write_report(result, out)
+        error = None if result["fastest"] is not None else (
+            f"no configuration fits in a {result['chip']} chip's {result['hbm_gib_per_chip']} GiB")
+        return tune_table(result) + f"\nreport {out}", error
+    found = compile_train_step(topology_name, model_config, config, mesh)
+    write_report(found, out)
+    mem = found["memory_per_chip"]
+    text = (f"{topology_name}: {found['chips']} chips, mesh {found['mesh']}; per chip "
+            f"{mem['total_gib']:.2f} GiB of {found['hbm_gib_per_chip']} GiB HBM "
+            f"(arguments {mem['arguments_gib']:.2f}, temporaries {mem['temporaries_gib']:.2f}; "
+            f"optimizer state {found['optimizer_state_gib_per_chip']:.2f} for "
+            f"{found['trainable_parameters'] / 1e6:,.1f}M trainable parameters); step at peak "
+            f"{found['step_time_at_peak_s']:.3f} s; report {out}")
+    error = None if found["fits"] else (
+        f"the train step needs {mem['total_gib']:.2f} GiB per chip but a {found['chip']} chip "
+        f"has {found['hbm_gib_per_chip']} GiB")
+    return text, error

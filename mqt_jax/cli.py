@@ -29,40 +29,15 @@ def cmd_train(args) -> int:
 
 def cmd_aot(args) -> int:
     parse_gin(args.gin_file or ["mqt_llava_7b_stage2.gin"], args.gin_param)
-    from mqt_jax.aot import compile_train_step, write_report
-    from mqt_jax.config import MeshConfig, ModelConfig, TrainConfig
+    from mqt_jax.aot import report
 
     out = args.out or f"aot_{args.topology.replace(':', '_')}{'_tune' if args.tune else ''}.json"
-    if args.tune:
-        from mqt_jax.aot import tune, tune_table
-        from mqt_jax.config import REMAT_POLICIES
-
-        policies = tuple(args.remat.split(",")) if args.remat else REMAT_POLICIES
-        unknown = sorted(set(policies) - set(REMAT_POLICIES))
-        if unknown:
-            raise ValueError(f"--remat {','.join(unknown)}: expected some of {','.join(REMAT_POLICIES)}")
-        result = tune(args.topology, ModelConfig(), TrainConfig(), MeshConfig(), policies,
-                      tuple(args.rows_per_chip))
-        write_report(result, out)
-        print(tune_table(result) + f"\nreport {out}")
-        if result["fastest"] is None:
-            print(f"mqt-jax aot: error: no configuration fits in a {result['chip']} chip's "
-                  f"{result['hbm_gib_per_chip']} GiB", file=sys.stderr)
-            return 3
-        return 0
-    report = compile_train_step(args.topology, ModelConfig(), TrainConfig(), MeshConfig())
-    write_report(report, out)
-    mem = report["memory_per_chip"]
-    print(f"{args.topology}: {report['chips']} chips, mesh {report['mesh']}; per chip "
-          f"{mem['total_gib']:.2f} GiB of {report['hbm_gib_per_chip']} GiB HBM "
-          f"(arguments {mem['arguments_gib']:.2f}, temporaries {mem['temporaries_gib']:.2f}; "
-          f"optimizer state {report['optimizer_state_gib_per_chip']:.2f} for "
-          f"{report['trainable_parameters'] / 1e6:,.1f}M trainable parameters); step at peak {report['step_time_at_peak_s']:.3f} s; report {out}")
-    if not report["fits"]:
-        print(f"mqt-jax aot: error: the train step needs {mem['total_gib']:.2f} GiB per chip but "
-              f"a {report['chip']} chip has {report['hbm_gib_per_chip']} GiB", file=sys.stderr)
-        return 3
-    return 0
+    remat = tuple(args.remat.split(",")) if args.remat else None
+    text, error = report(args.topology, out, args.tune, remat, tuple(args.rows_per_chip))
+    print(text)
+    if error:
+        print(f"mqt-jax aot: error: {error}", file=sys.stderr)
+    return 3 if error else 0
 
 
 def parse_m(text: str) -> list[int]:
@@ -168,20 +143,11 @@ def cmd_eval(args) -> int:
 
 def eval_auto(run_, config, out: Path, args) -> int:
     """`eval --m auto`: the policies that choose m per query, against every fixed m."""
-    import datetime
-
     import jax
 
-    from mqt_jax.core.sharding import activate
-    from mqt_jax.evaluation.policies import evaluate_policies, policy_table
+    from mqt_jax.evaluation.policies import evaluate_run_policies, policy_table
 
-    validation = (config.val_questions, config.val_answers)
-    training = (config.train_questions, config.train_answers)
-    about = {"run": str(run_.path.absolute()), "step": run_.step,
-             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    with activate(run_.mesh):
-        results = evaluate_policies(run_.model_config, run_.params, config, run_.mesh, out,
-                                    run_.path, validation, training, about)
+    results = evaluate_run_policies(run_, config, out)
     if jax.process_index() == 0:
         print(f"choosing m per query on {results['benchmark']} ({results['questions']} "
               f"questions); written to {out}/policies.md, .png; the policies: "
@@ -449,9 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_multiprocess_args(serve_p)
     serve_p.set_defaults(func=cmd_serve)
     conv_p = sub.add_parser("convert", help="a Hugging Face checkpoint -> an orbax run folder")
-    # convert.KINDS, written out: importing it would load jax for every command's --help
-    conv_p.add_argument("--kind", required=True,
-                        choices=("clip-vision", "llama", "mqt-llava", "llava-1.5", "m3"))
+    conv_p.add_argument("--kind", required=True, help="clip-vision, llama, or a whole model: the "
+                        "checkpoint kind of a compressor (mqt-llava, llava-1.5, m3, ...); an "
+                        "unknown kind is refused with the list")
     conv_p.add_argument("--src", required=True, help="Hugging Face folder (config.json, safetensors)")
     conv_p.add_argument("--out", required=True, help="output folder (must not exist)")
     conv_p.add_argument("--vision", help="llava-1.5 / mqt-llava / m3: the CLIP folder (mm_vision_tower) "

@@ -230,7 +230,7 @@ def test_m3_from_a_llava_folder_equals_torch_avg_pool_after_the_projector(hf_mod
                              progress=False)
     cfg = convert.plan("m3", hf_models["root"] / "llava").model_config
     assert cfg.query.variant == "m3" and cfg.compressor.valid_m(cfg) == (1, 4, 16)
-    assert convert.KINDS == ("clip-vision", "llama", "mqt-llava", "llava-1.5", "m3")  # cli's --kind
+    assert set(convert.KINDS) == {"clip-vision", "llama", "mqt-llava", "llava-1.5", "m3"}
     image = np.random.default_rng(0).normal(size=(1, 28, 28, 3)).astype(np.float32)
     llava = hf_models["llava"]
     with torch.no_grad():
@@ -462,6 +462,11 @@ def test_cli_convert_reports_bad_input(tmp_path, capsys):
     assert main(["convert", "--kind", "llama", "--src", str(tmp_path / "nowhere"),
                  "--out", str(tmp_path / "out")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+    assert main(["convert", "--kind", "llava-2", "--src", str(tmp_path), "--out",
+                 str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "--kind 'llava-2': expected one of" in error and "'m3'" in error
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_bin_file_is_refused_without_permission(tmp_path):

@@ -3,6 +3,7 @@ import json
 import pytest
 from PIL import Image
 
+from mqt_jax.compressors import check
 from mqt_jax.config import EvalConfig, ModelConfig, QueryTransformerConfig, VisionConfig
 from mqt_jax.evaluation.evaluate import m_values_for, sweep_tables, write_collection, write_sweep
 
@@ -29,8 +30,8 @@ def test_a_projector_without_m_is_evaluated_at_M_only():
     assert m_values_for(EvalConfig(m_values=(1, 4)), projector) == [16]
     with pytest.raises(ValueError, match="projector has no m"):
         projector.check_m([4, 16])
-    with pytest.raises(ValueError, match="one token per patch"):
-        with_m(9, "mlp2x_gelu")
+    with pytest.raises(ValueError, match="one token per patch"):  # where a model is built
+        check(with_m(9, "mlp2x_gelu"))
 
 
 def test_sweep_tables():

@@ -130,7 +130,7 @@ def _visual_reading():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "visual_reading.py"
+    path = Path(__file__).resolve().parents[1] / "scripts" / "visual_reading.py"
     spec = importlib.util.spec_from_file_location("visual_reading", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

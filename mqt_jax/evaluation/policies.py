@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mqt_jax.core import flops, splice
+from mqt_jax.core import flops, sharding, splice
 from mqt_jax.evaluation import benchmarks
 from mqt_jax.inference.generate import Generated
 from mqt_jax.inference.policy import (
@@ -282,6 +282,18 @@ def routed(training, validation, router_file: Path, about: dict, ladder) -> Rout
         **router.calibration, "step": about.get("step"), "run": about.get("run"), "fixed_M": top})
     router.save(router_file)
     return router
+
+
+def evaluate_run_policies(run, config, out_dir: Path) -> dict:
+    """`evaluate_policies` on an opened run (mqt_jax.run.TrainedRun) with `config`'s splits."""
+    import datetime
+
+    about = {"run": str(run.path.absolute()), "step": run.step,
+             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    with sharding.activate(run.mesh):
+        return evaluate_policies(run.model_config, run.params, config, run.mesh, out_dir,
+                                 run.path, (config.val_questions, config.val_answers),
+                                 (config.train_questions, config.train_answers), about)
 
 
 def evaluate_policies(model_config, params, config, mesh, out_dir: Path, run_dir: Path,
