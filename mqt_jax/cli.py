@@ -7,7 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from mqt_jax.config import EngineConfig, EvalConfig, ServeConfig, ShapesConfig
+from mqt_jax.config import EngineConfig, EvalConfig, SamplingConfig, ServeConfig, ShapesConfig
 from mqt_jax.core.gin_files import CONFIG_DIR, find_gin_file, in_scope, parse_gin  # noqa: F401
 
 
@@ -84,16 +84,19 @@ def read_image(path: str):
     return open_image(path)
 
 
+GENERATE_SAMPLING = SamplingConfig(max_new_tokens=64)
+
+
 def cmd_generate(args) -> int:
     import jax
 
     pil = read_image(args.image)
     m_values = parse_m(args.m)
+    sampling = with_flags(args, GENERATE_SAMPLING)  # bad values fail here
     model = open_model(args, m_values)
     # One batch: the rows differ in m only (m is data, so they share one compiled prefill).
     answers = model.generate([pil] * len(m_values), [args.prompt] * len(m_values), m=m_values,
-                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p, stop=args.stop, seed=args.seed)
+                             **dataclasses.asdict(sampling))
     if jax.process_index() == 0:
         for m, answer in zip(m_values, answers):
             print(f"m={m}: {answer}" if len(m_values) > 1 else answer)
@@ -300,18 +303,22 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_flags(parser, cls, default: str = "", aliases: dict = {}, required=()) -> None:  # noqa: B006
-    """One flag per field of `cls` declared with config.flag (its help is written there);
-    `with_flags` puts the values given on top of a `cls` instance."""
-    about = f"gin: {cls.__name__}.<flag>" + (f"; {default}" if default else "")
-    group = parser.add_argument_group(cls.__name__, about)
+def add_flags(parser, config, note: str = "", aliases: dict = {}, required=()) -> None:  # noqa: B006
+    """One flag per field of `config`'s dataclass declared with config.flag (its help is written
+    there). `config` is an instance, whose values the help shows as defaults, or a class, whose
+    defaults come from elsewhere (`note` says where); `with_flags` puts the flags given on top."""
+    cls = config if isinstance(config, type) else type(config)
+    group = parser.add_argument_group(cls.__name__, note or None)
     for field in dataclasses.fields(cls):
         if "flag" not in field.metadata:
             continue
         kind = field.type.split(" |")[0]
         extra = ({"action": argparse.BooleanOptionalAction} if kind == "bool"
+                 else {"action": "append"} if kind == "tuple[str, ...]"
+                 else {"type": positive_int} if field.metadata["positive"]
                  else {"type": {"int": int, "float": float, "str": str}[kind]})
-        shown = "" if default or field.default in ("", None) else f" (default {field.default})"
+        value = None if isinstance(config, type) else getattr(config, field.name)
+        shown = "" if value in ("", None, ()) else f" (default {value})"
         group.add_argument(f"--{field.name}", *aliases.get(field.name, ()), dest=field.name,
                            default=None, required=field.name in required,
                            help=field.metadata["flag"] + shown, **extra)
@@ -385,15 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     aot_p.set_defaults(func=cmd_aot)
     gen_p = sub.add_parser("generate", help="answer a prompt about an image at one or more m")
     add_run_args(gen_p, image_prompt=True)
-    gen_p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    gen_p.add_argument("--top_p", type=float, default=1.0)
-    gen_p.add_argument("--max_new_tokens", type=positive_int, default=64)
-    gen_p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen_p.add_argument("--seed", type=int, default=0)
+    add_flags(gen_p, GENERATE_SAMPLING)
     gen_p.set_defaults(func=cmd_generate)
     eval_p = sub.add_parser("eval", help="score a benchmark at several m: tables and a plot")
     add_run_args(eval_p)
-    add_flags(eval_p, EvalConfig, "default: the run's EvalConfig", {"image_root": ("--images",)})
+    add_flags(eval_p, EvalConfig, "defaults: the run's EvalConfig", {"image_root": ("--images",)})
     eval_p.add_argument("--m", help="e.g. 2,4,8,16,36,64,144,256 (default: the run's EvalConfig); "
                         "auto: m chosen per query (escalate, router, oracle) against every fixed m")
     eval_p.add_argument("--out", help="default: <workdir>/eval; results go to OUT/<benchmark>/")
@@ -410,8 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(serve_p)
     serve_p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     serve_p.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
-    add_flags(serve_p, ServeConfig, required=("default_m",))
-    add_flags(serve_p, EngineConfig, "default: gin's EngineConfig")
+    add_flags(serve_p, ServeConfig(), required=("default_m",))
+    add_flags(serve_p, EngineConfig(), "defaults: EngineConfig's gin bindings, else these")
     add_multiprocess_args(serve_p)
     serve_p.set_defaults(func=cmd_serve)
     conv_p = sub.add_parser("convert", help="a Hugging Face checkpoint -> an orbax run folder")
@@ -463,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_p = sub.add_parser("data", help="datasets").add_subparsers(dest="dataset", required=True)
     shapes_p = data_p.add_parser("shapes", help="generate the shapes-VQA dataset (LLaVA format)")
     shapes_p.add_argument("--out", required=True, help="output folder (must not exist)")
-    add_flags(shapes_p, ShapesConfig)
+    add_flags(shapes_p, ShapesConfig())
     shapes_p.set_defaults(func=cmd_data_shapes)
     return parser
 

@@ -36,10 +36,11 @@ def positive(config, *names: str) -> None:
             raise ValueError(f"{type(config).__name__}.{name}={value!r}: must be an integer >= 1")
 
 
-def flag(default, help: str):
+def flag(default, help: str, positive: bool = False):
     """A field that is also a command-line flag of the commands that take its dataclass
-    (`mqt-jax eval --questions`, `serve --slots`, ...): declared once, here, with its help."""
-    return dataclasses.field(default=default, metadata={"flag": help})
+    (`mqt-jax eval --questions`, `serve --slots`, ...): declared once, here, with its help;
+    `positive`: the flag takes integers >= 1 only (the parser refuses others)."""
+    return dataclasses.field(default=default, metadata={"flag": help, "positive": positive})
 
 
 def gin_bindings(part) -> list[str]:
@@ -539,7 +540,7 @@ class EvalConfig:
     batch_size: int = 64
     max_new_tokens: int = 8
     bucket: int = 16  # prompt lengths round up to a multiple of this (one compile per bucket)
-    limit: int = flag(0, "> 0: only the first LIMIT questions (a quick look)")
+    limit: int = flag(0, "only the first LIMIT questions (a quick look)", positive=True)
     # A validation split (never the held-out questions) that calibrates m chosen per query
     # (`mqt-jax eval --m auto`).
     val_questions: str = flag("", "--m auto: the validation split that calibrates the "
@@ -565,12 +566,15 @@ POLICIES = ("mixed", "per_m", "static")
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    slots: int = flag(8, "rows decoded together (a multiple of the mesh's data x fsdp devices)")
-    cache_len: int = flag(1024, "KV slots per row: prompt (text + m visual tokens) + answer")
+    slots: int = flag(8, "rows decoded together (a multiple of the mesh's data x fsdp devices)",
+                     positive=True)
+    cache_len: int = flag(1024, "KV slots per row: prompt (text + m visual tokens) + answer",
+                          positive=True)
     prefill_batch: int = flag(4, "rows per prefill (rounded up to a multiple of the batch "
-                              "devices)")
-    bucket: int = flag(32, "prompt lengths round up to a multiple of this")
-    max_queue: int = flag(256, "requests waiting beyond this are refused (HTTP 429)")
+                              "devices)", positive=True)
+    bucket: int = flag(32, "prompt lengths round up to a multiple of this", positive=True)
+    max_queue: int = flag(256, "requests waiting beyond this are refused (HTTP 429)",
+                          positive=True)
     vision_cache_mb: float = flag(256.0, "visual tokens kept per image, in MB (0: no cache)")
     # "mixed": any m shares a batch; "per_m": a batch holds one m at a time (what a server
     # that cannot mix m must do); "static": a batch is admitted only into an empty engine and
@@ -586,6 +590,29 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.vision_cache_mb={self.vision_cache_mb} must be >= 0")
         if self.policy not in POLICIES:
             raise ValueError(f"EngineConfig.policy={self.policy!r}: expected one of {POLICIES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How an answer is drawn (per request; `mqt-jax generate` takes its flags)."""
+
+    temperature: float = flag(0.0, "0: greedy")
+    top_p: float = flag(1.0, "nucleus: sample from the smallest set of tokens holding this mass")
+    max_new_tokens: int = flag(32, "the longest answer, in tokens", positive=True)
+    stop: tuple[str, ...] = flag((), "the answer ends before the first of these strings "
+                                 "(repeatable)")
+    seed: int = flag(0, "the sampling seed")
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            raise ValueError(f"SamplingConfig.stop={self.stop!r} must be a tuple of strings")
+        object.__setattr__(self, "stop", tuple(self.stop))  # hashable, whatever was passed
+        if self.temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature={self.temperature} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p={self.top_p} must be in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens} must be >= 1")
 
 
 @gin.configurable
@@ -625,12 +652,12 @@ class ShapesConfig:
     """shapes-VQA as the recipe generates it (`Recipe.shapes_dir`) and `mqt-jax data shapes`
     writes it."""
 
-    num_train: int = flag(2000, "training images")
-    num_eval: int = flag(300, "held-out images (5 questions each)")
+    num_train: int = flag(2000, "training images", positive=True)
+    num_eval: int = flag(300, "held-out images (5 questions each)", positive=True)
     num_val: int = flag(200, "validation images, drawn apart for choosing a recipe")
     seed: int = flag(0, "the scenes' seed")
-    image_size: int = flag(64, "image side in pixels")
-    vocab_size: int = flag(512, "the sentencepiece tokenizer's vocabulary")
+    image_size: int = flag(64, "image side in pixels", positive=True)
+    vocab_size: int = flag(512, "the sentencepiece tokenizer's vocabulary", positive=True)
     tfds: bool = flag(True, "also build a TFDS (ArrayRecord) copy")
 
 
@@ -640,7 +667,7 @@ class ServeConfig:
     """`mqt-jax serve`: what the HTTP side accepts (the engine's settings are EngineConfig)."""
 
     default_m: int | None = flag(None, "m for requests that do not give one (a request's extra "
-                                 "field \"m\" overrides it)")
+                                 "field \"m\" overrides it)", positive=True)
     model_name: str = flag("", "the name clients send (default: the run folder's)")
     image_root: str = flag("", "the folder local image paths may name (default: none; data: "
                            "URLs always work)")

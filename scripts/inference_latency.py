@@ -32,13 +32,14 @@ from mqt_jax.config import (
     MeshConfig,
     ModelConfig,
     QueryTransformerConfig,
+    SamplingConfig,
     TrainConfig,
     VisionConfig,
 )
 from mqt_jax.core import flops, sharding, splice
 from mqt_jax.core.gin_files import parse_gin
 from mqt_jax.core.outputs import markdown_table
-from mqt_jax.inference.generate import Generator, SamplingConfig
+from mqt_jax.inference.generate import Generator
 from mqt_jax.training.trainer import Trainer, merge_params
 
 

@@ -21,10 +21,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_load import WORDS, build_model  # noqa: E402
 
+from mqt_jax.config import SamplingConfig  # noqa: E402
 from mqt_jax.core.outputs import markdown_table  # noqa: E402
 from mqt_jax.data.conversation import encode_prompt  # noqa: E402
 from mqt_jax.evaluation.evaluate import sweep_answers  # noqa: E402
-from mqt_jax.inference.generate import Generator, SamplingConfig  # noqa: E402
+from mqt_jax.inference.generate import Generator  # noqa: E402
 
 
 def sweep(name: str, num_images: int, new_tokens: int) -> list[list[str]]:

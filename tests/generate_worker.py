@@ -18,9 +18,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import tiny_config  # noqa: E402
 
-from mqt_jax.config import MeshConfig, TrainConfig  # noqa: E402
+from mqt_jax.config import (  # noqa: E402
+    MeshConfig,
+    SamplingConfig,  # noqa: E402
+    TrainConfig,
+)
 from mqt_jax.core import sharding, splice  # noqa: E402
-from mqt_jax.inference.generate import Generator, SamplingConfig  # noqa: E402
+from mqt_jax.inference.generate import Generator  # noqa: E402
 from mqt_jax.training.trainer import Trainer, merge_params
 
 M_VALUES = (1, 5, 16)

@@ -289,8 +289,9 @@ def test_a_prompt_longer_than_the_model_takes_is_refused_before_compiling():
 
     from helpers import init_params, random_batch, tiny_config
 
+    from mqt_jax.config import SamplingConfig
     from mqt_jax.core import sharding, splice
-    from mqt_jax.inference.generate import Generator, SamplingConfig
+    from mqt_jax.inference.generate import Generator
     from mqt_jax.models.vlm import VisionLanguageModel
 
     cfg = tiny_config()

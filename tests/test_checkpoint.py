@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import random_batch, tiny_config
 
-from mqt_jax.config import MeshConfig, TrainConfig
+from mqt_jax.config import MeshConfig, StageConfig, TrainConfig
 from mqt_jax.core.checkpoint import Checkpointer, abstract_like, restore_params
 from mqt_jax.core.sharding import make_mesh
 from mqt_jax.training.trainer import Trainer
@@ -177,7 +177,7 @@ def test_run_stops_after_too_many_non_finite_updates(tmp_path, monkeypatch):
                                  "TrainConfig.max_nonfinite_in_a_row = 2",
                                  "TrainConfig.seq_len = 80"])
     with pytest.raises(RuntimeError, match="2 non-finite updates in a row at step 5"):
-        train_module.train(str(tmp_path))
+        train_module.train(str(tmp_path), StageConfig.read())
     gin.clear_config()
     ckpt = Checkpointer(tmp_path / "checkpoints")
     assert ckpt.latest_step() == 4  # step 4 (NaN at step index 3) was skipped, state still good

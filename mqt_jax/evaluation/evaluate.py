@@ -22,14 +22,14 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mqt_jax.config import EvalConfig, ModelConfig
+from mqt_jax.config import EvalConfig, ModelConfig, SamplingConfig
 from mqt_jax.core import flops, sharding, splice
 from mqt_jax.core.outputs import fmt, markdown_table, save_figure, with_error, write_atomic
 from mqt_jax.data.conversation import BadRecord, encode_prompt
 from mqt_jax.data.preprocess import BadImage, clip_preprocess, confined, open_image
 from mqt_jax.data.tokenizer import load_tokenizer
 from mqt_jax.evaluation import benchmarks
-from mqt_jax.inference.generate import Generator, SamplingConfig
+from mqt_jax.inference.generate import Generator
 from mqt_jax.run import TrainedRun, run_config_file
 
 
@@ -86,8 +86,9 @@ def evaluate(model_config: ModelConfig, params, config: EvalConfig, mesh,
                           batch_size=config.batch_size, bucket=config.bucket)
     text_tokens = int(np.mean([len(p.tokens) - 1 for p in prompts]))  # less the image slot
     results = {"benchmark": bench.name, "questions": len(questions), **(about or {}), "rows": []}
-    if isinstance(bench, benchmarks.Shapes):
-        results["majority_baseline"] = bench.majority_baseline(questions, refs)
+    baseline = bench.majority_baseline(questions, refs)
+    if baseline is not None:
+        results["majority_baseline"] = baseline
     lead = jax.process_index() == 0
     out_dir = Path(out_dir) if out_dir and lead else None
     answers = sweep_answers(generator, prompts, images, m_values, tokenizer, config.reuse_chunk,

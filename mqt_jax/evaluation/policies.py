@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from mqt_jax.core import flops, sharding, splice
-from mqt_jax.evaluation import benchmarks
 from mqt_jax.inference.generate import Generated
 from mqt_jax.inference.policy import (
     SIGNALS,
@@ -309,8 +308,9 @@ def evaluate_policies(model_config, params, config, mesh, out_dir: Path, run_dir
 
     import jax
 
+    from mqt_jax.config import SamplingConfig
     from mqt_jax.evaluation.evaluate import load_benchmark, m_values_for
-    from mqt_jax.inference.generate import Generator, SamplingConfig
+    from mqt_jax.inference.generate import Generator
 
     about = about or {}
     if not model_config.has_m or not splice.tokens_reusable(model_config):
@@ -382,8 +382,9 @@ def evaluate_policies(model_config, params, config, mesh, out_dir: Path, run_dir
                                                      for i, g in enumerate(ran))),
                "router_run_answers_equal": int(sum(g.ids == sweep.answers[int(m)][i].ids
                                                    for i, (g, m) in enumerate(zip(routed_answers, chosen))))}
-    if isinstance(bench, benchmarks.Shapes):
-        results["majority_baseline"] = bench.majority_baseline(questions, refs)["score"]
+    baseline = bench.majority_baseline(questions, refs)
+    if baseline is not None:
+        results["majority_baseline"] = baseline["score"]
     if show:
         write_policies(results, out_dir)
     return results

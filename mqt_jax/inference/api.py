@@ -22,14 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from mqt_jax.config import ModelConfig
+from mqt_jax.config import ModelConfig, SamplingConfig
 from mqt_jax.core import sharding, splice
 from mqt_jax.data.conversation import encode_prompt
 from mqt_jax.data.preprocess import clip_preprocess, open_image
 from mqt_jax.data.tokenizer import Tokenizer
 from mqt_jax.inference.generate import (
     Generator,
-    SamplingConfig,
     cut_at_stop,
     per_row,
     stop_tokens,

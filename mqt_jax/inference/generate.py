@@ -22,30 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from mqt_jax.config import ModelConfig
+from mqt_jax.config import ModelConfig, SamplingConfig
 from mqt_jax.core import sharding, splice
 from mqt_jax.models.llama import Llama
 from mqt_jax.models.vlm import MODEL_INPUTS, VisionLanguageModel
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0  # nucleus: sample from the smallest set of tokens holding this mass
-    max_new_tokens: int = 32
-    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
-    seed: int = 0
-
-    def __post_init__(self):
-        if isinstance(self.stop, str):
-            raise ValueError(f"SamplingConfig.stop={self.stop!r} must be a tuple of strings")
-        object.__setattr__(self, "stop", tuple(self.stop))  # hashable, whatever was passed
-        if self.temperature < 0:
-            raise ValueError(f"SamplingConfig.temperature={self.temperature} must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingConfig.top_p={self.top_p} must be in (0, 1]")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens} must be >= 1")
 
 
 def next_token(logits, temperature, top_p, key):

@@ -123,6 +123,11 @@ class Benchmark:
         raise ValueError(f"benchmark {self.name} does not score answers one by one as right or "
                          f"wrong: choosing m per query is evaluated on one that does (shapes)")
 
+    def majority_baseline(self, questions, refs) -> dict[str, float] | None:
+        """The score of answering every question with its type's most frequent answer, where
+        the benchmark defines one (shapes-VQA), else None."""
+        return None
+
     def submission(self, predictions: dict[str, str], questions, refs, m: int) -> dict[str, str]:
         """Files beyond answers_m<m>.jsonl (LLaVA's answer file, always written)."""
         return {}
