@@ -659,6 +659,8 @@ class ShapesConfig:
     image_size: int = flag(64, "image side in pixels", positive=True)
     vocab_size: int = flag(512, "the sentencepiece tokenizer's vocabulary", positive=True)
     tfds: bool = flag(True, "also build a TFDS (ArrayRecord) copy")
+    question_types: tuple[str, ...] = flag((), "the question types asked of every image, in "
+                                           "order (repeatable; default: data/shapes.py's five)")
 
 
 @gin.configurable

@@ -104,3 +104,23 @@ def test_image_placeholder_in_a_later_turn_goes_there_by_hand(words):
                     v["ASSISTANT"], v[":"], v["Blue"], 2]
     assert list(ex.tokens) == [1] + system_ids(v) + after_system
     assert v["<unk>"] not in list(ex.tokens)
+
+
+def test_digits_are_pieces_of_their_own_and_a_bare_leading_space_is_a_target(tmp_path):
+    """Every digit is its own piece, so the "3" of "column 3?" and of "column 3:" is one
+    token; an answer that starts with a bare "▁" piece has that piece as a target (otherwise
+    the model never learns to begin the answer)."""
+    texts = ["USER: What is in row 2, column 3? ASSISTANT: 9",
+             "row 2, column 3: a red circle; row 1, column 1: a blue square."] * 40
+    train_sentencepiece(texts, tmp_path, vocab_size=300)
+    tok = load_tokenizer(tmp_path)
+    pieces = lambda text: [tok.decode([i]) for i in tok.encode(text)[0]]  # noqa: E731
+    question, description = tok.encode("column 3?")[0], tok.encode("column 3:")[0]
+    assert list(question[:-1]) == list(description[:-1]) and question[-1] != description[-1]
+    assert "3" in pieces("column 3?") and "12" not in pieces("12 shapes")
+    conv = [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "9"}]
+    ex = encode_conversation(conv, "vicuna_v1", tok, has_image=False)
+    targets = [t for t in ex.labels if t != X]
+    answer = tok.encode(" 9")[0]
+    assert len(answer) == 2  # "▁", "9": the space a piece of its own
+    assert targets == list(answer) + [tok.eos_id]

@@ -85,7 +85,10 @@ def render(conversations: list[dict], template: str, has_image: bool) -> list:
                 pieces.append((value, False))
             pieces.append((" ", False))
         else:
-            pieces += [("ASSISTANT: ", False), (value, True), (EOS, True)]
+            # The space before the answer is the answer's: sentencepiece attaches it to the
+            # first piece ("▁red"), or makes it a piece of its own ("▁", "9"), which must be
+            # a target too, or the model never learns to start an answer with it.
+            pieces += [("ASSISTANT:", False), (" " + value, True), (EOS, True)]
     if template == "lm":
         return [piece if piece is IMAGE else (piece[0], True) for piece in pieces]
     return pieces
@@ -131,7 +134,7 @@ def encode_conversation(conversations, template: str, tokenizer: Tokenizer, has_
 
 def encode_prompt(question: str, template: str, tokenizer: Tokenizer, has_image: bool = True):
     """A one-question prompt that ends where the assistant's answer begins ("... ASSISTANT:",
-    without the space, which training tokenises into the answer's first token)."""
+    without the space, which training tokenises into the answer's first target)."""
     return encode_chat([{"from": "human", "value": question}], template, tokenizer, has_image)
 
 
@@ -144,7 +147,7 @@ def encode_chat(turns: list[dict], template: str, tokenizer: Tokenizer, has_imag
     if template == "plain":
         pieces = pieces[:-1]  # the image alone; the caption follows
     else:
-        last = len(pieces) - 1 - pieces[::-1].index(("ASSISTANT: ", False))
+        last = len(pieces) - 1 - pieces[::-1].index(("ASSISTANT:", False))
         pieces = pieces[:last] + [("ASSISTANT:", False)]
     example = tokenize(pieces, tokenizer)
     return Example(example.tokens, [IGNORE] * len(example.tokens))

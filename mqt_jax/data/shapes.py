@@ -89,23 +89,53 @@ def caption(shapes: list[Shape]) -> str:
 
 
 QUESTION_TYPES = ("has_colour", "count", "colour_at", "shape_at", "count_kind")
+# Questions that name a shape by what it is and ask where it is: the model finds it by content
+# (what attention does well) and must read its place, which one pooled token mostly loses.
+WHERE_TYPES = ("row_of", "column_of")
 
 
-def questions(shapes: list[Shape], rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """(question, answer, category) triples: two coarse and three fine ones, in the order of
-    QUESTION_TYPES."""
+def questions(shapes: list[Shape], rng: np.random.Generator,
+              types: tuple[str, ...] = QUESTION_TYPES) -> list[tuple[str, str, str]]:
+    """(question, answer, category) triples, one per type of `types`, in that order. The five
+    QUESTION_TYPES draw from `rng` first (the same questions whatever else is asked)."""
     colour = str(rng.choice(list(COLOURS)))
     present = any(s.colour == colour for s in shapes)
     pick = shapes[rng.integers(len(shapes))]
     size, kind, hue = str(rng.choice(SIZES)), str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
     count = sum(s.size == size and s.kind == kind and s.colour == hue for s in shapes)
-    return [
-        (f"Is there a {colour} shape?", "yes" if present else "no", "coarse"),
-        ("How many shapes are there?", str(len(shapes)), "coarse"),
-        (f"What colour is the shape in row {pick.row}, column {pick.col}?", pick.colour, "fine"),
-        (f"What shape is in row {pick.row}, column {pick.col}?", pick.kind, "fine"),
-        (f"How many {size} {hue} {kind}s are there?", str(count), "fine"),
-    ]
+    made = {
+        "has_colour": (f"Is there a {colour} shape?", "yes" if present else "no", "coarse"),
+        "count": ("How many shapes are there?", str(len(shapes)), "coarse"),
+        "colour_at": (f"What colour is the shape in row {pick.row}, column {pick.col}?",
+                      pick.colour, "fine"),
+        "shape_at": (f"What shape is in row {pick.row}, column {pick.col}?", pick.kind, "fine"),
+        "count_kind": (f"How many {size} {hue} {kind}s are there?", str(count), "fine"),
+    }
+    for t in WHERE_TYPES:
+        if t in types:
+            made[t] = where_question(shapes, rng, "row" if t == "row_of" else "column")
+    unknown = [t for t in types if t not in made]
+    if unknown:
+        raise ValueError(f"question types {unknown}: expected some of "
+                         f"{QUESTION_TYPES + WHERE_TYPES}")
+    return [made[t] for t in types]
+
+
+def where_question(shapes: list[Shape], rng: np.random.Generator, axis: str) -> tuple[str, str, str]:
+    """"Which row is the red triangle in?": a colour and kind whose shapes all lie in one row
+    (or column), so the answer is one number; in the rare scene without one, a colour and kind
+    it does not hold, answered "none"."""
+    where = {}
+    for s in shapes:
+        where.setdefault((s.colour, s.kind), set()).add(s.row if axis == "row" else s.col)
+    fine = sorted(k for k, places in where.items() if len(places) == 1)
+    if fine:
+        colour, kind = fine[rng.integers(len(fine))]
+        answer = str(next(iter(where[(colour, kind)])))
+    else:
+        absent = sorted((c, k) for c in COLOURS for k in SHAPES if (c, k) not in where)
+        (colour, kind), answer = absent[rng.integers(len(absent))], "none"
+    return f"Which {axis} is the {colour} {kind} in?", answer, "fine"
 
 
 def qa_record(image: str, record_id: str, qas) -> dict:
@@ -137,9 +167,13 @@ def scene_index(split: str, number: int) -> int:
 
 def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 300,
                  seed: int = 0, image_size: int = 64, vocab_size: int = 512,
-                 tfds: bool = True, num_val: int = 200) -> Path:
-    """Generate the dataset into `out` (built under a temporary name, then renamed)."""
-    out = Path(out)
+                 tfds: bool = True, num_val: int = 200,
+                 question_types: tuple[str, ...] = ()) -> Path:
+    """Generate the dataset into `out` (built under a temporary name, then renamed);
+    `question_types` empty: QUESTION_TYPES."""
+    out, question_types = Path(out), tuple(question_types) or QUESTION_TYPES
+    questions([Shape(1, 1, "circle", "red", "small")], np.random.default_rng(0),
+              question_types)  # unknown types fail here, before any image is drawn
     if num_train < 1 or num_eval < 1 or num_val < 0:
         raise ValueError(f"num_train={num_train} and num_eval={num_eval} must be >= 1, "
                          f"num_val={num_val} >= 0")
@@ -168,7 +202,7 @@ def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 
         shapes = random_scene(rng)
         image = f"{split}/{number:06d}.png"
         draw(shapes, image_size).save(tmp / "images" / image)
-        qas = questions(shapes, rng)
+        qas = questions(shapes, rng, tuple(question_types))
         if split == "train":
             captions.append({"id": f"cap{number:06d}", "image": image, "conversations": [
                 {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
@@ -188,7 +222,7 @@ def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 
             questions_.append({"question_id": qid, "image": image, "category": category,
                                "text": f"{question}\n{SHORT_ANSWER}"})
             answers.append({"question_id": qid, "answer": answer, "category": category,
-                            "type": QUESTION_TYPES[k]})
+                            "type": question_types[k]})
     (tmp / "shapes_captions.json").write_text(json.dumps(captions))
     (tmp / "shapes_qa.json").write_text(json.dumps(qa))
     (tmp / "shapes_text.json").write_text(json.dumps(text_only))

@@ -84,8 +84,13 @@ def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
 
 
 def train_sentencepiece(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int) -> Path:
-    """Train a small LLaMA-style (BPE, byte fallback, <unk>=0 <s>=1 </s>=2) sentencepiece model
-    offline; writes out_dir/tokenizer.model atomically."""
+    """Train a small LLaMA-style (BPE, byte fallback, digits split, <unk>=0 <s>=1 </s>=2)
+    sentencepiece model offline; writes out_dir/tokenizer.model atomically.
+
+    As LLaMA's, every digit is its own piece: "column 3?" and "column 3:" share the token `3`
+    (unsplit, BPE learns `▁3?` and `▁3:` and the two never match), and every number is spelt
+    from the same ten pieces (unsplit, a number whose `▁9` piece was not learned starts with
+    a bare `▁`)."""
     import sentencepiece as spm
 
     out = Path(out_dir)
@@ -94,7 +99,7 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str | os.PathLike, vocab_
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(list(texts)), model_writer=model, vocab_size=vocab_size,
         model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
-        character_coverage=1.0, minloglevel=2, num_threads=1,
+        character_coverage=1.0, split_digits=True, minloglevel=2, num_threads=1,
     )
     tmp = out / "tokenizer.model.tmp"
     tmp.write_bytes(model.getvalue())
