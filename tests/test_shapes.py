@@ -198,9 +198,8 @@ def test_where_questions_match_the_pixels_and_leave_the_five_unchanged(shapes, t
         colour = q["text"].split(" is the ")[1].split()[0]
         image = np.asarray(Image.open(out / "images" / q["image"]))
         cell = image.shape[0] / 3
-        hue = lambda r, c: tuple(image[int((r + 0.5) * cell), int((c + 0.5) * cell)])  # noqa: E731
         places = {(r if a["type"] == "row_of" else c) + 1 for r in range(3) for c in range(3)
-                  if hue(r, c) == COLOURS[colour]}
+                  if tuple(image[int((r + 0.5) * cell), int((c + 0.5) * cell)]) == COLOURS[colour]}
         if a["answer"] != "none":  # the named colour is in the answered line
             assert str(int(a["answer"])) == a["answer"] and int(a["answer"]) in places, (q, a, places)
         checked += 1
