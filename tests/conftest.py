@@ -3,13 +3,10 @@
 The suite is dominated by XLA compile time of many small programs; LLVM optimisation level 0
 compiles them about 3x faster and changes code generation only, not what is computed.
 
-Asynchronous dispatch is off (JAX_CPU_ENABLE_ASYNC_DISPATCH=false, inherited by the CLI
-subprocesses): with it on, the 8 simulated devices deadlocked in CI about one run in three
-(and once here, under load): a gdb dump of the stuck worker showed 9 device threads blocked at
-once, 7 in an all-gather and 2 in an all-reduce (one device in two collectives: likely two
-programs overlapping), while 12 pool threads sat idle. jax-ml/jax#25861 is a CPU hang under
-asynchronous dispatch that the same switch ends. A collective that still waits 10 min is a
-deadlock, and XLA aborts the worker (its default, 40 s, a loaded 2-core machine can reach).
+A collective that waits 10 min is a deadlock, and XLA aborts the worker (its default, 40 s,
+a device thread of a loaded 2-core machine can reach). The deadlock once seen here and in CI
+(two consecutive train steps' collectives overlapping on the simulated devices) is avoided by
+Trainer.step, which waits for each step on a multi-device CPU mesh.
 """
 
 import atexit
@@ -22,8 +19,6 @@ for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimiz
               "--xla_cpu_collective_timeout_seconds=600"):
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
-
-os.environ.setdefault("JAX_CPU_ENABLE_ASYNC_DISPATCH", "false")
 
 # CPU only: libtpu (installed for the AOT test, which reaches it without a TPU backend) is
 # not started in every test process and CLI subprocess.
@@ -44,7 +39,6 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 assert jax.device_count() == 8, "conftest must configure 8 CPU devices before jax starts"
-assert not jax.config.jax_cpu_enable_async_dispatch
 
 
 @pytest.fixture(autouse=True)

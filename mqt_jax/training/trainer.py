@@ -120,6 +120,8 @@ class Trainer:
                     f"{config.images_per_row} image(s) x {visual // config.images_per_row} visual "
                     f"tokens (m up to {largest}) take {1 + visual}; no token would carry loss")
         self.model_config, self.config, self.mesh = model_config, config, mesh
+        devices = list(mesh.devices.flat)
+        self._simulated_devices = len(devices) > 1 and all(d.platform == "cpu" for d in devices)
         self.model = VisionLanguageModel(model_config)
         self.tx, self.schedule = make_optimizer(config)
         self.batch_shardings = {k: sharding.batch_sharding(mesh) for k in splice.BATCH_KEYS}
@@ -281,4 +283,11 @@ class Trainer:
     def step(self, state: TrainState, batch: dict[str, np.ndarray]):
         device_batch = self.shard_batch(batch)
         with sharding.activate(self.mesh):
-            return self._jit_step(state, device_batch)
+            state, metrics = self._jit_step(state, device_batch)
+        if self._simulated_devices:
+            # XLA:CPU starts the next step on a device whose inputs are ready while the last
+            # step still runs on others; their collectives then interleave in different orders
+            # and can deadlock (seen: 9 device threads stuck in an all-gather and an
+            # all-reduce at once on 8 devices). Real accelerators keep the overlap.
+            jax.block_until_ready((state, metrics))
+        return state, metrics
