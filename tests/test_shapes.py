@@ -181,11 +181,12 @@ def test_visual_reading_ridge_probe_separates_what_is_separable():
     assert vr.ridge_accuracy(noise[:200], labels[:200], noise[200:], labels[200:], 3) < 0.5
 
 
-def test_where_questions_match_the_pixels_and_leave_the_five_unchanged(shapes, tmp_path):
+def test_where_and_count_questions_match_the_pixels_and_leave_the_five_unchanged(shapes, tmp_path):
     """"Which row / column is the red triangle in?": the named colour sits at the centre of a
-    cell in the answered row (column) and in no cell of another; the five default questions
-    are drawn first, so asking more types leaves them as they were."""
-    types = ("has_colour", "count", "colour_at", "shape_at", "count_kind", "row_of", "column_of")
+    cell in the answered row (column); "How many red shapes?": that many cell centres are red.
+    The five default questions are drawn first, so asking more types leaves them as they were."""
+    types = ("has_colour", "count", "colour_at", "shape_at", "count_kind", "row_of", "column_of",
+             "count_colour", "count_shape")
     out = write_shapes(tmp_path / "where", num_train=30, num_eval=12, seed=3, num_val=0,
                        tfds=False, question_types=types)
     questions, answers = read_jsonl(out / "eval/questions.jsonl"), read_jsonl(out / "eval/answers.jsonl")
@@ -193,17 +194,23 @@ def test_where_questions_match_the_pixels_and_leave_the_five_unchanged(shapes, t
     assert [a for a in answers if a["type"] in types[:5]] == default
     checked = 0
     for q, a in zip(questions, answers):
+        image = np.asarray(Image.open(out / "images" / q["image"]))
+        cell = image.shape[0] / 3
+        centres = [tuple(image[int((r + 0.5) * cell), int((c + 0.5) * cell)])
+                   for r in range(3) for c in range(3)]
+        if a["type"] == "count_colour":  # "How many red shapes are there?"
+            colour = q["text"].split()[2]
+            assert centres.count(COLOURS[colour]) == int(a["answer"]), (q, a)
+            checked += 1
         if a["type"] not in ("row_of", "column_of"):
             continue
         colour = q["text"].split(" is the ")[1].split()[0]
-        image = np.asarray(Image.open(out / "images" / q["image"]))
-        cell = image.shape[0] / 3
         places = {(r if a["type"] == "row_of" else c) + 1 for r in range(3) for c in range(3)
                   if tuple(image[int((r + 0.5) * cell), int((c + 0.5) * cell)]) == COLOURS[colour]}
         if a["answer"] != "none":  # the named colour is in the answered line
             assert str(int(a["answer"])) == a["answer"] and int(a["answer"]) in places, (q, a, places)
         checked += 1
-    assert checked == 24 and {a["answer"] for a in answers if a["type"] == "row_of"} <= {"1", "2", "3", "none"}
+    assert checked == 36 and {a["answer"] for a in answers if a["type"] == "row_of"} <= {"1", "2", "3", "none"}
     with pytest.raises(ValueError, match="question types \\['size_at'\\]"):
         write_shapes(tmp_path / "bad", num_train=2, num_eval=1, question_types=("count", "size_at"))
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()

@@ -92,6 +92,9 @@ QUESTION_TYPES = ("has_colour", "count", "colour_at", "shape_at", "count_kind")
 # Questions that name a shape by what it is and ask where it is: the model finds it by content
 # (what attention does well) and must read its place, which one pooled token mostly loses.
 WHERE_TYPES = ("row_of", "column_of")
+# Counts by one attribute: one pooled token mixes small and large shapes' areas, so exact
+# counts need the shapes apart.
+COUNT_TYPES = ("count_colour", "count_shape")
 
 
 def questions(shapes: list[Shape], rng: np.random.Generator,
@@ -114,10 +117,18 @@ def questions(shapes: list[Shape], rng: np.random.Generator,
     for t in WHERE_TYPES:
         if t in types:
             made[t] = where_question(shapes, rng, "row" if t == "row_of" else "column")
+    if "count_colour" in types:
+        hue = str(rng.choice(list(COLOURS)))
+        made["count_colour"] = (f"How many {hue} shapes are there?",
+                                str(sum(s.colour == hue for s in shapes)), "fine")
+    if "count_shape" in types:
+        kind = str(rng.choice(SHAPES))
+        made["count_shape"] = (f"How many {kind}s are there?",
+                               str(sum(s.kind == kind for s in shapes)), "fine")
     unknown = [t for t in types if t not in made]
     if unknown:
         raise ValueError(f"question types {unknown}: expected some of "
-                         f"{QUESTION_TYPES + WHERE_TYPES}")
+                         f"{QUESTION_TYPES + WHERE_TYPES + COUNT_TYPES}")
     return [made[t] for t in types]
 
 
