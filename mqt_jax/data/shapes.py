@@ -213,7 +213,7 @@ def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 
         shapes = random_scene(rng)
         image = f"{split}/{number:06d}.png"
         draw(shapes, image_size).save(tmp / "images" / image)
-        qas = questions(shapes, rng, tuple(question_types))
+        qas = questions(shapes, rng, question_types)
         if split == "train":
             captions.append({"id": f"cap{number:06d}", "image": image, "conversations": [
                 {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
