@@ -8,9 +8,8 @@ Runs `mqt-jax train` (configs/tiny_two_stage.gin unless --gin_file says otherwis
 (default "."): its data/shapes and data/shapes/pretrained (stage 0) are generated once and
 cached there, so a variant costs stage 1 + stage 2 + evaluation (about 10 minutes on 2 CPU
 cores). A variant that changes the data (ShapesConfig bindings) needs a --root of its own.
-The run goes to ROOT/research/NAME; --stage1 DIR starts stage 2 from another variant's stage 1
-instead of training one (for levers of stage 2 alone). Every variant's row is appended to
-ROOT/research/log.md: name, bindings, accuracy per m, wall time.
+The run goes to ROOT/research/NAME. Every variant's row is appended to ROOT/research/log.md:
+name, bindings, accuracy per m, wall time.
 
 "Of its kind" is the share of answers that are one of the answers the type's references
 use (a number for "how many", a colour for "what colour"): below 100% the model answers
@@ -83,34 +82,30 @@ def main():
     parser.add_argument("--root", default=".", help="where data/shapes (and its stage 0) live")
     parser.add_argument("--gin_file", default="tiny_two_stage.gin")
     parser.add_argument("--gin_param", action="append", default=[], help="a binding (repeatable)")
-    parser.add_argument("--stage1", default="", help="start stage 2 from this stage-1 folder")
     parser.add_argument("--m", default="1,2,4,8,16,36,64", help="the m values to score")
     parser.add_argument("--note", default="", help="a word on the variant for the log")
     args = parser.parse_args()
     if not args.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         sys.exit(f"--name {args.name!r}: letters, digits, '-', '_' and '.' only (it names a folder)")
     root = Path(args.root).resolve()
+    if not root.is_dir():
+        sys.exit(f"--root {args.root}: not a folder")
     workdir = Path("research") / args.name
     bindings = list(VAL) + [f"EvalConfig.m_values = ({args.m},)"] + args.gin_param
-    if args.stage1:
-        stage1 = Path(args.stage1).resolve()
-        if not (stage1 / "checkpoints").is_dir():
-            sys.exit(f"--stage1 {args.stage1}: no checkpoints folder there (not a trained stage)")
-        bindings += ['Recipe.stages = ("stage2",)', f'stage2/TrainConfig.init_from = "{stage1}"']
     command = ["mqt-jax", "train", "--gin_file", args.gin_file, "--workdir", str(workdir)]
     for b in bindings:
         command += ["--gin_param", b]
     print("+", shlex.join(command), flush=True)
     start = time.time()
-    subprocess.run(command, cwd=root, check=True)
+    if subprocess.run(command, cwd=root).returncode:
+        sys.exit(f"{args.name}: mqt-jax train failed (its output above says why)")
     minutes = (time.time() - start) / 60
     eval_dir = root / workdir / "eval" / "shapes"
     text = print_tables(eval_dir, root / "data/shapes/val/answers.jsonl")
     log = root / "research" / "log.md"
     with log.open("a") as f:
         f.write(f"\n## {args.name} ({minutes:.1f} min)\n\n{args.note}\n\n"
-                f"`{' '.join(args.gin_param) or '(the default)'}`"
-                f"{' from ' + args.stage1 if args.stage1 else ''}\n\n{text}\n")
+                f"`{' '.join(args.gin_param) or '(the default)'}`\n\n{text}\n")
     print(f"{minutes:.1f} min; logged in {log}")
 
 
