@@ -179,3 +179,14 @@ class Server:
         self.log.close()
         # captured output, which pytest shows only when the test failed
         print("the server's log ends:", pathlib.Path(self.log.name).read_text()[-6000:])
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not part of the package)."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

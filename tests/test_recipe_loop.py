@@ -1,16 +1,8 @@
 """scripts/recipe_loop.py's tables, on answer files written by hand."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-
-def _recipe_loop():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "recipe_loop.py"
-    spec = importlib.util.spec_from_file_location("recipe_loop", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_script
 
 
 def write_jsonl(path, rows):
@@ -29,7 +21,7 @@ def test_per_type_accuracy_kind_share_and_majority_by_hand(tmp_path):
     for m, texts in said.items():
         write_jsonl(tmp_path / f"answers_m{m}.jsonl",
                     [{"question_id": q, "text": t} for q, t in texts.items()])
-    m_values, table, majority = _recipe_loop().per_type(tmp_path, tmp_path / "answers.jsonl")
+    m_values, table, majority = load_script("recipe_loop").per_type(tmp_path, tmp_path / "answers.jsonl")
     assert m_values == [1, 4]
     # m = 1: count right 1 of 3 ("yes" is no count's answer: 2 of 3 of its kind); colour
     # right 1 of 2 (case ignored), both answers colours the references use.

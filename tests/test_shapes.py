@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import load_script
 from PIL import Image
 
 from mqt_jax.data.shapes import COLOURS, SHORT_ANSWER, write_shapes
@@ -126,15 +127,7 @@ def test_tfds_route_gives_the_same_examples(shapes):
 
 
 def _visual_reading():
-    """scripts/visual_reading.py, which is a script, not a module of the package."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "visual_reading.py"
-    spec = importlib.util.spec_from_file_location("visual_reading", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("visual_reading")
 
 
 def test_visual_reading_labels_match_the_written_captions(shapes):
