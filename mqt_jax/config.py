@@ -661,6 +661,9 @@ class ShapesConfig:
     tfds: bool = flag(True, "also build a TFDS (ArrayRecord) copy")
     question_types: tuple[str, ...] = flag((), "the question types asked of every image, in "
                                            "order (repeatable; default: data/shapes.py's five)")
+    questions_per_image: int = flag(0, "distinct questions in a training conversation (0: one "
+                                    "of each type, the ones scored)")
+    describe: bool = flag(True, "training conversations also ask for a detailed description")
 
 
 @gin.configurable

@@ -132,6 +132,21 @@ def questions(shapes: list[Shape], rng: np.random.Generator,
     return [made[t] for t in types]
 
 
+def more_questions(shapes: list[Shape], rng: np.random.Generator, types: tuple[str, ...],
+                   asked: list[tuple[str, str, str]], count: int) -> list[tuple[str, str, str]]:
+    """Up to `count` further questions of `types` about one image, none already in `asked`
+    (a repeated question would be answered by copying the earlier answer, not by looking)."""
+    seen, more = {q for q, _, _ in asked}, []
+    for _ in range(8 * count):
+        for qa in questions(shapes, rng, types):
+            if len(more) < count and qa[0] not in seen:
+                seen.add(qa[0])
+                more.append(qa)
+        if len(more) == count:
+            break
+    return more
+
+
 def where_question(shapes: list[Shape], rng: np.random.Generator, axis: str) -> tuple[str, str, str]:
     """"Which row is the red triangle in?": a colour and kind whose shapes all lie in one row
     (or column), so the answer is one number; in the rare scene without one, a colour and kind
@@ -179,12 +194,19 @@ def scene_index(split: str, number: int) -> int:
 def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 300,
                  seed: int = 0, image_size: int = 64, vocab_size: int = 512,
                  tfds: bool = True, num_val: int = 200,
-                 question_types: tuple[str, ...] = ()) -> Path:
+                 question_types: tuple[str, ...] = (), questions_per_image: int = 0,
+                 describe: bool = True) -> Path:
     """Generate the dataset into `out` (built under a temporary name, then renamed);
-    `question_types` empty: QUESTION_TYPES."""
+    `question_types` empty: QUESTION_TYPES. A training conversation asks
+    `questions_per_image` distinct questions (0: one of each type, the ones scored) and, with
+    `describe`, asks for a detailed description too; the scored questions of every split are
+    one of each type whatever these are."""
     out, question_types = Path(out), tuple(question_types) or QUESTION_TYPES
     questions([Shape(1, 1, "circle", "red", "small")], np.random.default_rng(0),
               question_types)  # unknown types fail here, before any image is drawn
+    if questions_per_image and questions_per_image < len(question_types):
+        raise ValueError(f"questions_per_image={questions_per_image}: at least one of each of the "
+                         f"{len(question_types)} question types (or 0)")
     if num_train < 1 or num_eval < 1 or num_val < 0:
         raise ValueError(f"num_train={num_train} and num_eval={num_eval} must be >= 1, "
                          f"num_val={num_val} >= 0")
@@ -220,7 +242,9 @@ def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 
                 {"from": "gpt", "value": caption(shapes)}]})
             # In a random order (evaluation asks each question first, on its own), with a
             # detailed-description turn as LLaVA-Instruct's conversations have.
-            turns = qas + [(DESCRIBE_PROMPT, caption(shapes), "description")]
+            turns = qas + more_questions(shapes, rng, question_types, qas,
+                                         max(questions_per_image - len(qas), 0))
+            turns += [(DESCRIBE_PROMPT, caption(shapes), "description")] if describe else []
             record = qa_record(image, f"qa{number:06d}", [turns[i] for i in rng.permutation(len(turns))])
             qa.append(record)
             first, *rest = record["conversations"]  # the text alone: no image placeholder
