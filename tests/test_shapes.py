@@ -207,3 +207,38 @@ def test_where_and_count_questions_match_the_pixels_and_leave_the_five_unchanged
     with pytest.raises(ValueError, match="question types \\['size_at'\\]"):
         write_shapes(tmp_path / "bad", num_train=2, num_eval=1, question_types=("count", "size_at"))
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
+
+
+def test_more_questions_per_training_image_without_the_description(shapes, tmp_path):
+    """A training conversation asks `questions_per_image` distinct questions (a repeat would be
+    answered by copying), each answer still true of the image's own first-drawn questions'
+    scene; the scored questions of every split stay exactly the default's."""
+    out = write_shapes(tmp_path / "more", num_train=30, num_eval=12, seed=3, num_val=0,
+                       tfds=False, questions_per_image=12, describe=False)
+    for split in ("eval", "train"):
+        for name in ("questions", "answers"):
+            assert read_jsonl(out / split / f"{name}.jsonl") == read_jsonl(shapes / split / f"{name}.jsonl")
+    default = {r["id"]: r for r in json.loads((shapes / "shapes_qa.json").read_text())}
+    counts = []
+    for record in json.loads((out / "shapes_qa.json").read_text()):
+        turns = record["conversations"]
+        asked = [t["value"].removeprefix("<image>\n") for t in turns[::2]]
+        assert len(set(asked)) == len(asked) and all(SHORT_ANSWER in q for q in asked)
+        assert turns[0]["value"].startswith("<image>\n") and "<image>" not in "".join(asked[1:])
+        counts.append(len(asked))
+        # The five scored questions are among them, with the same answers.
+        said = dict(zip(asked, [t["value"] for t in turns[1::2]]))
+        for q, a in zip(default[record["id"]]["conversations"][::2], default[record["id"]]["conversations"][1::2]):
+            q = q["value"].removeprefix("<image>\n")
+            if not q.startswith("Describe"):
+                assert said[q] == a["value"]
+        image = np.asarray(Image.open(out / "images" / record["image"]))
+        cell = image.shape[0] / 3
+        centres = [tuple(image[int((r + 0.5) * cell), int((c + 0.5) * cell)]) for r in range(3) for c in range(3)]
+        for q, a in said.items():  # every extra "Is there a red shape?" against the pixels
+            if q.startswith("Is there a "):
+                assert (COLOURS[q.split()[3]] in centres) == (a == "yes"), (q, a)
+    # At most 1 + 5 + 9 + 9 + 30 distinct questions exist; a scene of one shape has fewer than 12.
+    assert max(counts) == 12 and np.mean(counts) > 11
+    with pytest.raises(ValueError, match="questions_per_image=3"):
+        write_shapes(tmp_path / "few", num_train=2, num_eval=1, questions_per_image=3)
