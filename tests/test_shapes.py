@@ -238,6 +238,9 @@ def test_more_questions_per_training_image_without_the_description(shapes, tmp_p
         for q, a in said.items():  # every extra "Is there a red shape?" against the pixels
             if q.startswith("Is there a "):
                 assert (COLOURS[q.split()[3]] in centres) == (a == "yes"), (q, a)
+    text = json.loads((out / "shapes_text.json").read_text())  # stage 0 still learns the captions
+    assert [r["conversations"][-1]["value"] for r in text] == [
+        r["conversations"][1]["value"] for r in json.loads((out / "shapes_captions.json").read_text())]
     # At most 1 + 5 + 9 + 9 + 30 distinct questions exist; a scene of one shape has fewer than 12.
     assert max(counts) == 12 and np.mean(counts) > 11
     with pytest.raises(ValueError, match="questions_per_image=3"):

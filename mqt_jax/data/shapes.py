@@ -247,7 +247,10 @@ def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 
             turns += [(DESCRIBE_PROMPT, caption(shapes), "description")] if describe else []
             record = qa_record(image, f"qa{number:06d}", [turns[i] for i in rng.permutation(len(turns))])
             qa.append(record)
-            first, *rest = record["conversations"]  # the text alone: no image placeholder
+            # The text alone (no image placeholder), with the description either way: stage 0's
+            # language model must know the captions' language that stage 1 trains on.
+            first, *rest = record["conversations"] + ([] if describe else [
+                {"from": "human", "value": DESCRIBE_PROMPT}, {"from": "gpt", "value": caption(shapes)}])
             text_only.append({"id": f"txt{number:06d}", "conversations": [
                 {**first, "value": first["value"].removeprefix("<image>\n")}, *rest]})
             texts += [caption(shapes)] + [f"USER: {q}\n{SHORT_ANSWER} ASSISTANT: {a}" for q, a, _ in qas]
