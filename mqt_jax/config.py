@@ -152,6 +152,9 @@ class QueryTransformerConfig:
     # quecc only: the vision layers whose hidden states (concatenated) give keys and values,
     # counted like VisionConfig.select_layer.
     vision_layers: tuple[int, ...] = (12, 16, 22, 23)
+    # official only: s > 0 starts the key projection as s x the query projection, so each
+    # query first attends near its own grid place (0: the released random initialisation).
+    local_init: float = 0.0
     # m3 only: the token counts it serves (squares whose side divides the patch grid); empty:
     # every such square (1, 4, 9, 16, 36, 64, 144, 576 at 24 x 24 patches).
     scales: tuple[int, ...] = ()

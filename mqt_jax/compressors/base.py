@@ -81,6 +81,12 @@ class Compressor(nn.Module):
         """Raise a ValueError naming what in `model` this compressor cannot run."""
 
     @classmethod
+    def initialized(cls, params: dict, query: "QueryTransformerConfig") -> dict:
+        """The model's freshly initialised parameters (boxed), adjusted where this
+        compressor's initialisation ties one layer to another (default: as they are)."""
+        return params
+
+    @classmethod
     def nested(cls, query: "QueryTransformerConfig") -> bool:
         """Token i is the same at every m, so the tokens computed at M serve every m (a fixed
         token count is trivially so)."""

@@ -106,6 +106,21 @@ class OfficialResampler(Compressor):
         return True
 
     @classmethod
+    def initialized(cls, params, query):
+        """local_init s > 0: the key projection starts as s x the query projection. The keys
+        are the grid positions and the queries start near theirs (query + pos_embed, query
+        small), so query i first attends near its own grid place: each token starts as a
+        distinct local summary, not the near-uniform average a random init gives."""
+        if not query.local_init:
+            return params
+        attn = params["query_transformer"]["attn"]
+        key, q = attn["key"]["kernel"], attn["query"]["kernel"]
+        tied = query.local_init * nn.meta.unbox(q)
+        key = key.replace_boxed(tied) if isinstance(key, nn.meta.AxisMetadata) else tied
+        attn = {**attn, "key": {**attn["key"], "kernel": key}}
+        return {**params, "query_transformer": {**params["query_transformer"], "attn": attn}}
+
+    @classmethod
     def flops(cls, model, m, text_tokens):
         return {"query": resampler_flops(model.query, model.vision, model.llm.hidden, m)}
 

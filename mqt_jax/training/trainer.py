@@ -138,7 +138,8 @@ class Trainer:
         cfg = self.config  # __init__ checked the room after a Victor drop
         batch = splice.placeholder_batch(sharding.batch_divisor(self.mesh), cfg.seq_len,
                                          cfg.images_per_row, self.model_config.vision.image_size)
-        return self.model.init(rng, batch, method="logits")["params"]
+        params = self.model.init(rng, batch, method="logits")["params"]
+        return self.model_config.compressor.initialized(params, self.model_config.query)
 
     def _init_state(self, rng) -> TrainState:
         trainable, frozen = split_params(nn.meta.unbox(self.init_params(rng)), self.config)
