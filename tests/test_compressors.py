@@ -283,3 +283,45 @@ def test_m3_serves_its_scales_only():
     from mqt_jax.evaluation.evaluate import m_values_for
 
     assert m_values_for(EvalConfig(m_values=(1, 2, 4, 8)), cfg) == [1, 4, 16]
+
+
+def test_official_local_init_ties_the_key_to_the_query_so_attention_starts_local():
+    """Trainer.init_params applies the compressor's hook: with local_init s the key
+    projection starts as s x the query projection (every other weight as the plain init) and
+    the attention of query i over the grid (numpy, from the initial weights) is far sharper."""
+    import dataclasses
+
+    from numpy_reference import layer_norm
+
+    from mqt_jax.config import MeshConfig, TrainConfig
+    from mqt_jax.core import sharding
+    from mqt_jax.training.trainer import Trainer
+
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    plain_cfg = tiny_config("official")
+    local_cfg = dataclasses.replace(plain_cfg, query=dataclasses.replace(plain_cfg.query, local_init=16.0))
+    init = lambda cfg: nn.meta.unbox(Trainer(cfg, TrainConfig(batch_size=2, seq_len=64), mesh)  # noqa: E731
+                                     .init_params(jax.random.key(0)))["query_transformer"]
+    plain, local = init(plain_cfg), init(local_cfg)
+    q_kernel = np.asarray(plain["attn"]["query"]["kernel"])
+    np.testing.assert_array_equal(np.asarray(local["attn"]["key"]["kernel"]), 16.0 * q_kernel)
+    rest = lambda p: {k: v for k, v in jax.tree_util.tree_leaves_with_path(p)  # noqa: E731
+                      if "key" not in jax.tree_util.keystr(k)}
+    for a, b in zip(rest(plain).values(), rest(local).values()):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    def entropy(p):  # mean over queries and heads, as a share of the uniform one's
+        q_cfg = plain_cfg.query
+        pos = np.asarray(p["pos_embed"], np.float64)
+        q = layer_norm(np.asarray(p["query"], np.float64) + pos, p["ln_q"], q_cfg.layer_norm_eps)
+        k = layer_norm(pos, p["ln_k"], q_cfg.layer_norm_eps)  # grid 4 = sqrt(M): no resize
+        heads = q_cfg.num_heads
+        q = (q @ np.asarray(p["attn"]["query"]["kernel"]).reshape(q.shape[1], -1)).reshape(len(q), heads, -1)
+        k = (k @ np.asarray(p["attn"]["key"]["kernel"]).reshape(k.shape[1], -1)).reshape(len(k), heads, -1)
+        logits = np.einsum("ihd,phd->hip", q, k) / np.sqrt(q.shape[-1])
+        a = np.exp(logits - logits.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        return float(-(a * np.log(a)).sum(-1).mean() / np.log(a.shape[-1]))
+
+    assert plain_cfg.vision.grid_size ** 2 == plain_cfg.query.num_queries
+    assert entropy(plain) > 0.9 and entropy(local) < 0.4, (entropy(plain), entropy(local))  # 0.96, 0.30
