@@ -2,7 +2,7 @@
 
     python scripts/visual_reading.py --run workdir/tiny/stage2 [--data data/shapes] [--m 1,4,64]
 
-Prints three tables, on the validation split (never the held-out one):
+Prints four tables, on the validation split (never the held-out one):
 1. What the visual tokens hold: a ridge probe (closed form, on the first N training images)
    from the first m tokens to each grid cell's colour (or "empty") and each cell's kind of
    shape, scored on the validation images, averaged over the 9 cells. Labels are rebuilt from
@@ -15,6 +15,12 @@ Prints three tables, on the validation split (never the held-out one):
    highest log-probability) with the image's detailed description in context before the
    question, against the question alone. A pretrained LLM such as Vicuna does this; a model
    that cannot find "row 2, column 3" in a text before it has little chance among visual tokens.
+
+4. Whether the tokens of one image differ at all: over the first m tokens of each validation
+   image, their mean pairwise cosine, and the RMS of what sets each token apart from the
+   image's mean token against that mean's RMS. An LLM cannot tell near-identical tokens apart
+   (the released resampler from a random initialisation gives cosine ~1: the image's mean
+   patch, m times).
 
 `--tables 3` alone also takes stage 0's language model (data/shapes/pretrained/llm).
 """
@@ -85,6 +91,30 @@ def probe(model, data: Path, m_values, num_train: int, seed: int) -> list[list[s
     majority = [np.mean([np.bincount(y_val[:, a, c]).max() / len(y_val) for c in range(GRID * GRID)])
                 for a in (0, 1)]
     return rows + [["majority"] + [f"{100 * s:.1f}" for s in majority]]
+
+
+def distinctness(tokens: np.ndarray) -> tuple[float, float, float]:
+    """tokens [N, m, D] -> (mean cosine between two tokens of one image, RMS of the tokens
+    minus their image's mean token, RMS of that mean)."""
+    tokens = np.asarray(tokens, np.float64)
+    common = tokens.mean(1, keepdims=True)
+    unit = tokens / np.linalg.norm(tokens, axis=-1, keepdims=True)
+    cosine = np.einsum("nid,njd->nij", unit, unit)
+    m = tokens.shape[1]
+    mean_cosine = float(cosine[:, ~np.eye(m, dtype=bool)].mean()) if m > 1 else float("nan")
+    rms = lambda x: float(np.sqrt((x ** 2).mean()))  # noqa: E731
+    return mean_cosine, rms(tokens - common), rms(common)
+
+
+def token_spread(model, data: Path, m_values, limit: int = 200) -> list[list[str]]:
+    names = sorted(p.name for p in (data / "images" / "val").glob("*.png"))[:limit]
+    images = load(data / "images" / "val", names)
+    every = np.asarray(model.visual_tokens(images))
+    rows = []
+    for m in m_values:
+        cosine, apart, common = distinctness(every[:, :m])
+        rows.append([str(m), "-" if m == 1 else f"{cosine:.3f}", f"{apart:.3f}", f"{common:.3f}"])
+    return rows
 
 
 def image_use(model, data: Path, m_values, limit: int) -> list[list[str]]:
@@ -182,7 +212,7 @@ def main():
     parser.add_argument("--num_train", type=int, default=1500, help="probe training images")
     parser.add_argument("--limit", type=int, default=500, help="validation questions scored")
     parser.add_argument("--seed", type=int, default=0, help="write_shapes' seed")
-    parser.add_argument("--tables", default="1,2,3", help="which tables to print")
+    parser.add_argument("--tables", default="1,2,3,4", help="which tables to print")
     parser.add_argument("--description", choices=("turn", "question"), default="turn",
                         help="table 3: the description as its own turn, or inside the question's")
     parser.add_argument("--text_images", type=int, default=150,
@@ -209,7 +239,11 @@ def main():
         print(markdown_table(["type", "description before the question", "question alone",
                               "one candidate at random"],
                              text_reading(model, model.tokenizer or load_tokenizer(data / "tokenizer"),
-                                          args.text_images, args.seed, args.description)))
+                                          args.text_images, args.seed, args.description)) + "\n")
+    if 4 in tables:
+        print("4. how far the first m tokens of one image differ (validation images)\n")
+        print(markdown_table(["m", "mean cosine between two tokens", "RMS apart from the image's mean token",
+                              "RMS of that mean"], token_spread(model, data, m_values)) + "\n")
 
 
 if __name__ == "__main__":

@@ -245,3 +245,13 @@ def test_more_questions_per_training_image_without_the_description(shapes, tmp_p
     assert max(counts) == 12 and np.mean(counts) > 11
     with pytest.raises(ValueError, match="questions_per_image=3"):
         write_shapes(tmp_path / "few", num_train=2, num_eval=1, questions_per_image=3)
+
+
+def test_visual_reading_distinctness_hand_computed():
+    vr = _visual_reading()
+    same = np.tile(np.array([[[3.0, 4.0]]]), (2, 3, 1))  # every token of an image alike
+    cosine, apart, common = vr.distinctness(same)
+    assert cosine == pytest.approx(1.0) and apart == 0.0 and common == pytest.approx(np.sqrt(12.5))
+    orthogonal = np.array([[[1.0, 0.0], [0.0, 1.0]]])  # mean (0.5, 0.5); each 0.5 away per axis
+    cosine, apart, common = vr.distinctness(orthogonal)
+    assert cosine == pytest.approx(0.0) and apart == pytest.approx(0.5) and common == pytest.approx(0.5)
