@@ -69,18 +69,19 @@ def make_batch(tokenizer, seeds, m, types=QUESTION_TYPES) -> dict:
     return batch
 
 
-def visual_tokens(table, cells, m):
-    """[B, 9, hidden]: one token per cell, or (m == 1) their mean in slot 0 and padding after."""
-    tokens = table[0][cells[..., 0]] + table[1][cells[..., 1]] + table[2][cells[..., 2]]
+def visual_tokens(table, cells, m, scale: float = 1.0):
+    """[B, 9, hidden]: one token per cell, or (m == 1) their mean in slot 0 and padding after;
+    `scale` x the learned embeddings (whose RMS starts at 0.02, as the text embeddings')."""
+    tokens = scale * (table[0][cells[..., 0]] + table[1][cells[..., 1]] + table[2][cells[..., 2]])
     pooled = jnp.zeros_like(tokens).at[:, 0].set(tokens.mean(1))
     return jnp.where((m == 1)[:, None, None], pooled, tokens)
 
 
-def logits(llm, params, batch):
+def logits(llm, params, batch, scale: float = 1.0):
     """The text positions' logits; with m = 1 the 8 unused visual slots are a segment apart."""
     m, width = batch["m"], CELLS + LENGTH
     text = llm.apply({"params": params["llm"]}, batch["tokens"], method=llm.embed)
-    x = jnp.concatenate([visual_tokens(params["cells"], batch["cells"], m), text], 1)
+    x = jnp.concatenate([visual_tokens(params["cells"], batch["cells"], m, scale), text], 1)
     used = jnp.where(m == 1, 1, CELLS)[:, None]
     index = jnp.arange(width)[None]
     positions = jnp.where(index < CELLS, index, index - CELLS + used)
@@ -94,6 +95,8 @@ def main():
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply the visual tokens (300: RMS ~6, as a resampler's outputs)")
     args = parser.parse_args()
     if args.steps < 1 or args.batch < 1:
         raise SystemExit(f"--steps {args.steps} and --batch {args.batch} must be >= 1")
@@ -113,7 +116,7 @@ def main():
     opt_state = optimizer.init(params)
 
     def loss_fn(params, batch):
-        logp = jax.nn.log_softmax(logits(llm, params, batch))
+        logp = jax.nn.log_softmax(logits(llm, params, batch, args.scale))
         target = jnp.roll(batch["tokens"], -1, axis=1)
         nll = -jnp.take_along_axis(logp, target[..., None], -1)[..., 0]
         return (nll * batch["weights"]).sum() / batch["weights"].sum()
@@ -127,7 +130,7 @@ def main():
     @jax.jit
     def exact(params, batch):
         target = jnp.roll(batch["tokens"], -1, axis=1)
-        right = (logits(llm, params, batch).argmax(-1) == target) | (batch["weights"] == 0)
+        right = (logits(llm, params, batch, args.scale).argmax(-1) == target) | (batch["weights"] == 0)
         return right.all(1)
 
     scored = {m: [make_batch(tokenizer, range(HELD_OUT + 200 * i, HELD_OUT + 200 * (i + 1)), m)
