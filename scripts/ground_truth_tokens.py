@@ -8,6 +8,8 @@ one token that still holds every count linearly. The LLM (configs/tiny.gin's sha
 scratch) sees those tokens, then a shapes-VQA question, and learns the answer (loss on the
 answer's tokens only; fresh scenes every step, none of any split). Every 100 steps it prints
 exact-match accuracy per question type at m = 1 and m = 9 on 600 scenes it never trains on.
+`--llm RUN` starts the LLM from a run's (stage 0's, say) instead; `--scale S` multiplies the
+tokens (a resampler's reach RMS 6-8, the text embeddings' 0.02).
 
 What it tells: how many steps (of `--batch` questions) the 4-layer LLM needs to learn each
 kind of question when nothing is lost before it; a type it cannot learn here it cannot learn
@@ -24,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import linen as nn
 
 from mqt_jax.config import LLMConfig
 from mqt_jax.data.shapes import COLOURS, QUESTION_TYPES, SHAPES, SIZES, random_scene, questions
@@ -89,12 +92,28 @@ def logits(llm, params, batch, scale: float = 1.0):
     return llm.apply({"params": params["llm"]}, x, positions, segments)[:, CELLS:]
 
 
+def pretrained_llm(run: str, like: dict) -> dict:
+    """The LLM parameters of a run (shaped like `like`), on one device."""
+    from mqt_jax.core.checkpoint import restore_params
+
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"llm": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                                    nn.meta.unbox(like))}
+    try:
+        return restore_params(run, abstract, only=("llm/.*",))[0]["llm"]
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--llm {run}: {e}") from None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/shapes", help="a shapes folder (its tokenizer)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--llm", default="",
+                        help="start the LLM from this run's (e.g. DATA/pretrained/llm, stage 0's); "
+                             "default: from scratch")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the visual tokens (300: RMS ~6, as a resampler's outputs)")
     args = parser.parse_args()
@@ -110,6 +129,8 @@ def main():
     params = {"llm": llm.init(init, jnp.zeros((1, width, TINY.hidden)), jnp.zeros((1, width), jnp.int32),
                               jnp.ones((1, width), jnp.int32))["params"],
               "cells": 0.02 * jax.random.normal(table, (3, 8, TINY.hidden))}
+    if args.llm:
+        params["llm"] = pretrained_llm(args.llm, params["llm"])
     schedule = optax.warmup_cosine_decay_schedule(0, args.learning_rate, min(30, args.steps // 2 + 1),
                                                   args.steps)
     optimizer = optax.adamw(schedule, weight_decay=0.0)

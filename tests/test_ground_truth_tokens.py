@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import load_script
 
 from mqt_jax.data.shapes import COLOURS, SHAPES
@@ -49,3 +50,9 @@ def test_one_pooled_token_is_the_compact_sequence(tmp_path):
         positions = np.arange(1 + gt.LENGTH)[None]
         want = np.asarray(llm.apply({"params": params["llm"]}, x, positions, np.ones_like(positions)))[0, 1:]
         np.testing.assert_allclose(got[i], want, rtol=2e-4, atol=2e-4)
+
+
+def test_a_missing_llm_run_is_a_one_line_error(tmp_path):
+    like = {"embedding": jnp.zeros((4, 2))}
+    with pytest.raises(SystemExit, match="--llm .*no checkpoint"):
+        gt.pretrained_llm(str(tmp_path), like)
