@@ -171,6 +171,9 @@ class QueryTransformerConfig:
                 f"QueryTransformerConfig.width={self.width} is not divisible by "
                 f"num_heads={self.num_heads}"
             )
+        if self.local_init < 0 or (self.local_init and self.variant != "official"):
+            raise ValueError(f"QueryTransformerConfig.local_init={self.local_init}: a factor "
+                             f">= 0, for the official resampler only (variant={self.variant!r})")
 
 
 # target -> the Dense layer it names in the LLaMA decoder layer

@@ -323,5 +323,8 @@ def test_official_local_init_ties_the_key_to_the_query_so_attention_starts_local
         a /= a.sum(-1, keepdims=True)
         return float(-(a * np.log(a)).sum(-1).mean() / np.log(a.shape[-1]))
 
+    for bad in (dict(local_init=-1.0), dict(local_init=4.0, variant="qformer")):
+        with pytest.raises(ValueError, match="local_init"):
+            dataclasses.replace(plain_cfg.query, **bad)
     assert plain_cfg.vision.grid_size ** 2 == plain_cfg.query.num_queries
     assert entropy(plain) > 0.9 and entropy(local) < 0.4, (entropy(plain), entropy(local))  # 0.96, 0.30

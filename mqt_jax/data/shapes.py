@@ -241,7 +241,7 @@ def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 
                 {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
                 {"from": "gpt", "value": caption(shapes)}]})
             # In a random order (evaluation asks each question first, on its own), with a
-            # detailed-description turn as LLaVA-Instruct's conversations have.
+            # detailed-description turn as LLaVA-Instruct's conversations have (`describe`).
             turns = qas + more_questions(shapes, rng, question_types, qas,
                                          max(questions_per_image - len(qas), 0))
             turns += [(DESCRIBE_PROMPT, caption(shapes), "description")] if describe else []
