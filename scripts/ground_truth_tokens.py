@@ -62,6 +62,8 @@ def make_batch(tokenizer, seeds, m, types=QUESTION_TYPES) -> dict:
         answer = np.append(tokenizer.encode(" " + qas[k][1])[0], tokenizer.eos_id)
         tokens, weights = np.zeros(LENGTH, np.int32), np.zeros(LENGTH, np.float32)
         seq = np.concatenate([question, answer])
+        if len(seq) > LENGTH:
+            raise ValueError(f"a question and answer of {len(seq)} tokens: at most {LENGTH}")
         tokens[:len(seq)] = seq
         weights[len(question) - 1:len(seq) - 1] = 1
         for key, value in (("cells", cell_labels(shapes)), ("tokens", tokens),
@@ -123,6 +125,9 @@ def main():
         tokenizer = load_tokenizer(f"{args.data}/tokenizer")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--data {args.data}: {e}") from None
+    if tokenizer.vocab_size > TINY.vocab_size:
+        raise SystemExit(f"--data {args.data}: a tokenizer of {tokenizer.vocab_size} tokens; the "
+                         f"tiny LLM has {TINY.vocab_size} (a shapes folder's own tokenizer fits)")
     llm = Llama(TINY, remat_policy="none")
     init, table = jax.random.split(jax.random.PRNGKey(0))
     width = CELLS + LENGTH

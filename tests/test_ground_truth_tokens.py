@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,8 +34,8 @@ def test_the_targets_are_the_answer_and_the_cells_are_the_scene(tmp_path):
 def test_one_pooled_token_is_the_compact_sequence(tmp_path):
     """m = 1: the text's logits equal the LLM run on [mean of the 9 cell tokens, text] alone."""
     tok = tokenizer(tmp_path)
-    cfg = gt.TINY.__class__(**{**gt.TINY.__dict__, "hidden": 32, "num_heads": 2, "num_kv_heads": 1,
-                               "head_dim": 16, "mlp_dim": 64, "num_layers": 2})
+    cfg = dataclasses.replace(gt.TINY, hidden=32, num_heads=2, num_kv_heads=1, head_dim=16,
+                              mlp_dim=64, num_layers=2)
     llm = Llama(cfg, remat_policy="none")
     width = gt.CELLS + gt.LENGTH
     params = {"llm": llm.init(jax.random.PRNGKey(0), jnp.zeros((1, width, 32)),

@@ -211,8 +211,8 @@ def test_where_and_count_questions_match_the_pixels_and_leave_the_five_unchanged
 
 def test_more_questions_per_training_image_without_the_description(shapes, tmp_path):
     """A training conversation asks `questions_per_image` distinct questions (a repeat would be
-    answered by copying), each answer still true of the image's own first-drawn questions'
-    scene; the scored questions of every split stay exactly the default's."""
+    answered by copying), the default's five among them with their answers, the extra ones
+    true of the pixels; the scored questions of every split stay exactly the default's."""
     out = write_shapes(tmp_path / "more", num_train=30, num_eval=12, seed=3, num_val=0,
                        tfds=False, questions_per_image=12, describe=False)
     for split in ("eval", "train"):
