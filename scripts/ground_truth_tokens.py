@@ -1,19 +1,24 @@
 """Can the tiny LLM learn to read the visual tokens at all? A diagnostic with perfect tokens.
 
     python scripts/ground_truth_tokens.py [--data data/shapes] [--steps 1000] [--batch 64]
+    python scripts/ground_truth_tokens.py --tokens tower [--local_init 16] [--compressor RUN]
 
-No tower, no compressor: each of the 3 x 3 cells is one token, the sum of three learned
-embeddings (colour, kind, size; a fourth for an empty cell), and "m = 1" is their mean,
-one token that still holds every count linearly. The LLM (configs/tiny.gin's shape, from
-scratch) sees those tokens, then a shapes-VQA question, and learns the answer (loss on the
-answer's tokens only; fresh scenes every step, none of any split). Every 100 steps it prints
-exact-match accuracy per question type at m = 1 and m = 9 on 600 scenes it never trains on.
-`--llm RUN` starts the LLM from a run's (stage 0's, say) instead; `--scale S` multiplies the
-tokens (a resampler's reach RMS 6-8, the text embeddings' 0.02).
+`--tokens cells` (the default): no tower, no compressor: each of the 3 x 3 cells is one
+token, the sum of three learned embeddings (colour, kind, size; a fourth for an empty cell),
+and "m = 1" is their mean, one token that still holds every count linearly. `--tokens
+tower`: the real visual tokens instead: the scene drawn, DATA/pretrained/clip's tower
+(frozen), configs/tiny.gin's compressor (trained; from `--compressor RUN`'s, or fresh with
+`--local_init`), m drawn per question from 1, 2, 4, ..., M and scored at 1, 4, 16 and M.
+The LLM (configs/tiny.gin's shape, from scratch) sees those tokens, then a shapes-VQA
+question, and learns the answer (loss on the answer's tokens only; fresh scenes every step,
+none of any split). Every 100 steps it prints exact-match accuracy per question type per
+scored m on 600 scenes it never trains on. `--llm RUN` starts the LLM from a run's (stage
+0's, say) instead; `--scale S` multiplies the cell tokens (a resampler's reach RMS 6-8, the
+text embeddings' 0.02).
 
 What it tells: how many steps (of `--batch` questions) the 4-layer LLM needs to learn each
-kind of question when nothing is lost before it; a type it cannot learn here it cannot learn
-from real visual tokens in fewer steps.
+kind of question when nothing is lost before it (cells), and whether the real pipeline's
+tokens are read in that budget when the data is endless and the conversation is bare (tower).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +35,8 @@ import optax
 from flax import linen as nn
 
 from mqt_jax.config import LLMConfig
-from mqt_jax.data.shapes import COLOURS, QUESTION_TYPES, SHAPES, SIZES, random_scene, questions
+from mqt_jax.data.preprocess import clip_preprocess
+from mqt_jax.data.shapes import COLOURS, QUESTION_TYPES, SHAPES, SIZES, draw, questions, random_scene
 from mqt_jax.data.tokenizer import load_tokenizer
 from mqt_jax.models.llama import Llama
 
@@ -49,10 +56,12 @@ def cell_labels(shapes) -> np.ndarray:
     return labels
 
 
-def make_batch(tokenizer, seeds, m, types=QUESTION_TYPES) -> dict:
+def make_batch(tokenizer, seeds, m, types=QUESTION_TYPES, image_size: int = 0) -> dict:
     """One question of a random type per scene; `weights` mark the answer's tokens (and EOS)
-    as the targets of the position before each."""
-    out = {"cells": [], "tokens": [], "weights": [], "type": []}
+    as the targets of the position before each. `image_size` > 0: the scenes drawn too
+    (`images`, CLIP-normalised)."""
+    out = {"cells": [], "tokens": [], "weights": [], "type": []} | (
+        {"images": []} if image_size else {})
     for seed in seeds:
         rng = np.random.default_rng([7, seed])
         shapes = random_scene(rng)
@@ -69,6 +78,8 @@ def make_batch(tokenizer, seeds, m, types=QUESTION_TYPES) -> dict:
         for key, value in (("cells", cell_labels(shapes)), ("tokens", tokens),
                            ("weights", weights), ("type", k)):
             out[key].append(value)
+        if image_size:
+            out["images"].append(clip_preprocess(draw(shapes, image_size), image_size))
     batch = {k: np.stack(v) for k, v in out.items()}
     batch["m"] = np.broadcast_to(np.asarray(m), (len(seeds),)).astype(np.int32)
     return batch
@@ -82,29 +93,76 @@ def visual_tokens(table, cells, m, scale: float = 1.0):
     return jnp.where((m == 1)[:, None, None], pooled, tokens)
 
 
-def logits(llm, params, batch, scale: float = 1.0):
-    """The text positions' logits; with m = 1 the 8 unused visual slots are a segment apart."""
-    m, width = batch["m"], CELLS + LENGTH
+def logits(llm, params, batch, scale: float = 1.0, tower=None):
+    """The text positions' logits after the visual tokens (cells, or with `tower` the real
+    ones); the visual slots past the used ones are a segment apart, and the text's positions
+    follow the used ones."""
+    m = batch["m"]
+    if tower is None:
+        visual, used = visual_tokens(params["cells"], batch["cells"], m, scale), jnp.where(m == 1, 1, CELLS)
+    else:
+        visual, used = tower.tokens(params, batch.get("images"), m), m
+    slots = visual.shape[1]
     text = llm.apply({"params": params["llm"]}, batch["tokens"], method=llm.embed)
-    x = jnp.concatenate([visual_tokens(params["cells"], batch["cells"], m, scale), text], 1)
-    used = jnp.where(m == 1, 1, CELLS)[:, None]
-    index = jnp.arange(width)[None]
-    positions = jnp.where(index < CELLS, index, index - CELLS + used)
-    segments = jnp.where((index < used) | (index >= CELLS), 1, 2)
-    return llm.apply({"params": params["llm"]}, x, positions, segments)[:, CELLS:]
+    x = jnp.concatenate([visual, text], 1)
+    used, index = used[:, None], jnp.arange(x.shape[1])[None]
+    positions = jnp.where(index < slots, index, index - slots + used)
+    segments = jnp.where((index < used) | (index >= slots), 1, 2)
+    return llm.apply({"params": params["llm"]}, x, positions, segments)[:, slots:]
+
+
+class Tower:
+    """configs/tiny.gin's vision tower (frozen, from a CLIP run) and compressor (trained):
+    `tokens` gives all M visual tokens of CLIP-normalised images, the first m meant."""
+
+    def __init__(self, clip_run: str, local_init: float = 0.0, compressor_run: str = ""):
+        import gin
+
+        from mqt_jax.config import ModelConfig
+        from mqt_jax.core import splice
+        from mqt_jax.models.vlm import VisionLanguageModel
+
+        gin.parse_config_files_and_bindings(
+            [str(Path(__file__).parent.parent / "configs" / "tiny.gin")],
+            [f"QueryTransformerConfig.local_init = {local_init}"])
+        self.config = ModelConfig()
+        if self.config.llm.hidden != TINY.hidden:
+            raise SystemExit(f"configs/tiny.gin's LLM is {self.config.llm.hidden} wide; this "
+                             f"script's is {TINY.hidden}")
+        self.model = VisionLanguageModel(self.config)
+        batch = splice.placeholder_batch(1, 8, 1, self.config.vision.image_size)
+        params = self.model.init(jax.random.PRNGKey(2), batch, method="logits")["params"]
+        params = nn.meta.unbox(self.config.compressor.initialized(params, self.config.query))
+        self.frozen = restored(clip_run, {"vision_tower": params["vision_tower"]}, "--clip")
+        self.init = {"query_transformer": params["query_transformer"]}
+        if compressor_run:
+            self.init = restored(compressor_run, self.init, "--compressor")
+        self.num_queries = self.config.num_queries
+        self.image_size = self.config.vision.image_size
+
+    def tokens(self, params, images, m):
+        both = {"vision_tower": self.frozen["vision_tower"],
+                "query_transformer": params["query_transformer"]}
+        return self.model.apply({"params": both}, images, m, method="visual_tokens")
+
+
+def restored(run: str, like: dict, flag: str) -> dict:
+    """The parameters of a run under `like`'s top-level names (shaped like it), on one
+    device; a run that lacks them is a one-line error naming `flag`."""
+    from mqt_jax.core.checkpoint import restore_params
+
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                            nn.meta.unbox(like))
+    try:
+        return restore_params(run, abstract, only=tuple(f"{k}/.*" for k in like))[0]
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise SystemExit(f"{flag} {run}: {e}") from None
 
 
 def pretrained_llm(run: str, like: dict) -> dict:
     """The LLM parameters of a run (shaped like `like`), on one device."""
-    from mqt_jax.core.checkpoint import restore_params
-
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = {"llm": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
-                                    nn.meta.unbox(like))}
-    try:
-        return restore_params(run, abstract, only=("llm/.*",))[0]["llm"]
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--llm {run}: {e}") from None
+    return restored(run, {"llm": like}, "--llm")["llm"]
 
 
 def main():
@@ -117,7 +175,14 @@ def main():
                         help="start the LLM from this run's (e.g. DATA/pretrained/llm, stage 0's); "
                              "default: from scratch")
     parser.add_argument("--scale", type=float, default=1.0,
-                        help="multiply the visual tokens (300: RMS ~6, as a resampler's outputs)")
+                        help="multiply the cell tokens (300: RMS ~6, as a resampler's outputs)")
+    parser.add_argument("--tokens", choices=("cells", "tower"), default="cells",
+                        help="perfect per-cell tokens, or the real tower + compressor's")
+    parser.add_argument("--clip", default="", help="tower: the CLIP run (default DATA/pretrained/clip)")
+    parser.add_argument("--compressor", default="",
+                        help="tower: start the compressor from this run's (e.g. a stage 1)")
+    parser.add_argument("--local_init", type=float, default=0.0,
+                        help="tower: a fresh compressor's QueryTransformerConfig.local_init")
     args = parser.parse_args()
     if args.steps < 1 or args.batch < 1:
         raise SystemExit(f"--steps {args.steps} and --batch {args.batch} must be >= 1")
@@ -132,8 +197,17 @@ def main():
     init, table = jax.random.split(jax.random.PRNGKey(0))
     width = CELLS + LENGTH
     params = {"llm": llm.init(init, jnp.zeros((1, width, TINY.hidden)), jnp.zeros((1, width), jnp.int32),
-                              jnp.ones((1, width), jnp.int32))["params"],
-              "cells": 0.02 * jax.random.normal(table, (3, 8, TINY.hidden))}
+                              jnp.ones((1, width), jnp.int32))["params"]}
+    tower, image_size = None, 0
+    if args.tokens == "tower":
+        tower = Tower(args.clip or f"{args.data}/pretrained/clip", args.local_init, args.compressor)
+        params |= tower.init
+        image_size, top = tower.image_size, tower.num_queries
+        trained_m = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k < top] + [top]
+        scored_m = sorted({1, min(4, top), min(16, top), top})
+    else:
+        params["cells"] = 0.02 * jax.random.normal(table, (3, 8, TINY.hidden))
+        trained_m = scored_m = [1, CELLS]
     if args.llm:
         params["llm"] = pretrained_llm(args.llm, params["llm"])
     schedule = optax.warmup_cosine_decay_schedule(0, args.learning_rate, min(30, args.steps // 2 + 1),
@@ -142,7 +216,7 @@ def main():
     opt_state = optimizer.init(params)
 
     def loss_fn(params, batch):
-        logp = jax.nn.log_softmax(logits(llm, params, batch, args.scale))
+        logp = jax.nn.log_softmax(logits(llm, params, batch, args.scale, tower))
         target = jnp.roll(batch["tokens"], -1, axis=1)
         nll = -jnp.take_along_axis(logp, target[..., None], -1)[..., 0]
         return (nll * batch["weights"]).sum() / batch["weights"].sum()
@@ -156,15 +230,15 @@ def main():
     @jax.jit
     def exact(params, batch):
         target = jnp.roll(batch["tokens"], -1, axis=1)
-        right = (logits(llm, params, batch, args.scale).argmax(-1) == target) | (batch["weights"] == 0)
+        right = (logits(llm, params, batch, args.scale, tower).argmax(-1) == target) | (batch["weights"] == 0)
         return right.all(1)
 
-    scored = {m: [make_batch(tokenizer, range(HELD_OUT + 200 * i, HELD_OUT + 200 * (i + 1)), m)
-                  for i in range(3)] for m in (1, CELLS)}
+    scored = {m: [make_batch(tokenizer, range(HELD_OUT + 200 * i, HELD_OUT + 200 * (i + 1)), m,
+                             image_size=image_size) for i in range(3)] for m in scored_m}
     rng, start = np.random.default_rng(1), time.time()
     for step in range(1, args.steps + 1):
         batch = make_batch(tokenizer, range(step * args.batch, (step + 1) * args.batch),
-                           rng.choice([1, CELLS], args.batch))
+                           rng.choice(trained_m, args.batch), image_size=image_size)
         params, opt_state, loss = train_step(params, opt_state, batch)
         if step % 100 and step != args.steps:
             continue

@@ -103,6 +103,7 @@ def train_again(run, *bindings):
     ("LLMConfig.hidden = 128", "llm.hidden: saved 256, now 128"),
     ("LLMConfig.num_layers = 3", "llm.num_layers: saved 4, now 3"),
     ("TrainConfig.trainable = ('llm',)", "TrainConfig.trainable: saved ['.*'], now ['llm']"),
+    ("ModelConfig.param_dtype = 'bfloat16'", "float32, now ("),
 ])
 def test_resume_that_does_not_fit_names_the_change(run, capsys, binding, culprit):
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -159,6 +160,16 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(run, capsys, damag
     assert (run / "checkpoints" / "4.damaged").is_dir()  # kept aside for a look
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # steps 3 and 4 trained again, logged once
+
+
+def test_when_no_checkpoint_restores_none_is_moved(run, capsys):
+    """Every step failing at once is likelier this run's change than damage: keep them all."""
+    for step in ("2", "4"):
+        DAMAGE["flipped bytes"](run / "checkpoints" / step)
+    metrics = (run / "metrics.jsonl").read_text()
+    fails(train_again(run), "restores (nothing moved", capsys)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4"]
+    assert (run / "metrics.jsonl").read_text() == metrics
 
 
 def test_resume_keeps_metrics_up_to_the_checkpoint(run, capsys):

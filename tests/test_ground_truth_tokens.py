@@ -58,3 +58,43 @@ def test_a_missing_llm_run_is_a_one_line_error(tmp_path):
     like = {"embedding": jnp.zeros((4, 2))}
     with pytest.raises(SystemExit, match="--llm .*no checkpoint"):
         gt.pretrained_llm(str(tmp_path), like)
+
+
+class FixedTower:
+    """A stand-in for Tower: the visual tokens are a parameter, whatever the images."""
+
+    def tokens(self, params, images, m):
+        return jnp.broadcast_to(params["visual"], (len(m),) + params["visual"].shape)
+
+
+def test_the_first_m_tower_tokens_are_the_compact_sequence(tmp_path):
+    """--tokens tower: with m = k the text's logits equal the LLM on [first k tokens, text]."""
+    tok = tokenizer(tmp_path)
+    cfg = dataclasses.replace(gt.TINY, hidden=32, num_heads=2, num_kv_heads=1, head_dim=16,
+                              mlp_dim=64, num_layers=2)
+    llm = Llama(cfg, remat_policy="none")
+    width = 16 + gt.LENGTH
+    params = {"llm": llm.init(jax.random.PRNGKey(0), jnp.zeros((1, width, 32)),
+                              jnp.zeros((1, width), jnp.int32), jnp.ones((1, width), jnp.int32))["params"],
+              "visual": jax.random.normal(jax.random.PRNGKey(1), (16, 32))}
+    batch = gt.make_batch(tok, range(3), np.array([1, 5, 16]))
+    got = np.asarray(gt.logits(llm, params, batch, tower=FixedTower()))
+    for i, k in enumerate((1, 5, 16)):
+        text = np.asarray(llm.apply({"params": params["llm"]}, batch["tokens"][i:i + 1], method=llm.embed))[0]
+        x = np.concatenate([np.asarray(params["visual"])[:k], text])[None]
+        positions = np.arange(k + gt.LENGTH)[None]
+        want = np.asarray(llm.apply({"params": params["llm"]}, x, positions, np.ones_like(positions)))[0, k:]
+        np.testing.assert_allclose(got[i], want, rtol=2e-4, atol=2e-4)
+
+
+def test_the_drawn_images_are_the_scenes(tmp_path):
+    """image_size > 0: each image's cell centres have the colour of that cell's shape, or white."""
+    from mqt_jax.data.preprocess import CLIP_MEAN, CLIP_STD
+
+    batch = gt.make_batch(tokenizer(tmp_path), range(20), 9, image_size=48)
+    pixels = np.rint((batch["images"] * np.array(CLIP_STD) + np.array(CLIP_MEAN)) * 255)
+    colours = [(255, 255, 255)] + list(COLOURS.values())
+    for image, cells in zip(pixels, batch["cells"]):
+        for cell, (colour, _, _) in enumerate(cells):
+            r, c = divmod(cell, 3)
+            np.testing.assert_allclose(image[16 * r + 8, 16 * c + 8], colours[colour], atol=1)

@@ -9,7 +9,8 @@ its 32-bit words: exact, so the same on any mesh, and computed on the devices). 
 that does not restore (a truncated, missing or emptied array file, a deleted manifest or
 metadata file, unreadable JSON) or whose restored arrays do not match their fingerprint (any
 single flipped bit) is reported, moved aside as `<step>.damaged`, and the next older one is
-used. Not detected: changes that keep every array's word sum (e.g. two values swapped).
+used; when none restores, nothing is moved (a change in this run is likelier than damage to
+all of them) and the run stops. Not detected: changes that keep every array's word sum (e.g. two values swapped).
 """
 
 from __future__ import annotations
@@ -141,9 +142,9 @@ class Checkpointer:
                 continue
             self._set_aside(damaged)
             return step, state, data
-        if damaged:
-            self._set_aside(damaged)
-            raise ValueError(f"no checkpoint in {self.directory} restores; damaged: "
+        if damaged:  # all of them at once is more likely this run's change than damage: keep them
+            raise ValueError(f"no checkpoint in {self.directory} restores (nothing moved; if they "
+                             f"are damaged, move them aside to start again): "
                              + "; ".join(f"step {s}: {why}" for s, why in damaged))
         return None
 

@@ -105,15 +105,15 @@ def settings_changes(saved: dict, current: dict) -> str:
 
 
 def shape_mismatches(saved_tree, abstract_state) -> list[str]:
-    """Parameters of the saved train state that this run lacks, adds, or shapes otherwise
-    (a parameter moving between trainable and frozen counts as both)."""
+    """Parameters of the saved train state that this run lacks, adds, or shapes or types
+    otherwise (a parameter moving between trainable and frozen counts as both)."""
     def shapes(tree):
-        return {k: tuple(v.shape) for k, v in flatten_dict(tree, sep="/").items()
-                if hasattr(v, "shape")}
+        return {k: (tuple(v.shape), str(getattr(v, "dtype", "")))
+                for k, v in flatten_dict(tree, sep="/").items() if hasattr(v, "shape")}
     saved = shapes({k: saved_tree.get(k) or {} for k in ("trainable", "frozen")})
     ours = shapes({"trainable": abstract_state.trainable, "frozen": abstract_state.frozen})
-    out = [f"{k}: saved {saved[k]}, now {ours[k]}" for k in sorted(set(saved) & set(ours))
-           if saved[k] != ours[k]]
+    out = [f"{k}: saved {saved[k][0]} {saved[k][1]}, now {ours[k][0]} {ours[k][1]}"
+           for k in sorted(set(saved) & set(ours)) if saved[k] != ours[k]]
     out += [f"{k}: saved, not in this run" for k in sorted(set(saved) - set(ours))]
     out += [f"{k}: not saved" for k in sorted(set(ours) - set(saved))]
     return out
