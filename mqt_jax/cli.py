@@ -438,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(exp_p)
     exp_p.add_argument("--kind", default="llama", help="what to export (llama)")
     exp_p.add_argument("--out", required=True, help="output folder (must not exist)")
-    exp_p.add_argument("--dtype", help="e.g. bfloat16 (default: the parameters' dtype)")
+    exp_p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                       help="default: the parameters' dtype")
     exp_p.set_defaults(func=cmd_export)
     sweep_p = sub.add_parser("sweep", help="train and evaluate a grid of gin bindings; one "
                              "table and plot of score against tokens and TFLOPs")

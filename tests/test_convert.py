@@ -391,6 +391,23 @@ def convert_error(src, tmp_path, kind="llama") -> str:
     return str(e.value)
 
 
+def test_export_refuses_a_dtype_hugging_face_cannot_name_and_clears_a_killed_export(tmp_path):
+    params = convert.convert("llama", llama_folder(tmp_path / "src"), tmp_path / "run", mesh=mesh(),
+                             progress=False)
+    for bad in ("int8", "float64", "float17"):
+        with pytest.raises(ValueError, match=f"--dtype '{bad}': one of float32, float16, bfloat16"):
+            export.export_llama(SMALL, params, tmp_path / "out", dtype=bad)
+    assert not (tmp_path / "out").exists()
+    stale = tmp_path / ".out.partial-killed"  # as a SIGKILLed export leaves it
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    export.export_llama(SMALL, params, tmp_path / "out", dtype="float16")
+    assert not stale.exists() and not list(tmp_path.glob(".out.partial-*"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["torch_dtype"] == "float16"
+    assert hf.CheckpointFolder(tmp_path / "out").read("model.norm.weight").dtype == np.float16
+
+
 def test_a_sharded_bfloat16_checkpoint_converts_and_matches(tmp_path):
     src = llama_folder(tmp_path / "src", shards=3)
     assert len(list(src.glob("model-*-of-*.safetensors"))) >= 3

@@ -22,9 +22,18 @@ from mqt_jax.core.checkpoint import restore_params
 from mqt_jax.core.gin_files import scoped
 from mqt_jax.core.hf import Rule, norm
 from mqt_jax.core.sharding import make_mesh
-from mqt_jax.interop.convert import TOKENIZER_FILES, abstract_params, clip_rules, llama_rules
+from mqt_jax.interop.convert import TOKENIZER_FILES, abstract_params, clip_rules, llama_rules, remove_partial
 from mqt_jax.models import lora
 from mqt_jax.run import parse_run_config
+
+
+DTYPES = ("float32", "float16", "bfloat16")  # what a Hugging Face config's torch_dtype names
+
+
+def checked_dtype(dtype: str | None) -> str | None:
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    return dtype
 
 
 def export_run(path, out: str | os.PathLike, dtype: str | None = None, gin_files=(),
@@ -32,6 +41,7 @@ def export_run(path, out: str | os.PathLike, dtype: str | None = None, gin_files
     """The LLM of the run in `path` (LoRA adapters folded in) as a Hugging Face LLaMA folder
     with the run's tokenizer; returns (the folder written, the run, its step). Only the LLM's
     parameters are read."""
+    checked_dtype(dtype)
     if Path(out).exists():
         raise FileExistsError(f"--out {out} exists; choose a new folder")
     run, scope = parse_run_config(path, list(gin_files), list(gin_params))
@@ -102,7 +112,7 @@ def export(rules: list[Rule], params: dict, out: str | os.PathLike, hf_config, t
     missing = sorted({r.param for r in rules} - set(flat))
     if missing:
         raise ValueError(f"the parameters lack {missing[:5]}")
-    out_dtype = np.dtype(jnp.dtype(dtype or flat[rules[0].param].dtype))
+    out_dtype = np.dtype(jnp.dtype(checked_dtype(dtype or str(flat[rules[0].param].dtype))))
     by_key = {r.hf_key: r for r in rules}
 
     def produce(key):
@@ -111,11 +121,12 @@ def export(rules: list[Rule], params: dict, out: str | os.PathLike, hf_config, t
         return rule.to_hf(np.asarray(jax.device_get(value)).astype(out_dtype))
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_partial(out)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         entries = [(r.hf_key, r.hf_shape, out_dtype) for r in rules]
         hf.write_weights(work, entries, produce, max_shard_bytes)
-        name = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(out_dtype, "bfloat16")
+        name = str(jnp.dtype(out_dtype))
         (work / "config.json").write_text(json.dumps(hf_config(name), indent=2))
         if tokenizer_dir:
             for file in TOKENIZER_FILES:
