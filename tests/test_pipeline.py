@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -75,17 +76,23 @@ BAD = [
                                           {"from": "gpt", "value": "x"}]},  # a lone surrogate
     {"id": "image_in_answer", "image": "img0.png", "conversations": [
         {"from": "human", "value": "What colour ?"}, {"from": "gpt", "value": "<image> Red"}]},
+    qa(108, "Red") | {"image": "a_folder.png"},  # a directory
+    qa(109, "Red") | {"image": "pipe.png"},  # a named pipe: reading it would wait forever
+    qa(110, "Red") | {"image": "img0\x00.png"},  # a NUL byte in the path
 ]
-REASONS = {"missing_image": 1, "bad_image": 2, "malformed_json": 1, "unknown_role": 1,
+REASONS = {"missing_image": 1, "bad_image": 4, "malformed_json": 1, "unknown_role": 1,
            "no_assistant_turn": 1, "too_many_placeholders": 1, "empty_text": 1, "non_utf8": 1,
-           "image_outside_root": 3, "malformed_record": 3, "bad_text": 1,
+           "image_outside_root": 3, "malformed_record": 4, "bad_text": 1,
            "placeholder_in_answer": 1}
 
 
 def mixed_file(folder):
     """The good records with a bad one after each (the rest of BAD at the end); a symbolic
-    link inside the image root that leads out of it; an image outside the root."""
+    link inside the image root that leads out of it; an image outside the root; a folder and
+    a named pipe named like images."""
     Image.new("RGB", (4, 4)).save(folder.parent / "outside.png")
+    (folder / "a_folder.png").mkdir()
+    os.mkfifo(folder / "pipe.png")
     (folder / "link_out.png").symlink_to(folder.parent / "outside.png")
     good = [qa(i, a, image=(i != 5)) for i, a in enumerate(ANSWERS)]  # record 5: text only
     lines = []

@@ -103,11 +103,13 @@ class ExampleBuilder:
         if isinstance(image_path, np.ndarray):  # decoded pixels (the TFDS route)
             pil = Image.fromarray(image_path)
         elif image_path is not None:
+            if "\x00" in image_path:
+                raise BadRecord("malformed_record", "'image' holds a NUL byte")
             path = confined(self.config.image_root, image_path)
             if not path.exists():
                 raise BadRecord("missing_image", str(path))
-            try:
-                pil = open_image(path.read_bytes(), name=str(path))  # any epath: bytes
+            try:  # a local path: a regular file only (a named pipe would stall training)
+                pil = open_image(path.read_bytes() if "://" in str(path) else str(path), name=str(path))
             except BadImage as e:
                 raise BadRecord("bad_image", str(e)) from e
         image = (None if image_path is None

@@ -7,8 +7,10 @@ crop `size` x `size`, scale to [0, 1], normalise with CLIP's mean and std. Mode 
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import warnings
 from pathlib import PurePosixPath, PureWindowsPath
 
@@ -29,6 +31,20 @@ class BadImage(ValueError):
     """An image that cannot be used: unreadable, empty, undecodable or too large."""
 
 
+def read_regular_file(path: str | os.PathLike) -> bytes:
+    """A regular file's bytes; anything else is an OSError. Opened without blocking and
+    checked before reading: a named pipe would wait for a writer forever, a device never ends."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
 def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS,
                name: str | None = None) -> Image.Image:
     """A decoded PIL image from a path or encoded bytes. The size is checked from the header
@@ -36,9 +52,11 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS,
     (`name`, else the path, else "image bytes")."""
     name = name or ("image bytes" if isinstance(source, bytes) else str(source))
     try:
-        data = source if isinstance(source, bytes) else open(source, "rb").read()
+        data = source if isinstance(source, bytes) else read_regular_file(source)
     except OSError as e:
         raise BadImage(f"{name}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # a NUL byte in the path
+        raise BadImage(f"{name}: not a usable path ({e})") from None
     if not data:
         raise BadImage(f"{name}: empty (0 bytes)")
     try:
