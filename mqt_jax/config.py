@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import numbers
 import re
 
 import gin
@@ -34,6 +36,31 @@ def positive(config, *names: str) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{type(config).__name__}.{name}={value!r}: must be an integer >= 1")
+
+
+def typed(cls):
+    """Class decorator (under @dataclass): before the class's own checks, every int and
+    float field holds one (an int not a bool, a float finite): `steps = 2.5`, `rank = True`,
+    `eps = "1e-6"` or a NaN / inf rate fail here in one line, not after compiling or as NaN
+    parameters saved."""
+    own = cls.__dict__.get("__post_init__")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            kind, value = f.type.replace(" | None", ""), getattr(self, f.name)
+            if kind not in ("int", "float") or (value is None and f.type.endswith("| None")):
+                continue
+            whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if kind == "int" and not whole:
+                raise ValueError(f"{cls.__name__}.{f.name}={value!r}: must be an integer")
+            if kind == "float" and not (whole or isinstance(value, numbers.Real)
+                                        and not isinstance(value, bool) and math.isfinite(value)):
+                raise ValueError(f"{cls.__name__}.{f.name}={value!r}: must be a finite number")
+        if own:
+            own(self)
+
+    cls.__post_init__ = __post_init__
+    return cls
 
 
 def flag(default, help: str, positive: bool = False):
@@ -78,6 +105,7 @@ def compressor_named(name: str) -> type:
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@typed
 class VisionConfig:
     """CLIP ViT. Defaults are ViT-L/14 at 336 px."""
 
@@ -119,6 +147,8 @@ class VisionConfig:
 
     def __post_init__(self):
         positive(self, "image_size", "patch_size", "width", "num_layers", "num_heads", "mlp_dim")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"VisionConfig.layer_norm_eps={self.layer_norm_eps!r}: must be > 0")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"VisionConfig.image_size={self.image_size} is not a multiple of "
@@ -129,6 +159,7 @@ class VisionConfig:
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@typed
 class QueryTransformerConfig:
     """The compressor between the vision tower and the LLM (one gin binding picks it):
     patch features -> M visual tokens at the LLM width. `variant` names one of
@@ -161,6 +192,9 @@ class QueryTransformerConfig:
 
     def __post_init__(self):
         positive(self, "num_queries", "width", "num_heads", "num_layers", "mlp_dim")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"QueryTransformerConfig.layer_norm_eps={self.layer_norm_eps!r}: "
+                             f"must be > 0")
         if self.query_mask not in ("prefix", "causal"):
             raise ValueError(
                 f"QueryTransformerConfig.query_mask={self.query_mask!r}: "
@@ -183,6 +217,7 @@ TARGETS = {"q": "attn/query", "k": "attn/key", "v": "attn/value", "o": "attn/out
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@typed
 class LoRAConfig:
     """rank 0: no adapters (the default). LLaVA-1.5's LoRA recipe: rank 128, alpha 256,
     dropout 0.05, every target. Dropout applies in training only (when the step passes a
@@ -215,6 +250,7 @@ class LoRAConfig:
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@typed
 class LLMConfig:
     """LLaMA decoder. Defaults are LLaMA-2-7B / Vicuna-7B v1.5."""
 
@@ -240,10 +276,14 @@ class LLMConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"LLMConfig.head_dim={self.head_dim} must be even for RoPE")
+        for name in ("rope_theta", "rms_norm_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"LLMConfig.{name}={getattr(self, name)!r}: must be > 0")
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@typed
 class ModelConfig:
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     query: QueryTransformerConfig = dataclasses.field(default_factory=QueryTransformerConfig)
@@ -314,6 +354,7 @@ class ModelConfig:
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@typed
 class MeshConfig:
     """Size of each mesh axis; one of them may be -1, meaning "all remaining devices"."""
 
@@ -351,6 +392,7 @@ DISTRIBUTIONS = ("official", "log_uniform", "fixed_set", "constant", "all")
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@typed
 class MSampler:
     """distribution:
     - "official": uniform over the even values 2, 4, ..., M (MQT-LLaVA stage 2);
@@ -421,6 +463,7 @@ class MSampler:
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@typed
 class DataConfig:
     data_path: str = ""  # a LLaVA training file: JSON list or JSON Lines
     image_root: str = ""  # folder the records' "image" paths are relative to
@@ -438,6 +481,7 @@ class DataConfig:
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@typed
 class TrainConfig:
     steps: int = 100
     batch_size: int = 8  # global, rows per step
@@ -505,6 +549,7 @@ class TrainConfig:
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@typed
 class CLIPConfig:
     steps: int = 600
     batch_size: int = 128  # pairs per step: each image's negatives are the other captions
@@ -533,6 +578,7 @@ class CLIPConfig:
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@typed
 class EvalConfig:
     benchmark: str = flag("shapes", "the benchmark (a file of mqt_jax/evaluation/benchmarks)")
     questions: str = flag("", "its question file in LLaVA's format (MMBench: its TSV); empty: "
@@ -571,6 +617,7 @@ POLICIES = ("mixed", "per_m", "static")
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@typed
 class EngineConfig:
     slots: int = flag(8, "rows decoded together (a multiple of the mesh's data x fsdp devices)",
                      positive=True)
@@ -599,6 +646,7 @@ class EngineConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+@typed
 class SamplingConfig:
     """How an answer is drawn (per request; `mqt-jax generate` takes its flags)."""
 
@@ -623,6 +671,7 @@ class SamplingConfig:
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@typed
 class Recipe:
     # Gin scopes trained one after another, each in W/<stage>; bindings scoped to a stage
     # (`stage2/TrainConfig.steps = ...`) override the unscoped ones. Empty: one run in W.
@@ -638,6 +687,7 @@ class Recipe:
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@typed
 class Sweep:
     base: tuple[str, ...] = ("tiny_two_stage.gin",)  # gin files of every run
     common: tuple[str, ...] = ()  # bindings of every run, e.g. "stage2/TrainConfig.steps = 100"
@@ -654,6 +704,7 @@ class Sweep:
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@typed
 class ShapesConfig:
     """shapes-VQA as the recipe generates it (`Recipe.shapes_dir`) and `mqt-jax data shapes`
     writes it."""
@@ -674,6 +725,7 @@ class ShapesConfig:
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+@typed
 class ServeConfig:
     """`mqt-jax serve`: what the HTTP side accepts (the engine's settings are EngineConfig)."""
 

@@ -59,11 +59,31 @@ def fails(argv, culprit, capsys, code=2):
     ("CLIPConfig.steps = 0", "CLIPConfig.steps=0"),
     ("TrainConfig.init_from = {'a': 'llm'}", "TrainConfig.init_from['a']='llm': a tuple of regexes"),
     ("TrainConfig.init_from = {'nowhere': ('llm',)}", "TrainConfig.init_from: 'nowhere' does not exist"),
+    # numbers: finite, of their type, in range; refused before anything compiles
+    ("TrainConfig.learning_rate = 1e999", "TrainConfig.learning_rate=inf: must be a finite number"),
+    ("TrainConfig.steps = 2.5", "TrainConfig.steps=2.5: must be an integer"),
+    ("LLMConfig.rms_norm_eps = -1.0", "LLMConfig.rms_norm_eps=-1.0: must be > 0"),
+    ("LLMConfig.rms_norm_eps = '1e-6'", "LLMConfig.rms_norm_eps='1e-6': must be a finite number"),
+    ("LLMConfig.rope_theta = 0.0", "LLMConfig.rope_theta=0.0: must be > 0"),
+    ("LoRAConfig.alpha = 1e999", "LoRAConfig.alpha=inf: must be a finite number"),
+    ("LoRAConfig.rank = True", "LoRAConfig.rank=True: must be an integer"),
+    ("LoRAConfig.dropout = 'x'", "LoRAConfig.dropout='x': must be a finite number"),
+    ("VisionConfig.layer_norm_eps = 0.0", "VisionConfig.layer_norm_eps=0.0: must be > 0"),
 ])
 def test_bad_setting(tmp_path, monkeypatch, capsys, binding, culprit):
     monkeypatch.chdir(tmp_path)
     fails(["train", *TINY, "--gin_param", binding, "--workdir", "w"], culprit, capsys)
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_a_nan_setting_is_refused_where_gin_cannot_write_one():
+    from mqt_jax.config import LLMConfig, SamplingConfig, TrainConfig
+
+    for make, name in ((lambda: TrainConfig(learning_rate=float("nan")), "learning_rate"),
+                       (lambda: LLMConfig(rms_norm_eps=float("nan")), "rms_norm_eps"),
+                       (lambda: SamplingConfig(temperature=float("nan")), "temperature")):
+        with pytest.raises(ValueError, match=f"{name}=nan: must be a finite number"):
+            make()
 
 
 def test_gin_file_syntax_error_names_file_and_line(tmp_path, monkeypatch, capsys):
