@@ -95,3 +95,41 @@ def test_the_routers_slack_is_calibrated_on_validation(sweep):
     assert tuned.calibration["val_log_loss"] < tuned.calibration["val_log_loss_base_rates"]
 
 
+
+
+def saved_router(tmp_path, **change):
+    import json
+
+    fields = {"policy": "router", "ladder": [2, 8], "slack": 0.1, "weights": [[0.5, -0.5]] * 3,
+              "bias": [0.0, 0.0], "mean": [0.0] * 3, "scale": [1.0] * 3, "calibration": {}}
+    path = tmp_path / "router.json"
+    path.write_text(json.dumps(fields | change))
+    return path
+
+
+@pytest.mark.parametrize("change,culprit", [
+    ({"weights": [[float("nan"), 0.0]] * 3}, "its weights are not all finite"),
+    ({"scale": [1.0, 0.0, 1.0]}, "its scale .* must be > 0"),
+    ({"slack": float("nan")}, "slack nan: a number >= 0"),
+    ({"slack": -0.5}, "slack -0.5: a number >= 0"),
+    ({"calibration": [1, 2]}, "calibration \\[1, 2\\]: expected an object"),
+    ({"bias": [0.0]}, "shapes disagree"),
+])
+def test_a_router_file_with_nonsense_is_refused_on_load(tmp_path, change, culprit):
+    Router.load(saved_router(tmp_path))  # the unchanged file loads
+    with pytest.raises(ValueError, match=f"router.json: not a saved router \\(.*{culprit}"):
+        Router.load(saved_router(tmp_path, **change))
+
+
+@pytest.mark.parametrize("threshold,calibration,culprit", [
+    (float("nan"), {}, "threshold nan"), (float("-inf"), {}, "threshold -inf"),
+    (0.5, "x", "calibration 'x': expected an object"),
+])
+def test_a_policy_file_with_nonsense_is_refused_on_load(tmp_path, threshold, calibration, culprit):
+    import json
+
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"policy": "escalate", "ladder": [2, 8], "signal": "margin",
+                                "threshold": threshold, "calibration": calibration}))
+    with pytest.raises(ValueError, match=f"policy.json: not a saved escalation policy \\({culprit}"):
+        Escalate.load(path)

@@ -60,6 +60,10 @@ class Escalate:
             raise ValueError(f"confidence signal {self.signal!r}: expected one of {sorted(SIGNALS)}")
         if list(self.ladder) != sorted(set(self.ladder)) or not self.ladder:
             raise ValueError(f"ladder {list(self.ladder)}: m must increase along it")
+        if np.isnan(self.threshold) or self.threshold == -np.inf:
+            raise ValueError(f"threshold {self.threshold}: a number (inf: always climb)")
+        if not isinstance(self.calibration, dict):
+            raise ValueError(f"calibration {self.calibration!r}: expected an object")
 
     def accept(self, g: Generated) -> bool:
         return SIGNALS[self.signal](g) >= self.threshold
@@ -76,7 +80,7 @@ class Escalate:
             saved = json.loads(Path(path).read_text())
             return cls(tuple(saved["ladder"]), saved["signal"], float(saved["threshold"]),
                        saved.get("calibration", {}))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise ValueError(f"{path}: not a saved escalation policy ({e})") from None
 
 
@@ -92,6 +96,21 @@ class Router:
     scale: np.ndarray
     slack: float = 0.0
     calibration: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        f, r = self.weights.shape if self.weights.ndim == 2 else (0, 0)
+        if (r != len(self.ladder) or self.bias.shape != (r,) or self.mean.shape != (f,)
+                or self.scale.shape != (f,)):
+            raise ValueError("its arrays' shapes disagree")
+        for name in ("weights", "bias", "mean", "scale"):
+            if not np.isfinite(getattr(self, name)).all():
+                raise ValueError(f"its {name} are not all finite numbers")
+        if not (self.scale > 0).all():
+            raise ValueError("its scale (the features' standard deviations) must be > 0")
+        if not 0 <= self.slack < np.inf:
+            raise ValueError(f"slack {self.slack}: a number >= 0")
+        if not isinstance(self.calibration, dict):
+            raise ValueError(f"calibration {self.calibration!r}: expected an object")
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         z = (np.asarray(features, np.float64) - self.mean) / self.scale
@@ -130,16 +149,11 @@ class Router:
     def load(cls, path: Path) -> Router:
         try:
             saved = json.loads(Path(path).read_text())
-            router = cls(tuple(saved["ladder"]), *(np.array(saved[k], np.float64) for k in
-                                                   ("weights", "bias", "mean", "scale")),
-                         float(saved["slack"]), saved.get("calibration", {}))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            return cls(tuple(saved["ladder"]), *(np.array(saved[k], np.float64) for k in
+                                                 ("weights", "bias", "mean", "scale")),
+                       float(saved["slack"]), saved.get("calibration", {}))
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise ValueError(f"{path}: not a saved router ({e})") from None
-        f, r = router.weights.shape if router.weights.ndim == 2 else (0, 0)
-        if (r != len(router.ladder) or router.bias.shape != (r,)
-                or router.mean.shape != (f,) or router.scale.shape != (f,)):
-            raise ValueError(f"{path}: not a saved router (its arrays' shapes disagree)")
-        return router
 
 
 def router_features(embedding: np.ndarray, visual: np.ndarray, prompts: list[splice.Example],
