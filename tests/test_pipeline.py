@@ -80,7 +80,7 @@ BAD = [
     qa(109, "Red") | {"image": "pipe.png"},  # a named pipe: reading it would wait forever
     qa(110, "Red") | {"image": "img0\x00.png"},  # a NUL byte in the path
 ]
-REASONS = {"missing_image": 1, "bad_image": 4, "malformed_json": 1, "unknown_role": 1,
+REASONS = {"missing_image": 1, "bad_image": 4, "malformed_json": 2, "unknown_role": 1,
            "no_assistant_turn": 1, "too_many_placeholders": 1, "empty_text": 1, "non_utf8": 1,
            "image_outside_root": 3, "malformed_record": 4, "bad_text": 1,
            "placeholder_in_answer": 1}
@@ -102,7 +102,8 @@ def mixed_file(folder):
             lines.append(BAD[i])
     lines += BAD[len(good):]
     path = write_jsonl(folder / "data.jsonl", lines)
-    path.write_bytes(path.read_bytes() + b'{"id": "latin1", "x": "\xe9t\xe9"}\n')  # not UTF-8
+    path.write_bytes(path.read_bytes() + b'{"id": "latin1", "x": "\xe9t\xe9"}\n'  # not UTF-8
+                     + b'{"id": "deep", "x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}\n")
     return path
 
 

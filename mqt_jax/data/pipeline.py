@@ -43,8 +43,8 @@ def read_records(path: str) -> list:
     if raw.lstrip()[:1] == b"[":
         try:
             records = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a valid JSON list ({e})") from e
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"{path}: not a valid JSON list ({e})") from None
         if not isinstance(records, list):
             raise ValueError(f"{path}: a JSON {type(records).__name__}, not a list of records")
         return [r if isinstance(r, dict) else Skipped("malformed_record", f"{path}[{i}]")
@@ -58,7 +58,7 @@ def read_records(path: str) -> list:
         except UnicodeDecodeError:
             records.append(Skipped("non_utf8", f"{path}:{number}"))
             continue
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # nested beyond Python's stack: malformed
             records.append(Skipped("malformed_json", f"{path}:{number}"))
             continue
         records.append(record if isinstance(record, dict)

@@ -37,8 +37,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
         if line.strip():
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e})") from e
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"{path}:{number}: not JSON ({e})") from None
     return rows
 
 
@@ -52,8 +52,8 @@ def read_records(path: str | Path) -> list[dict]:
         return read_jsonl(path)
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON ({e})") from e
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
     if isinstance(data, dict):
         for key in ("annotations", "data", "questions"):
             if isinstance(data.get(key), list):
