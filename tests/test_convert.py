@@ -391,6 +391,29 @@ def convert_error(src, tmp_path, kind="llama") -> str:
     return str(e.value)
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json"])
+def test_a_file_linked_out_of_src_is_not_read(tmp_path, name):
+    src = llama_folder(tmp_path / "src")
+    (src / "tokenizer.json").write_text("{}")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.move(src / name, outside / name)
+    (src / name).symlink_to(outside / name)
+    assert f"{src / name} leads out of {src}" in convert_error(src, tmp_path)
+
+
+@pytest.mark.parametrize("tower", ["absolute", "../clip"])
+def test_mm_vision_tower_outside_src_is_not_followed(tmp_path, tower):
+    src = llama_folder(tmp_path / "src")
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "config.json").write_text(json.dumps({"model_type": "clip_vision_model"}))
+    config = json.loads((src / "config.json").read_text())
+    name = str(tmp_path / "clip") if tower == "absolute" else tower
+    (src / "config.json").write_text(json.dumps(config | {"model_type": "llava_llama",
+                                                          "mm_vision_tower": name}))
+    assert "describes no vision tower: give --vision" in convert_error(src, tmp_path, "mqt-llava")
+
+
 def test_export_refuses_a_dtype_hugging_face_cannot_name_and_clears_a_killed_export(tmp_path):
     params = convert.convert("llama", llama_folder(tmp_path / "src"), tmp_path / "run", mesh=mesh(),
                              progress=False)

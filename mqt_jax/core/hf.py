@@ -119,6 +119,15 @@ class TorchBinFile:
         return t.numpy().copy()
 
 
+def own_file(folder: Path, name: str) -> Path:
+    """folder / name, refused when it leads out of the folder (a symbolic link elsewhere):
+    what a conversion reads comes from the folder it was given."""
+    if not inside(folder, name):
+        raise ValueError(f"{Path(folder) / name} leads out of {folder} (a symbolic link?); "
+                         f"copy the file into the folder")
+    return Path(folder) / name
+
+
 def inside(folder: Path, name: str) -> bool:
     """Whether folder / name stays in folder: no absolute path or `..` step, and a symbolic
     link must resolve inside it too (or, in a Hugging Face hub cache snapshot, to its blobs)."""
@@ -155,6 +164,7 @@ class CheckpointFolder:
                 break
             index = self.folder / f"{stem}{suffix}.index.json"
             if index.is_file():
+                own_file(self.folder, index.name)
                 try:
                     weight_map = json.loads(index.read_text())["weight_map"]
                 except (ValueError, KeyError, TypeError):
@@ -173,7 +183,7 @@ class CheckpointFolder:
                                             f"{self.folder}")
                 return [self.folder / s for s in shards]
             if (self.folder / f"{stem}{suffix}").is_file():
-                return [self.folder / f"{stem}{suffix}"]
+                return [own_file(self.folder, f"{stem}{suffix}")]
         bins = " or pytorch_model.bin" if allow_bin else ""
         raise FileNotFoundError(f"{self.folder} holds no model.safetensors (nor its index){bins}")
 
@@ -194,6 +204,7 @@ def read_config(folder: str | os.PathLike) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} holds no config.json")
+    own_file(Path(folder), "config.json")
     try:
         cfg = json.loads(path.read_text())
     except ValueError:

@@ -200,6 +200,9 @@ def plan(kind: str, src: Path, vision: Path | None = None, param_dtype: str = "f
     keys, source = set(folder.keys()), src / "config.json"
     dtypes = dict(param_dtype=param_dtype, dtype=dtype or param_dtype)
     tokenizer = src if any((src / f).is_file() for f in TOKENIZER_FILES[:2]) else None
+    for name in TOKENIZER_FILES:  # copied into the run: from inside src only
+        if (src / name).is_file():
+            hf.own_file(src, name)
 
     if kind == "clip-vision":
         v = vision_config(cfg, -2, source)
@@ -232,7 +235,7 @@ def plan(kind: str, src: Path, vision: Path | None = None, param_dtype: str = "f
     strategy = cfg.get("vision_feature_select_strategy", "default")
     if cfg.get("mm_vision_select_feature", "patch") != "patch" or strategy != "default":
         raise unsupported(source, "image features with the class token (mqt_jax drops it)")
-    vision_source = vision or _local_tower(cfg)
+    vision_source = vision or _local_tower(cfg, src)
     clip_prefix = find_prefix(keys, "embeddings.patch_embedding.weight", CLIP_PREFIXES)
     if "vision_config" in cfg:
         v = vision_config({**cfg["vision_config"], "model_type": "clip_vision_model"}, select, source)
@@ -267,9 +270,13 @@ def plan(kind: str, src: Path, vision: Path | None = None, param_dtype: str = "f
     return Plan(model, parts, sources, tokenizer, template="vicuna_v1")
 
 
-def _local_tower(cfg: dict) -> Path | None:
+def _local_tower(cfg: dict, src: Path) -> Path | None:
+    """The CLIP folder mm_vision_tower names, when it is a folder inside src (a hub name,
+    an absolute path or a `..` step is never followed: give --vision)."""
     name = cfg.get("mm_vision_tower")
-    return Path(name) if name and Path(name, "config.json").is_file() else None
+    if not isinstance(name, str) or not name or not hf.inside(src, name):
+        return None
+    return src / name if (src / name / "config.json").is_file() else None
 
 
 def check_source(folder: hf.CheckpointFolder, rules: list[Rule], unused: list[str]) -> None:
