@@ -156,7 +156,7 @@ BAD = [  # (what, request keyword arguments or a raw body, status, words of the 
     ("m 'Auto'", dict(extra_body={"m": "Auto"}), 400, "m: Input should be a valid integer"),
     ("max_tokens 0", dict(max_tokens=0), 400, "max_tokens=0 must be >= 1"),
     ("too long", dict(max_tokens=5000), 400, "of the 384 the cache holds"),
-    ("temperature < 0", dict(temperature=-0.5), 400, "temperature=-0.5 must be >= 0"),
+    ("temperature < 0", dict(temperature=-0.5), 400, "temperature=-0.5 must be a number >= 0"),
     ("top_p 0", dict(top_p=0), 400, "top_p=0.0 must be in (0, 1]"),
     ("top_p above 1", dict(top_p=1.5), 400, "top_p=1.5 must be in (0, 1]"),
     ("invalid base64", dict(url="data:image/png;base64,@@@not-base64"), 400, "invalid base64"),
@@ -192,9 +192,14 @@ def test_bad_input_is_refused_by_name_and_the_server_serves_on(server, what, kw,
     assert server.ask().choices[0].message.content is not None  # still serving
 
 
+NAN = (b'{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "temperature": '
+       b'NaN}')  # Python's JSON parsers accept NaN; the openai client never sends it
+
+
 @pytest.mark.parametrize("body,words", [(b"{not json", "malformed JSON"),
                                         (b'{"model": "tiny"}', "messages: Field required"),
-                                        (b"[1, 2]", "body")])
+                                        (b"[1, 2]", "body"),
+                                        (NAN, "temperature=nan must be a number >= 0")])
 def test_malformed_bodies(server, body, words):
     reply = httpx.post(server.url + "/v1/chat/completions", content=body,
                        headers={"content-type": "application/json"})

@@ -234,8 +234,8 @@ def prepare(body: ChatRequest, model, engine: Engine, config: ServeConfig,
                          f"uses {big_m} tokens", "m")
     temperature = 1.0 if body.temperature is None else float(body.temperature)
     top_p = 1.0 if body.top_p is None else float(body.top_p)
-    if temperature < 0:
-        raise BadRequest(f"temperature={temperature} must be >= 0", "temperature")
+    if not 0 <= temperature < float("inf"):  # NaN too (JSON parsers accept it)
+        raise BadRequest(f"temperature={temperature} must be a number >= 0", "temperature")
     if not 0 < top_p <= 1:
         raise BadRequest(f"top_p={top_p} must be in (0, 1]", "top_p")
     max_tokens = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
