@@ -7,7 +7,7 @@
 token, the sum of three learned embeddings (colour, kind, size; a fourth for an empty cell),
 and "m = 1" is their mean, one token that still holds every count linearly. `--tokens
 tower`: the real visual tokens instead: the scene drawn, DATA/pretrained/clip's tower
-(frozen), configs/tiny.gin's compressor (trained; from `--compressor RUN`'s, or fresh with
+(frozen, or trained with `--train_tower`), configs/tiny.gin's compressor (trained; from `--compressor RUN`'s, or fresh with
 `--local_init`), m drawn per question from 1, 2, 4, ..., M and scored at 1, 4, 16 and M.
 The LLM (configs/tiny.gin's shape, from scratch) sees those tokens, then a shapes-VQA
 question, and learns the answer (loss on the answer's tokens only; fresh scenes every step,
@@ -115,7 +115,8 @@ class Tower:
     """configs/tiny.gin's vision tower (frozen, from a CLIP run) and compressor (trained):
     `tokens` gives all M visual tokens of CLIP-normalised images, the first m meant."""
 
-    def __init__(self, clip_run: str, local_init: float = 0.0, compressor_run: str = ""):
+    def __init__(self, clip_run: str, local_init: float = 0.0, compressor_run: str = "",
+                 train_tower: bool = False):
         import gin
 
         from mqt_jax.config import ModelConfig
@@ -133,15 +134,17 @@ class Tower:
         batch = splice.placeholder_batch(1, 8, 1, self.config.vision.image_size)
         params = self.model.init(jax.random.PRNGKey(2), batch, method="logits")["params"]
         params = nn.meta.unbox(self.config.compressor.initialized(params, self.config.query))
-        self.frozen = restored(clip_run, {"vision_tower": params["vision_tower"]}, "--clip")
+        tower = restored(clip_run, {"vision_tower": params["vision_tower"]}, "--clip")
         self.init = {"query_transformer": params["query_transformer"]}
         if compressor_run:
             self.init = restored(compressor_run, self.init, "--compressor")
+        self.frozen = {} if train_tower else tower
+        self.init |= tower if train_tower else {}
         self.num_queries = self.config.num_queries
         self.image_size = self.config.vision.image_size
 
     def tokens(self, params, images, m):
-        both = {"vision_tower": self.frozen["vision_tower"],
+        both = {"vision_tower": {**self.frozen, **params}["vision_tower"],
                 "query_transformer": params["query_transformer"]}
         return self.model.apply({"params": both}, images, m, method="visual_tokens")
 
@@ -183,6 +186,8 @@ def main():
                         help="tower: start the compressor from this run's (e.g. a stage 1)")
     parser.add_argument("--local_init", type=float, default=0.0,
                         help="tower: a fresh compressor's QueryTransformerConfig.local_init")
+    parser.add_argument("--train_tower", action="store_true",
+                        help="tower: train the vision tower too (default: frozen)")
     args = parser.parse_args()
     if args.steps < 1 or args.batch < 1:
         raise SystemExit(f"--steps {args.steps} and --batch {args.batch} must be >= 1")
@@ -200,7 +205,8 @@ def main():
                               jnp.ones((1, width), jnp.int32))["params"]}
     tower, image_size = None, 0
     if args.tokens == "tower":
-        tower = Tower(args.clip or f"{args.data}/pretrained/clip", args.local_init, args.compressor)
+        tower = Tower(args.clip or f"{args.data}/pretrained/clip", args.local_init, args.compressor,
+                      args.train_tower)
         params |= tower.init
         image_size, top = tower.image_size, tower.num_queries
         trained_m = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k < top] + [top]

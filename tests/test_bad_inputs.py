@@ -86,6 +86,12 @@ def test_a_nan_setting_is_refused_where_gin_cannot_write_one():
             make()
 
 
+def test_a_gin_file_that_includes_itself_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "loop.gin").write_text("include 'loop.gin'\nTrainConfig.steps = 1\n")
+    fails(["train", "--gin_file", "loop.gin"], "loop.gin: its includes go round in a circle", capsys)
+
+
 def test_gin_file_syntax_error_names_file_and_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.gin").write_text("include 'tiny.gin'\nTrainConfig.steps = (1,\n")

@@ -44,6 +44,9 @@ def parse_gin(files: list[str], params: list[str]) -> None:
                                  f"{e.msg} {(e.text or '').strip()!r}") from None
             except tokenize.TokenError as e:  # an unclosed bracket
                 raise ValueError(f"gin syntax error in {path}: {e.args[0]}") from None
+            except RecursionError:  # gin follows includes without noticing a circle
+                raise ValueError(f"gin file {path}: its includes go round in a circle (a file "
+                                 f"that includes itself, directly or through others)") from None
         for binding in params:
             try:
                 gin.parse_config(binding)
