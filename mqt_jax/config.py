@@ -80,15 +80,18 @@ def gin_bindings(part) -> list[str]:
 
 def check_m(m, num_queries: int) -> np.ndarray:
     """m as an int32 array, or a ValueError naming every value outside [1, M]."""
-    m = np.asarray(m)
-    if not np.issubdtype(m.dtype, np.integer):
-        raise ValueError(f"m must be integers, got dtype {m.dtype}")
-    bad = m[(m < 1) | (m > num_queries)]
-    if bad.size:
-        raise ValueError(
-            f"m={sorted(set(bad.tolist()))} outside [1, {num_queries}] (M = num_queries)"
-        )
-    return m.astype(np.int32)
+    values = np.asarray(m)
+    if values.dtype == object and all(isinstance(v, int) and not isinstance(v, bool)
+                                      for v in values.ravel()):  # Python ints beyond int64
+        values = np.array([v if 1 <= v <= num_queries else 0 for v in values.ravel()])
+        bad = [v for v in np.asarray(m).ravel().tolist() if not 1 <= v <= num_queries]
+    elif not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"m must be integers, got dtype {values.dtype}")
+    else:
+        bad = values[(values < 1) | (values > num_queries)].tolist()
+    if bad:
+        raise ValueError(f"m={sorted(set(bad))} outside [1, {num_queries}] (M = num_queries)")
+    return values.astype(np.int32)
 
 
 # Compressor classes by name: each file of mqt_jax/compressors registers its class here, so a

@@ -274,6 +274,12 @@ def test_generate_refuses_a_bad_m(tmp_path, capsys, m):
           f"--m {m!r}: expected integers", capsys)
 
 
+def test_generate_names_an_m_beyond_the_model(run, tmp_path, capsys):
+    image = image_file(tmp_path, "ok.png", Image.new("RGB", (8, 8)))
+    fails(["generate", "--workdir", str(run), "--image", image, "--prompt", "hi", "--m",
+           "99999999999999999999"], "m=[99999999999999999999] outside [1, 64]", capsys)
+
+
 @pytest.mark.parametrize("argv", [["eval", "--limit", "-3"], ["eval", "--limit", "0"],
                                   ["generate", "--image", "x", "--prompt", "p", "--m", "1",
                                    "--max_new_tokens", "0"]])

@@ -188,12 +188,20 @@ def test_one_compilation_per_bucket_for_any_m_and_requests():
     assert generate_compiles == 2, compiles.counts
 
 
-@pytest.mark.parametrize("m", [0, 17])
+@pytest.mark.parametrize("m", [0, 17, 99999999999999999999])
 def test_m_outside_one_to_M_is_an_error(m):
     cfg = tiny_config(num_queries=16)
     examples, images = prompts(cfg, [4])
     with pytest.raises(ValueError, match=rf"m=\[{m}\] outside \[1, 16\]"):
         make_generator(cfg, {})(examples, images, m)  # checked before any parameter is used
+
+
+def test_max_new_tokens_beyond_the_model_is_named():
+    cfg = tiny_config(num_queries=16)
+    examples, images = prompts(cfg, [4])
+    with pytest.raises(ValueError, match=f"max_new_tokens=100000000: the model takes "
+                                         f"{cfg.llm.max_length} tokens in all"):
+        make_generator(cfg, {}, max_new_tokens=100_000_000)(examples, images, 4)
 
 
 def test_bad_sampling_settings_are_named():

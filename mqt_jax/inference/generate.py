@@ -239,6 +239,10 @@ class Generator:
         m = per_row(m, len(prompts))
         self.model_config.check_m(m)
         lengths = np.array([splice.true_length(p, [k]) for p, k in zip(prompts, m)])
+        if self.sampling.max_new_tokens >= self.model_config.llm.max_length:
+            raise ValueError(f"max_new_tokens={self.sampling.max_new_tokens}: the model takes "
+                             f"{self.model_config.llm.max_length} tokens in all, prompt included "
+                             f"(LLMConfig.max_length)")
         limit = self.model_config.llm.max_length - self.sampling.max_new_tokens
         if lengths.size and lengths.max() > limit:
             i = int(lengths.argmax())
