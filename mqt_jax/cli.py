@@ -472,9 +472,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OUT_FOLDERS = ("eval", "convert", "export", "data")  # the commands whose --out is a folder
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for flag in ("workdir", "out"):
+            value = getattr(args, flag, None)
+            if value and Path(value).is_file() and (flag == "workdir" or args.command in OUT_FOLDERS):
+                raise ValueError(f"--{flag} {value} is a file; it names a folder")
         return args.func(args)
     except (ValueError, OSError, SyntaxError) as e:  # a user's mistake: one line, no traceback
         print(f"mqt-jax {args.command}: error: {one_line(e)}", file=sys.stderr)

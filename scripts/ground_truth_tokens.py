@@ -41,7 +41,7 @@ from mqt_jax.data.tokenizer import load_tokenizer
 from mqt_jax.models.llama import Llama
 
 CELLS = 9
-LENGTH = 48  # question + answer tokens
+LENGTH = 24  # question + answer tokens (the longest shapes question and answer: 16)
 TINY = LLMConfig(vocab_size=512, hidden=256, num_layers=4, num_heads=8, num_kv_heads=4,
                  head_dim=32, mlp_dim=688)
 HELD_OUT = 10_000_000  # scene seeds from here on are scored, never trained on

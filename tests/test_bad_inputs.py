@@ -86,6 +86,17 @@ def test_a_nan_setting_is_refused_where_gin_cannot_write_one():
             make()
 
 
+@pytest.mark.parametrize("argv", [["train", *TINY, "--workdir", "a_file"],
+                                  ["eval", "--workdir", ".", "--out", "a_file"],
+                                  ["data", "shapes", "--out", "a_file"]])
+def test_a_folder_flag_naming_a_file_is_one_line(tmp_path, monkeypatch, capsys, argv):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("keep me")
+    flag = argv[argv.index("a_file") - 1]
+    fails(argv, f"{flag} a_file is a file; it names a folder", capsys)
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
 def test_a_gin_file_that_includes_itself_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "loop.gin").write_text("include 'loop.gin'\nTrainConfig.steps = 1\n")
