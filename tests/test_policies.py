@@ -133,3 +133,16 @@ def test_a_policy_file_with_nonsense_is_refused_on_load(tmp_path, threshold, cal
                                 "threshold": threshold, "calibration": calibration}))
     with pytest.raises(ValueError, match=f"policy.json: not a saved escalation policy \\({culprit}"):
         Escalate.load(path)
+
+
+def test_eval_names_a_saved_router_of_another_model_before_answering(tmp_path):
+    from mqt_jax.config import EvalConfig
+    from mqt_jax.evaluation.policies import evaluate_policies
+    from mqt_jax.inference.policy import default_ladder
+
+    cfg = tiny_config(num_queries=16)
+    ladder = default_ladder(16)
+    Router(ladder, np.zeros((8, len(ladder))), np.zeros(len(ladder)), np.zeros(8), np.ones(8),
+           calibration={"step": 5}).save(tmp_path / "router.json")
+    with pytest.raises(ValueError, match="the router reads 8 features; this model's are"):
+        evaluate_policies(cfg, {}, EvalConfig(), None, tmp_path / "out", tmp_path, about={"step": 5})

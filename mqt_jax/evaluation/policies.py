@@ -318,7 +318,10 @@ def evaluate_policies(model_config, params, config, mesh, out_dir: Path, run_dir
                          f"resampler or the causal qformer), not {model_config.query.variant!r}")
     ladder = default_ladder(model_config.num_queries)
     fit_escalate = not reusable(Escalate, run_dir / "policy.json", about, ladder)
-    fit_router = not reusable(Router, run_dir / "router.json", about, ladder)
+    saved_router = reusable(Router, run_dir / "router.json", about, ladder)
+    if saved_router:
+        saved_router.check(model_config)  # a router of another model: said before any answer
+    fit_router = saved_router is None
     for needed, files, flags, purpose in (
             (fit_escalate or fit_router, validation, "--val_questions and --val_answers", "calibrating"),
             (fit_router, training, "--train_questions and --train_answers", "training the router")):
