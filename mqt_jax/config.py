@@ -751,6 +751,12 @@ class ServeConfig:
     def max_image_bytes(self) -> int:
         return int(self.max_image_mb * 2**20)
 
+    @property
+    def max_body_bytes(self) -> int:
+        """A request body: room for the largest image as base64 (4 bytes per 3) twice over,
+        and 1 MiB for the rest."""
+        return self.max_image_bytes * 8 // 3 + 2**20
+
 
 @dataclasses.dataclass(frozen=True)
 class StageConfig:

@@ -206,6 +206,33 @@ def test_malformed_bodies(server, body, words):
     assert reply.status_code == 400 and words in reply.json()["error"]["message"]
 
 
+def test_a_json_body_sent_as_text_is_named(server):
+    body = b'{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}]}'
+    reply = httpx.post(server.url + "/v1/chat/completions", content=body,
+                       headers={"content-type": "text/plain"})
+    assert reply.status_code == 400
+    assert "must be JSON sent as Content-Type: application/json, not 'text/plain'" in \
+        reply.json()["error"]["message"]
+
+
+def test_an_unknown_content_part_names_its_type(server):
+    with pytest.raises(openai.BadRequestError) as raised:
+        server.client.chat.completions.create(model="tiny", max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}])
+    assert raised.value.body["message"].startswith("messages.0.content.0.type: Input should be 'text'")
+
+
+@pytest.mark.parametrize("sized", [True, False])
+def test_a_body_over_the_limit_is_refused_before_it_is_read(server, sized):
+    """--max_image_mb 1: the body may hold 1 MiB as base64 twice and 1 MiB more (3.67 MiB)."""
+    big = b'{"model": "tiny", "messages": "' + b"x" * (4 << 20) + b'"}'
+    chunks = (big[i:i + 65536] for i in range(0, len(big), 65536))  # no Content-Length
+    reply = httpx.post(server.url + "/v1/chat/completions", content=big if sized else chunks,
+                       headers={"content-type": "application/json"})
+    assert reply.status_code == 413 and "byte limit" in reply.json()["error"]["message"]
+    assert server.ask().choices[0].message.content is not None  # still serving
+
+
 def test_a_pixel_bomb_is_refused_before_decoding(server):
     buf = io.BytesIO()
     Image.new("L", (9000, 9000)).save(buf, "PNG")  # 81 M pixels in a small file

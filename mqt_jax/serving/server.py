@@ -107,7 +107,8 @@ class BadRequest(Exception):
 
 
 def error(status: int, message: str, param: str | None = None, kind: str | None = None):
-    kinds = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
+    kinds = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+             429: "rate_limit_error",
              503: "service_unavailable"}
     return JSONResponse({"error": {"message": message, "type": kind or kinds.get(status, "error"),
                                    "param": param, "code": None}}, status_code=status)
@@ -341,6 +342,46 @@ class EngineCounters:
         yield finished
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is refused (413) by its
+    Content-Length before any of it is read, or, sent without one, once it passes the limit
+    (the app is then handed an ended body and its reply replaced)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            return await self.refuse(scope, receive, send)
+        seen, over, refused = 0, False, False
+
+        async def counted():
+            nonlocal seen, over
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                over = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        async def answer(message):
+            nonlocal refused
+            if not over:
+                return await send(message)
+            if not refused:
+                refused = True
+                await self.refuse(scope, receive, send)
+
+        await self.app(scope, counted, answer)
+
+    async def refuse(self, scope, receive, send):
+        await error(413, f"the request body is over the {self.limit} byte limit (--max_image_mb "
+                         f"sets it)")(scope, receive, send)
+
+
 # ---- the app ----
 def make_app(model, engine: Engine, config: ServeConfig) -> FastAPI:
     metrics = Metrics(engine)
@@ -353,12 +394,19 @@ def make_app(model, engine: Engine, config: ServeConfig) -> FastAPI:
         await run_in_threadpool(engine.stop)  # finish what is queued and running
 
     app = FastAPI(title="mqt_jax", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        if first.get("type") == "json_invalid":
+    async def invalid(request, exc: RequestValidationError):
+        # the deepest error names the field (a union's other branches fail at its top)
+        first = max(exc.errors(), key=lambda e: len(e.get("loc", ())))
+        where = ".".join(str(p) for p in first.get("loc", ())
+                         if p != "body" and not (isinstance(p, str) and ("[" in p or p == "str")))
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            message, where = (f"the body must be JSON sent as Content-Type: application/json, "
+                              f"not {kind or 'no content type'!r}"), None
+        elif first.get("type") == "json_invalid":
             message, where = f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
         else:
             message = f"{where or 'body'}: {first['msg']}"
