@@ -144,3 +144,24 @@ def test_inference_commands_on_a_trained_run(default_run, monkeypatch, capsys):
     assert "the avgpool compressor has none" in capsys.readouterr().err
     assert cli.main(["eval", "--workdir", "nowhere"]) == 2
     assert "no config.gin in nowhere" in capsys.readouterr().err
+
+
+def test_an_eval_json_written_by_mqt_jax_eval_counts_as_done(tmp_path, monkeypatch):
+    """`mqt-jax eval` reads the paths absolute from the run's config.gin, `train` as the gin
+    files give them: the same evaluation either way, not evaluated again."""
+    import dataclasses
+
+    from mqt_jax.config import EvalConfig
+    from mqt_jax.training import recipe
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(recipe, "latest_step", lambda run: 7)
+    config = EvalConfig(questions="data/q.jsonl", answers="data/a.jsonl", val_questions="data/v.jsonl")
+    by_eval = dataclasses.asdict(config) | {"questions": str(tmp_path / "data/q.jsonl"),
+                                            "answers": str(tmp_path / "data/a.jsonl"),
+                                            "val_questions": str(tmp_path / "data/v.jsonl")}
+    (tmp_path / "eval.json").write_text(json.dumps({"run": str(tmp_path / "w"), "step": 7,
+                                                    "eval_config": by_eval}))
+    assert recipe.scored(tmp_path / "w", tmp_path, config)["step"] == 7
+    other = dataclasses.replace(config, questions="data/other.jsonl")
+    assert recipe.scored(tmp_path / "w", tmp_path, other) is None

@@ -293,7 +293,9 @@ def _loop(trainer: Trainer, state, batches, ckpt: Checkpointer, out, preempted, 
 # run opens from any working directory.
 PATH_BINDINGS = ("DataConfig.data_path", "DataConfig.image_root", "DataConfig.tfds_dir",
                  "DataConfig.tokenizer_dir", "EvalConfig.questions", "EvalConfig.answers",
-                 "EvalConfig.image_root", "EvalConfig.tokenizer_dir", "Recipe.shapes_dir")
+                 "EvalConfig.image_root", "EvalConfig.tokenizer_dir", "EvalConfig.val_questions",
+                 "EvalConfig.val_answers", "EvalConfig.train_questions",
+                 "EvalConfig.train_answers", "Recipe.shapes_dir")
 
 
 def absolute_paths(text: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -20,7 +21,7 @@ from mqt_jax.data.shapes import write_shapes
 from mqt_jax.evaluation.evaluate import evaluate_run, m_values_for
 from mqt_jax.run import latest_step, open_run
 from mqt_jax.training.clip_pretrain import train_clip
-from mqt_jax.training.loop import train
+from mqt_jax.training.loop import PATH_BINDINGS, train
 from mqt_jax.training.trainer import Trainer
 
 
@@ -83,8 +84,18 @@ def scored(run: Path, out_dir: Path, config: EvalConfig) -> dict | None:
     except (OSError, ValueError):
         return None
     same = (done.get("run") == str(run.absolute()) and done.get("step") == latest_step(run)
-            and done.get("eval_config") == json.loads(json.dumps(dataclasses.asdict(config))))
+            and absolute(done.get("eval_config")) == absolute(dataclasses.asdict(config)))
     return done if same else None
+
+
+def absolute(eval_config) -> dict | None:
+    """An EvalConfig as JSON, its paths absolute (`mqt-jax eval` reads them so from the run's
+    config.gin, `train` as the gin files give them)."""
+    if not isinstance(eval_config, dict):
+        return None
+    paths = {b.split(".")[1] for b in PATH_BINDINGS if b.startswith("EvalConfig.")}
+    return json.loads(json.dumps({k: os.path.abspath(v) if k in paths and v and "://" not in v
+                                  else v for k, v in eval_config.items()}))
 
 
 PRETRAIN_LLM = "pretrain_llm"  # the gin scope of stage 0's language-model pretraining
