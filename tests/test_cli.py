@@ -103,7 +103,7 @@ def test_eval_m_auto_calibrates_trains_saves_and_reuses_its_policies(tmp_path):
     assert results["questions"] == 20 and results["ladder"] == [2, 8, 32, 64]
     names = [r["policy"] for r in results["rows"]]
     assert [n for n in names if n.startswith("m = ")] == [f"m = {m}" for m in (1, 2, 4, 8, 16, 32, 36, 64)]
-    assert any(n.startswith("escalate") and "saved" in n for n in names)
+    assert sum(n.startswith("escalate") and "saved, what m=auto uses" in n for n in names) == 1
     assert any(n.startswith("router") for n in names) and names[-1] == "oracle"
     # run for real, the escalation stops where its replay on the sweep does, and both policies
     # answer with the tokens a fresh answer at the chosen m gives

@@ -365,11 +365,13 @@ def evaluate_policies(model_config, params, config, mesh, out_dir: Path, run_dir
     replayed = sweep.escalate(policy)
     rows = [{"policy": f"m = {m}", **sweep.fixed(m).summary(), "ms": ms[m]} for m in m_values]
     variants = policy.calibration.get("variants") or {"saved": dataclasses.asdict(policy)}
+    marked = False
     for name, v in variants.items():
         variant = Escalate(policy.ladder, v["signal"], v["threshold"])
-        saved = variant == policy  # the one run for real and timed; the others are replayed
+        # the saved one (the first variant equal to it): run for real and timed; others replayed
+        saved, marked = not marked and variant == policy, marked or variant == policy
         rows.append({"policy": f"escalate ({name}: {v['signal']} >= {v['threshold']:.3g}"
-                     f"{'; saved' if saved else ''})",
+                     f"{'; saved, what m=auto uses' if saved else ''})",
                      **(replayed if saved else sweep.escalate(variant)).summary(),
                      "ms": escalate_ms if saved else None})
     rows.append({"policy": f"router (slack {router.slack:.3g})",
