@@ -288,3 +288,48 @@ def test_no_record_giving_an_example_stops_with_counts(folder, records):
                                          r"\(\d records on this host, \d+ skipped in a row: "
                                          r"(missing_image|malformed_json) \d+\)"):
         next(it)
+
+
+def children_of(pid: int) -> set[int]:
+    out = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and int(fields[1]) == pid:
+            out.add(int(entry))
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_workers_exit_when_their_trainer_is_killed(folder):
+    """num_workers = 2, the parent SIGKILLed after its first batch: no worker lives on."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = write_jsonl(folder / "data.jsonl", [qa(i, a) for i, a in enumerate(ANSWERS)] * 50)
+    script = (f"from mqt_jax.data.pipeline import make_batches\nfrom mqt_jax.config import "
+              f"DataConfig, MSampler\nit = make_batches(DataConfig(data_path={str(path)!r}, "
+              f"image_root={str(folder)!r}, tokenizer_dir={str(folder / 'tok')!r}, num_workers=2), "
+              f"num_queries=4, image_size=8, batch_size=2, seq_len=48, sampler=MSampler('official'))\n"
+              f"next(iter(it))\nprint('batch', flush=True)\nimport time\ntime.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "batch"
+        workers = children_of(proc.pid)
+        assert len(workers) >= 2  # the grain workers (and multiprocessing's resource tracker)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(os.path.exists(f"/proc/{w}") and "Z" not in
+                                         open(f"/proc/{w}/stat").read().rsplit(")", 1)[1][:3]
+                                         for w in workers):
+        time.sleep(0.2)
+    alive = [w for w in workers if os.path.exists(f"/proc/{w}")
+             and "Z" not in open(f"/proc/{w}/stat").read().rsplit(")", 1)[1][:3]]
+    assert not alive, f"still running after their parent died: {alive}"

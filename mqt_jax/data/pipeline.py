@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -116,6 +119,19 @@ class ExampleBuilder:
                  else clip_preprocess(pil, self.image_size, self.config.image_mode))
         m = self.sampler.sample(self.num_queries, (example.num_images,), self.seed, index)
         return {"example": example, "image": image, "m": m}
+
+
+def die_with_parent(_index: int = 0, _count: int = 0) -> None:
+    """A grain worker's start: exit once the process that started it is gone. A SIGKILLed
+    trainer cannot stop its workers, which otherwise run on (hundreds of MB each)."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
 
 
 def keeps_loss(example: splice.Example, m, num_queries: int, seq_len: int) -> bool:
@@ -291,7 +307,8 @@ def make_batches(config: DataConfig, *, num_queries: int, image_size: int, batch
         from absl import flags
 
         flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers),
+                            worker_init_fn=die_with_parent)
     return BatchIterator(iter(it), batch_size=batch_size, seq_len=seq_len,
                          images_per_row=images_per_row, num_queries=num_queries,
                          image_size=image_size, pack=config.pack,
