@@ -148,6 +148,27 @@ def test_resume_that_does_not_fit_names_the_change(run, capsys, binding, culprit
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing moved
 
 
+def test_resume_on_other_data_is_refused(tmp_path, capsys):
+    """A checkpoint's data-iterator position belongs to the file it was read from."""
+    from data_helpers import word_level_tokenizer
+
+    word_level_tokenizer(tmp_path / "tok")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    record = {"id": "r", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour ?"}, {"from": "gpt", "value": "Red"}]}
+    for name, n in (("one.json", 6), ("two.json", 7)):
+        (tmp_path / name).write_text(json.dumps([record] * n))
+    data = ["--gin_param", f"DataConfig.image_root = '{tmp_path}'", "--gin_param",
+            f"DataConfig.tokenizer_dir = '{tmp_path / 'tok'}'", "--gin_param", "LLMConfig.vocab_size = 64"]
+    first = ["train", *TINY, *data, "--gin_param", "TrainConfig.steps = 1", "--workdir", str(tmp_path / "w")]
+    assert cli.main([*first, "--gin_param", f"DataConfig.data_path = '{tmp_path / 'one.json'}'"]) == 0
+    capsys.readouterr()
+    fails([*first[:-2], "--gin_param", "TrainConfig.steps = 2", "--gin_param",
+           f"DataConfig.data_path = '{tmp_path / 'two.json'}'", "--workdir", str(tmp_path / "w")],
+          f"DataConfig.data_path: saved '{tmp_path / 'one.json'}', now '{tmp_path / 'two.json'}'",
+          capsys)
+
+
 def test_a_second_trainer_on_one_workdir_is_refused(run, capsys):
     from mqt_jax.training.loop import WorkdirLock
 

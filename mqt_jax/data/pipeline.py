@@ -178,9 +178,17 @@ class BatchIterator:
 
     def get_state(self) -> dict:
         upstream = self._pending[0] if self._pending else self.parent.get_state()
-        return {"upstream": upstream, "skipped": dict(self.skipped), "batches": self.batches}
+        return {"upstream": upstream, "skipped": dict(self.skipped), "batches": self.batches,
+                "source": self._where(), "records": self.records}
+
+    def _where(self) -> str:
+        return str(self.source) if "://" in str(self.source) else os.path.abspath(self.source or "")
 
     def set_state(self, state: dict) -> None:
+        saved = (state.get("source"), state.get("records"))
+        if saved[0] is not None and saved != (self._where(), self.records):
+            raise ValueError(f"it was saved reading {saved[0]} ({saved[1]} records on this host); "
+                             f"this run reads {self._where()} ({self.records})")
         self.parent.set_state(state["upstream"])
         self.skipped.clear()  # in place: the training loop holds this Counter
         self.skipped.update(state["skipped"])
