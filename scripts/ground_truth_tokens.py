@@ -111,6 +111,21 @@ def logits(llm, params, batch, scale: float = 1.0, tower=None):
     return llm.apply({"params": params["llm"]}, x, positions, segments)[:, slots:]
 
 
+class Patches:
+    """`--tokens patches`: no tower, no compressor: each 8 x 8 patch of the drawn scene is one
+    token, a learned linear map of its pixels (64 tokens in raster order, the first m read)."""
+
+    image_size, patch, num_queries = 64, 8, 64
+
+    def __init__(self):
+        self.init = {"patches": 0.02 * jax.random.normal(jax.random.PRNGKey(3), (3 * self.patch**2, TINY.hidden))}
+
+    def tokens(self, params, images, m):
+        n, g = images.shape[0], self.image_size // self.patch
+        x = images.reshape(n, g, self.patch, g, self.patch, 3).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(n, g * g, -1) @ params["patches"]
+
+
 class Tower:
     """configs/tiny.gin's vision tower (frozen, from a CLIP run) and compressor (trained):
     `tokens` gives all M visual tokens of CLIP-normalised images, the first m meant."""
@@ -179,8 +194,9 @@ def main():
                              "default: from scratch")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the cell tokens (300: RMS ~6, as a resampler's outputs)")
-    parser.add_argument("--tokens", choices=("cells", "tower"), default="cells",
-                        help="perfect per-cell tokens, or the real tower + compressor's")
+    parser.add_argument("--tokens", choices=("cells", "tower", "patches"), default="cells",
+                        help="perfect per-cell tokens, the real tower + compressor's, or a linear "
+                             "map of each 8 x 8 patch")
     parser.add_argument("--clip", default="", help="tower: the CLIP run (default DATA/pretrained/clip)")
     parser.add_argument("--compressor", default="",
                         help="tower: start the compressor from this run's (e.g. a stage 1)")
@@ -204,9 +220,9 @@ def main():
     params = {"llm": llm.init(init, jnp.zeros((1, width, TINY.hidden)), jnp.zeros((1, width), jnp.int32),
                               jnp.ones((1, width), jnp.int32))["params"]}
     tower, image_size = None, 0
-    if args.tokens == "tower":
-        tower = Tower(args.clip or f"{args.data}/pretrained/clip", args.local_init, args.compressor,
-                      args.train_tower)
+    if args.tokens in ("tower", "patches"):
+        tower = Patches() if args.tokens == "patches" else Tower(
+            args.clip or f"{args.data}/pretrained/clip", args.local_init, args.compressor, args.train_tower)
         params |= tower.init
         image_size, top = tower.image_size, tower.num_queries
         trained_m = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k < top] + [top]

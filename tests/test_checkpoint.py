@@ -157,7 +157,9 @@ def test_non_finite_updates_are_skipped_and_counted():
     assert np.isfinite(float(metrics["loss"]))
 
 
-def test_run_stops_after_too_many_non_finite_updates(tmp_path, monkeypatch):
+@pytest.mark.parametrize("every,said", [(2, r"the last good checkpoint, step 4 in .* is intact"),
+                                        (0, "no checkpoint was saved before")])
+def test_run_stops_after_too_many_non_finite_updates(tmp_path, monkeypatch, every, said):
     import gin
 
     from mqt_jax import cli
@@ -173,12 +175,14 @@ def test_run_stops_after_too_many_non_finite_updates(tmp_path, monkeypatch):
         return batch
 
     monkeypatch.setattr(synthetic, "synthetic_batch", poisoned)
-    cli.parse_gin(["tiny.gin"], ["TrainConfig.steps = 20", "TrainConfig.checkpoint_every = 2",
+    cli.parse_gin(["tiny.gin"], ["TrainConfig.steps = 20", f"TrainConfig.checkpoint_every = {every}",
                                  "TrainConfig.max_nonfinite_in_a_row = 2",
                                  "TrainConfig.seq_len = 80"])
-    with pytest.raises(RuntimeError, match="2 non-finite updates in a row at step 5"):
+    with pytest.raises(RuntimeError, match=f"2 non-finite updates in a row at step 5 .*; {said}"):
         train_module.train(str(tmp_path), StageConfig.read())
     gin.clear_config()
+    if not every:
+        return
     ckpt = Checkpointer(tmp_path / "checkpoints")
     assert ckpt.latest_step() == 4  # step 4 (NaN at step index 3) was skipped, state still good
     state = saved_state(tmp_path / "checkpoints" / "4")

@@ -267,11 +267,14 @@ def _loop(trainer: Trainer, state, batches, ckpt: Checkpointer, out, preempted, 
                     out.write(row, batch)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
                 if row["nonfinite_in_a_row"] >= config.max_nonfinite_in_a_row:
+                    ckpt.wait()
+                    good = ckpt.latest_step()
                     raise RuntimeError(
                         f"{int(row['nonfinite_in_a_row'])} non-finite updates in a row at step "
                         f"{done} (TrainConfig.max_nonfinite_in_a_row="
-                        f"{config.max_nonfinite_in_a_row}); the last good checkpoint in "
-                        f"{ckpt.directory} is intact")
+                        f"{config.max_nonfinite_in_a_row}); "
+                        + (f"the last good checkpoint, step {good} in {ckpt.directory}, is intact"
+                           if good else "no checkpoint was saved before"))
             bar.update(1)
             if (config.checkpoint_every and done % config.checkpoint_every == 0) \
                     or done == config.steps or preempted.requested:
