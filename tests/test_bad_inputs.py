@@ -205,6 +205,9 @@ DAMAGE = {
     "deleted metadata": lambda d: (d / "state" / "_METADATA").unlink(),
     "garbage data item": lambda d: (d / "data" / "metadata").write_text("{not json"),
     "flipped bytes": flip_a_byte,
+    "flipped bytes, fingerprint removed": lambda d: [flip_a_byte(d), (d / "data" / "metadata").write_text(
+        json.dumps({k: v for k, v in json.loads((d / "data" / "metadata").read_text()).items()
+                    if k != "fingerprint"}))],
 }
 
 

@@ -111,6 +111,8 @@ class Checkpointer:
                 raise DamagedCheckpoint("its arrays differ from the fingerprint saved with them "
                                         "(changed bytes in an array file)")
             data = data["iterator"]
+        elif "iterator" in data:  # saved with a fingerprint that is gone: unchecked, so unsafe
+            raise DamagedCheckpoint("its data item lost the fingerprint saved with the arrays")
         return restored.state, data
 
     def saved_settings(self, step: int) -> dict:
