@@ -367,13 +367,14 @@ SMALL = LLMConfig(vocab_size=16, hidden=8, num_layers=2, num_heads=2, num_kv_hea
                   mlp_dim=16)
 
 
-def llama_folder(folder: Path, drop=(), add=(), reshape=None, dtype=None, shards=1) -> Path:
+def llama_folder(folder: Path, drop=(), add=(), reshape=None, dtype=None, shards=1, extra=None) -> Path:
     """A random LLaMA checkpoint folder written by mqt_jax.core.hf (optionally broken)."""
     folder.mkdir(parents=True)
     rules = [r for r in convert.llama_rules(SMALL, "model.", "lm_head.weight") if r.hf_key not in drop]
     entries = [(r.hf_key, reshape if r.hf_key == "model.norm.weight" and reshape else r.hf_shape,
                 dtype if r.hf_key == "model.norm.weight" and dtype else np.dtype(ml_dtypes.bfloat16))
-               for r in rules] + [(k, (3,), np.dtype(np.float32)) for k in add]
+               for r in rules] + [(k, (3,), np.dtype(np.float32)) for k in add] + [
+                  (k, shape, np.dtype(np.float32)) for k, shape in (extra or {}).items()]
     rng = np.random.default_rng(0)
     make = {k: rng.normal(size=s).astype(d) for k, s, d in entries}
     total = sum(a.nbytes for a in make.values())
@@ -400,6 +401,21 @@ def test_a_file_linked_out_of_src_is_not_read(tmp_path, name):
     shutil.move(src / name, outside / name)
     (src / name).symlink_to(outside / name)
     assert f"{src / name} leads out of {src}" in convert_error(src, tmp_path)
+
+
+@pytest.mark.parametrize("query,culprit", [
+    ((16,), "model.query_abstractor.query is [16]; the released resampler's is [queries, width]"),
+    ((2, 4, 16), "is [2, 4, 16]; the released"),
+    ((4, 32), "the resampler is 32 wide (model.query_abstractor.query [4, 32]) but the vision "
+              "tower 16; they must match"),
+])
+def test_a_resampler_query_of_the_wrong_shape_is_named(tmp_path, query, culprit):
+    src = llama_folder(tmp_path / "src", extra={"model.query_abstractor.query": query})
+    config = json.loads((src / "config.json").read_text()) | {"model_type": "llava_llama", "vision_config": {
+        "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "image_size": 8, "patch_size": 4}}
+    (src / "config.json").write_text(json.dumps(config))
+    assert culprit in convert_error(src, tmp_path, "mqt-llava")
 
 
 @pytest.mark.parametrize("tower", ["absolute", "../clip"])

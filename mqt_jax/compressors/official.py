@@ -130,7 +130,14 @@ class OfficialResampler(Compressor):
         query_key = "model.query_abstractor.query"
         if query_key not in set(folder.keys()):
             raise ValueError(f"{source}: no MQT resampler (no {query_key})")
-        big_m, width = folder.shape(query_key)
+        shape = folder.shape(query_key)
+        if len(shape) != 2:
+            raise ValueError(f"{source}: {query_key} is {list(shape)}; the released resampler's "
+                             f"is [queries, width]")
+        big_m, width = shape
+        if width != vision.width:  # the released resampler attends over the tower's features
+            raise ValueError(f"{source}: the resampler is {width} wide ({query_key} {list(shape)}) "
+                             f"but the vision tower {vision.width}; they must match")
         if resampler_heads < 1 or width % resampler_heads:
             raise ValueError(f"--resampler_heads {resampler_heads} does not divide the "
                              f"resampler's width {width}")
