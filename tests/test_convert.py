@@ -219,6 +219,22 @@ def test_llava_1_5_logits_equal_transformers(hf_models, tmp_path):
     assert "QueryTransformerConfig.variant = 'mlp2x_gelu'" in (out / "config.gin").read_text()
 
 
+@pytest.mark.parametrize("saved,served", [("1,16", (1, 16)), ([16, 1], (1, 16)), (4, (4,)),
+                                         ("1,x", "is not a list of token counts"),
+                                         ("1,5", r"scales \[5\] are not squares")])
+def test_m3_serves_the_scales_its_checkpoint_was_trained_on(hf_models, tmp_path, saved, served):
+    src = tmp_path / "m3"
+    shutil.copytree(hf_models["root"] / "llava", src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {"matryoshka_vis_token_scale": saved}))
+    if isinstance(served, str):
+        with pytest.raises(ValueError, match=served):
+            convert.plan("m3", src)
+        return
+    cfg = convert.plan("m3", src).model_config
+    assert cfg.compressor.valid_m(cfg) == served
+
+
 def test_m3_from_a_llava_folder_equals_torch_avg_pool_after_the_projector(hf_models, tmp_path):
     """`--kind m3` reads a LLaVA-1.5-layout folder (the released llava-v1.5-7b-m3's) into the
     m3 compressor; at every scale its tokens equal transformers' projected image features

@@ -24,6 +24,11 @@ def scales(grid_size: int, configured: tuple[int, ...] = ()) -> tuple[int, ...]:
     return tuple(s * s for s in range(1, grid_size + 1) if grid_size % s == 0)
 
 
+def bad_scales(scales, grid: int) -> list[int]:
+    """Those of `scales` that are not squares whose side divides the grid."""
+    return [s for s in scales if s < 1 or math.isqrt(s) ** 2 != s or grid % math.isqrt(s)]
+
+
 @register("m3")
 class M3(Compressor):
     """Tokens [N, M, D] (M = the largest scale, the whole grid): row n's first m_n tokens are
@@ -58,7 +63,7 @@ class M3(Compressor):
         if q.num_queries != g * g:
             raise ValueError(f"m3 pools the projected patch grid: QueryTransformerConfig."
                              f"num_queries={q.num_queries} != {g * g} patches")
-        bad = [s for s in q.scales if s < 1 or math.isqrt(s) ** 2 != s or g % math.isqrt(s)]
+        bad = bad_scales(q.scales, g)
         if bad:
             raise ValueError(f"m3: QueryTransformerConfig.scales {bad} are not squares whose "
                              f"side divides the {g} x {g} patch grid")
@@ -72,5 +77,22 @@ class M3(Compressor):
 
     @classmethod
     def checkpoint(cls, folder, vision, hidden, source, *, config: dict, **_):
-        """The released llava-v1.5-7b-m3 folder has LLaVA-1.5's layout: its projector."""
-        return read_projector(cls.variant, folder, vision, hidden, source, config)
+        """The released llava-v1.5-7b-m3 folder has LLaVA-1.5's layout: its projector, and the
+        scales it was trained on (`matryoshka_vis_token_scale`: "1,9,36,144,576", a list or
+        one number), which it then serves; without them every square the grid allows."""
+        fields, rules = read_projector(cls.variant, folder, vision, hidden, source, config)
+        trained = config.get("matryoshka_vis_token_scale")
+        if trained is not None:
+            parts = trained.split(",") if isinstance(trained, str) else (
+                trained if isinstance(trained, list) else [trained])
+            try:
+                fields["scales"] = tuple(sorted({int(str(p).strip()) for p in parts}))
+            except ValueError:
+                raise ValueError(f"{source}: matryoshka_vis_token_scale {trained!r} is not a "
+                                 f"list of token counts") from None
+            bad = bad_scales(fields["scales"], vision.grid_size)
+            if bad:
+                raise ValueError(f"{source}: matryoshka_vis_token_scale scales {bad} are not "
+                                 f"squares whose side divides the {vision.grid_size} x "
+                                 f"{vision.grid_size} patch grid")
+        return fields, rules
