@@ -101,7 +101,7 @@ def logits(llm, params, batch, scale: float = 1.0, tower=None):
     if tower is None:
         visual, used = visual_tokens(params["cells"], batch["cells"], m, scale), jnp.where(m == 1, 1, CELLS)
     else:
-        visual, used = tower.tokens(params, batch.get("images"), m), m
+        visual, used = tower.tokens(params, batch.get("images", batch["cells"]), m), m
     slots = visual.shape[1]
     text = llm.apply({"params": params["llm"]}, batch["tokens"], method=llm.embed)
     x = jnp.concatenate([visual, text], 1)
@@ -124,6 +124,23 @@ class Patches:
         n, g = images.shape[0], self.image_size // self.patch
         x = images.reshape(n, g, self.patch, g, self.patch, 3).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(n, g * g, -1) @ params["patches"]
+
+
+class SpreadCells:
+    """`--tokens cells64`: the perfect cell tokens, each patch of the 8 x 8 grid showing its
+    cell's (64 tokens in raster order, the first m read): what `patches` could learn, without
+    the pixels."""
+
+    image_size, num_queries = 0, 64
+    cell_of_patch = np.array([(r * 3 // 8) * 3 + c * 3 // 8 for r in range(8) for c in range(8)])
+
+    def __init__(self):
+        self.init = {"cells": 0.02 * jax.random.normal(jax.random.PRNGKey(4), (3, 8, TINY.hidden))}
+
+    def tokens(self, params, cells, m):
+        table = params["cells"]
+        per_cell = table[0][cells[..., 0]] + table[1][cells[..., 1]] + table[2][cells[..., 2]]
+        return per_cell[:, self.cell_of_patch]
 
 
 class Tower:
@@ -194,7 +211,7 @@ def main():
                              "default: from scratch")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the cell tokens (300: RMS ~6, as a resampler's outputs)")
-    parser.add_argument("--tokens", choices=("cells", "tower", "patches"), default="cells",
+    parser.add_argument("--tokens", choices=("cells", "tower", "patches", "cells64"), default="cells",
                         help="perfect per-cell tokens, the real tower + compressor's, or a linear "
                              "map of each 8 x 8 patch")
     parser.add_argument("--clip", default="", help="tower: the CLIP run (default DATA/pretrained/clip)")
@@ -220,9 +237,10 @@ def main():
     params = {"llm": llm.init(init, jnp.zeros((1, width, TINY.hidden)), jnp.zeros((1, width), jnp.int32),
                               jnp.ones((1, width), jnp.int32))["params"]}
     tower, image_size = None, 0
-    if args.tokens in ("tower", "patches"):
-        tower = Patches() if args.tokens == "patches" else Tower(
-            args.clip or f"{args.data}/pretrained/clip", args.local_init, args.compressor, args.train_tower)
+    if args.tokens in ("tower", "patches", "cells64"):
+        tower = {"patches": Patches, "cells64": SpreadCells}.get(args.tokens, lambda: Tower(
+            args.clip or f"{args.data}/pretrained/clip", args.local_init, args.compressor,
+            args.train_tower))()
         params |= tower.init
         image_size, top = tower.image_size, tower.num_queries
         trained_m = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k < top] + [top]
@@ -232,8 +250,9 @@ def main():
         trained_m = scored_m = [1, CELLS]
     if args.llm:
         params["llm"] = pretrained_llm(args.llm, params["llm"])
-    schedule = optax.warmup_cosine_decay_schedule(0, args.learning_rate, min(30, args.steps // 2 + 1),
-                                                  args.steps)
+    warmup = min(30, max(1, args.steps // 2))
+    schedule = optax.warmup_cosine_decay_schedule(0, args.learning_rate, warmup,
+                                                  max(args.steps, warmup + 1))
     optimizer = optax.adamw(schedule, weight_decay=0.0)
     opt_state = optimizer.init(params)
 

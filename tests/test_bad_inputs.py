@@ -97,6 +97,25 @@ def test_a_folder_flag_naming_a_file_is_one_line(tmp_path, monkeypatch, capsys, 
     assert (tmp_path / "a_file").read_text() == "keep me"
 
 
+def test_data_shapes_onto_a_full_disk_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from mqt_jax.data import shapes
+
+    real, drawn = shapes.draw, []
+
+    def draw_until_full(*args, **kw):
+        drawn.append(1)
+        if len(drawn) > 5:
+            raise OSError(errno.ENOSPC, "No space left on device", "images/train/000005.png")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(shapes, "draw", draw_until_full)
+    fails(["data", "shapes", "--out", str(tmp_path / "shapes"), "--num_train", "20"],
+          "images/train/000005.png: No space left on device", capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no shapes.partial left
+
+
 def test_a_gin_file_that_includes_itself_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "loop.gin").write_text("include 'loop.gin'\nTrainConfig.steps = 1\n")

@@ -216,61 +216,68 @@ def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 
         raise FileExistsError(f"{out} exists; remove it or choose another --out")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images" / "train").mkdir(parents=True)
-    (tmp / "images" / "eval").mkdir(parents=True)
-    (tmp / "images" / "val").mkdir(parents=True)
-    (tmp / "eval").mkdir()
-    (tmp / "val").mkdir()
-    (tmp / "train").mkdir()
-    # The system prompt opens every stage-2 example: weight it so it tokenises compactly.
-    captions, qa, text_only, texts = [], [], [], [VICUNA_SYSTEM] * 200
-    scored = {"eval": ([], []), "val": ([], []), "train": ([], [])}  # questions, answers
-    if num_eval > VAL_INDEX - EVAL_INDEX or num_val > TRAIN_INDEX - VAL_INDEX:
-        raise ValueError(f"num_eval={num_eval} and num_val={num_val}: at most "
-                         f"{VAL_INDEX - EVAL_INDEX} and {TRAIN_INDEX - VAL_INDEX}")
-    images = [("train", k) for k in range(num_train)] + [("eval", k) for k in range(num_eval)] \
-        + [("val", k) for k in range(num_val)]
-    for split, number in tqdm(images, desc="shapes-vqa", unit="image"):
-        rng = np.random.default_rng([seed, scene_index(split, number)])
-        shapes = random_scene(rng)
-        image = f"{split}/{number:06d}.png"
-        draw(shapes, image_size).save(tmp / "images" / image)
-        qas = questions(shapes, rng, question_types)
-        if split == "train":
-            captions.append({"id": f"cap{number:06d}", "image": image, "conversations": [
-                {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
-                {"from": "gpt", "value": caption(shapes)}]})
-            # In a random order (evaluation asks each question first, on its own), with a
-            # detailed-description turn as LLaVA-Instruct's conversations have (`describe`).
-            turns = qas + more_questions(shapes, rng, question_types, qas,
-                                         max(questions_per_image - len(qas), 0))
-            turns += [(DESCRIBE_PROMPT, caption(shapes), "description")] if describe else []
-            record = qa_record(image, f"qa{number:06d}", [turns[i] for i in rng.permutation(len(turns))])
-            qa.append(record)
-            # The text alone (no image placeholder), with the description either way: stage 0's
-            # language model must know the captions' language that stage 1 trains on.
-            first, *rest = record["conversations"] + ([] if describe else [
-                {"from": "human", "value": DESCRIBE_PROMPT}, {"from": "gpt", "value": caption(shapes)}])
-            text_only.append({"id": f"txt{number:06d}", "conversations": [
-                {**first, "value": first["value"].removeprefix("<image>\n")}, *rest]})
-            texts += [caption(shapes)] + [f"USER: {q}\n{SHORT_ANSWER} ASSISTANT: {a}" for q, a, _ in qas]
-        questions_, answers = scored[split]
-        for k, (question, answer, category) in enumerate(qas):
-            qid = f"{number:06d}_{k}"
-            questions_.append({"question_id": qid, "image": image, "category": category,
-                               "text": f"{question}\n{SHORT_ANSWER}"})
-            answers.append({"question_id": qid, "answer": answer, "category": category,
-                            "type": question_types[k]})
-    (tmp / "shapes_captions.json").write_text(json.dumps(captions))
-    (tmp / "shapes_qa.json").write_text(json.dumps(qa))
-    (tmp / "shapes_text.json").write_text(json.dumps(text_only))
-    for split, (questions_, answers) in scored.items():
-        for name, rows in (("questions", questions_), ("answers", answers)):
-            (tmp / split / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    train_sentencepiece(texts, tmp / "tokenizer", vocab_size)
-    if tfds:
-        from mqt_jax.data.shapes_tfds import prepare
 
-        prepare(tmp, tmp / "tfds")
-    os.replace(tmp, out)
+    def _fill():
+        (tmp / "images" / "train").mkdir(parents=True)
+        (tmp / "images" / "eval").mkdir(parents=True)
+        (tmp / "images" / "val").mkdir(parents=True)
+        (tmp / "eval").mkdir()
+        (tmp / "val").mkdir()
+        (tmp / "train").mkdir()
+        # The system prompt opens every stage-2 example: weight it so it tokenises compactly.
+        captions, qa, text_only, texts = [], [], [], [VICUNA_SYSTEM] * 200
+        scored = {"eval": ([], []), "val": ([], []), "train": ([], [])}  # questions, answers
+        if num_eval > VAL_INDEX - EVAL_INDEX or num_val > TRAIN_INDEX - VAL_INDEX:
+            raise ValueError(f"num_eval={num_eval} and num_val={num_val}: at most "
+                             f"{VAL_INDEX - EVAL_INDEX} and {TRAIN_INDEX - VAL_INDEX}")
+        images = [("train", k) for k in range(num_train)] + [("eval", k) for k in range(num_eval)] \
+            + [("val", k) for k in range(num_val)]
+        for split, number in tqdm(images, desc="shapes-vqa", unit="image"):
+            rng = np.random.default_rng([seed, scene_index(split, number)])
+            shapes = random_scene(rng)
+            image = f"{split}/{number:06d}.png"
+            draw(shapes, image_size).save(tmp / "images" / image)
+            qas = questions(shapes, rng, question_types)
+            if split == "train":
+                captions.append({"id": f"cap{number:06d}", "image": image, "conversations": [
+                    {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
+                    {"from": "gpt", "value": caption(shapes)}]})
+                # In a random order (evaluation asks each question first, on its own), with a
+                # detailed-description turn as LLaVA-Instruct's conversations have (`describe`).
+                turns = qas + more_questions(shapes, rng, question_types, qas,
+                                             max(questions_per_image - len(qas), 0))
+                turns += [(DESCRIBE_PROMPT, caption(shapes), "description")] if describe else []
+                record = qa_record(image, f"qa{number:06d}", [turns[i] for i in rng.permutation(len(turns))])
+                qa.append(record)
+                # The text alone (no image placeholder), with the description either way: stage 0's
+                # language model must know the captions' language that stage 1 trains on.
+                first, *rest = record["conversations"] + ([] if describe else [
+                    {"from": "human", "value": DESCRIBE_PROMPT}, {"from": "gpt", "value": caption(shapes)}])
+                text_only.append({"id": f"txt{number:06d}", "conversations": [
+                    {**first, "value": first["value"].removeprefix("<image>\n")}, *rest]})
+                texts += [caption(shapes)] + [f"USER: {q}\n{SHORT_ANSWER} ASSISTANT: {a}" for q, a, _ in qas]
+            questions_, answers = scored[split]
+            for k, (question, answer, category) in enumerate(qas):
+                qid = f"{number:06d}_{k}"
+                questions_.append({"question_id": qid, "image": image, "category": category,
+                                   "text": f"{question}\n{SHORT_ANSWER}"})
+                answers.append({"question_id": qid, "answer": answer, "category": category,
+                                "type": question_types[k]})
+        (tmp / "shapes_captions.json").write_text(json.dumps(captions))
+        (tmp / "shapes_qa.json").write_text(json.dumps(qa))
+        (tmp / "shapes_text.json").write_text(json.dumps(text_only))
+        for split, (questions_, answers) in scored.items():
+            for name, rows in (("questions", questions_), ("answers", answers)):
+                (tmp / split / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        train_sentencepiece(texts, tmp / "tokenizer", vocab_size)
+        if tfds:
+            from mqt_jax.data.shapes_tfds import prepare
+
+            prepare(tmp, tmp / "tfds")
+    try:  # a full disk, an error or Ctrl-C: nothing half-written is left
+        _fill()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
