@@ -219,6 +219,9 @@ def main():
                         help="tower: start the compressor from this run's (e.g. a stage 1)")
     parser.add_argument("--local_init", type=float, default=0.0,
                         help="tower: a fresh compressor's QueryTransformerConfig.local_init")
+    parser.add_argument("--train_m", default="",
+                        help="the m drawn in training, e.g. 64 or 1,64 (default: 1, 9 for cells; "
+                             "1, 2, 4, ..., M otherwise)")
     parser.add_argument("--train_tower", action="store_true",
                         help="tower: train the vision tower too (default: frozen)")
     args = parser.parse_args()
@@ -248,6 +251,13 @@ def main():
     else:
         params["cells"] = 0.02 * jax.random.normal(table, (3, 8, TINY.hidden))
         trained_m = scored_m = [1, CELLS]
+    if args.train_m:
+        try:
+            trained_m = [int(k) for k in args.train_m.split(",")]
+        except ValueError:
+            raise SystemExit(f"--train_m {args.train_m!r}: integers, e.g. 1,64") from None
+        if not all(1 <= k <= max(scored_m) for k in trained_m):
+            raise SystemExit(f"--train_m {args.train_m}: each in [1, {max(scored_m)}]")
     if args.llm:
         params["llm"] = pretrained_llm(args.llm, params["llm"])
     warmup = min(30, max(1, args.steps // 2))

@@ -434,6 +434,15 @@ def test_a_resampler_query_of_the_wrong_shape_is_named(tmp_path, query, culprit)
     assert culprit in convert_error(src, tmp_path, "mqt-llava")
 
 
+@pytest.mark.parametrize("field,value", [("rms_norm_eps", "1e-6"), ("rope_theta", "big"),
+                                         ("rms_norm_eps", -1.0)])
+def test_a_config_json_number_that_is_not_one_names_the_file(tmp_path, field, value):
+    src = llama_folder(tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {field: value}))
+    assert f"{src / 'config.json'}: LLMConfig.{field}={value!r}: must be" in convert_error(src, tmp_path)
+
+
 @pytest.mark.parametrize("tower", ["absolute", "../clip"])
 def test_mm_vision_tower_outside_src_is_not_followed(tmp_path, tower):
     src = llama_folder(tmp_path / "src")

@@ -116,6 +116,14 @@ def unsupported(source, what: str) -> ValueError:
                       "decoders (LLaVA-1.5, MQT-LLaVA) only")
 
 
+def named(source, config_class, **fields):
+    """config_class(**fields), its refusal naming the file the fields came from."""
+    try:
+        return config_class(**fields)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
 def vision_config(cfg: dict, select_layer: int, source) -> VisionConfig:
     if cfg.get("model_type") == "clip":
         cfg = cfg.get("vision_config") or {}
@@ -124,8 +132,8 @@ def vision_config(cfg: dict, select_layer: int, source) -> VisionConfig:
     if cfg.get("hidden_act", "quick_gelu") != "quick_gelu":
         raise unsupported(source, f"hidden_act {cfg['hidden_act']!r} (CLIP uses quick_gelu)")
     # CLIPVisionConfig's defaults for what an older config.json leaves out.
-    return VisionConfig(
-        image_size=cfg.get("image_size", 224), patch_size=cfg.get("patch_size", 32),
+    return named(
+        source, VisionConfig, image_size=cfg.get("image_size", 224), patch_size=cfg.get("patch_size", 32),
         width=cfg.get("hidden_size", 768), num_layers=cfg.get("num_hidden_layers", 12),
         num_heads=cfg.get("num_attention_heads", 12), mlp_dim=cfg.get("intermediate_size", 3072),
         layer_norm_eps=cfg.get("layer_norm_eps", 1e-5), select_layer=select_layer)
@@ -147,14 +155,14 @@ def llm_config(cfg: dict, source) -> LLMConfig:
         need.append("num_attention_heads")
     if need:
         raise ValueError(f"{source}: {', '.join(need)} missing or not a positive integer")
-    return LLMConfig(
-        vocab_size=cfg["vocab_size"], hidden=cfg["hidden_size"],
+    return named(
+        source, LLMConfig, vocab_size=cfg["vocab_size"], hidden=cfg["hidden_size"],
         num_layers=cfg["num_hidden_layers"], num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         mlp_dim=cfg["intermediate_size"], rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         max_length=cfg.get("max_position_embeddings") or 4096,
-        rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta", 10000.0)),
+        rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0),
         lora=LoRAConfig(rank=0))  # a Hugging Face LLaMA has no adapters (training adds them)
 
 
