@@ -3,22 +3,26 @@
     python scripts/ground_truth_tokens.py [--data data/shapes] [--steps 1000] [--batch 64]
     python scripts/ground_truth_tokens.py --tokens tower [--local_init 16] [--compressor RUN]
 
-`--tokens cells` (the default): no tower, no compressor: each of the 3 x 3 cells is one
-token, the sum of three learned embeddings (colour, kind, size; a fourth for an empty cell),
-and "m = 1" is their mean, one token that still holds every count linearly. `--tokens
-tower`: the real visual tokens instead: the scene drawn, DATA/pretrained/clip's tower
-(frozen, or trained with `--train_tower`), configs/tiny.gin's compressor (trained; from `--compressor RUN`'s, or fresh with
-`--local_init`), m drawn per question from 1, 2, 4, ..., M and scored at 1, 4, 16 and M.
-The LLM (configs/tiny.gin's shape, from scratch) sees those tokens, then a shapes-VQA
-question, and learns the answer (loss on the answer's tokens only; fresh scenes every step,
-none of any split). Every 100 steps it prints exact-match accuracy per question type per
-scored m on 600 scenes it never trains on. `--llm RUN` starts the LLM from a run's (stage
-0's, say) instead; `--scale S` multiplies the cell tokens (a resampler's reach RMS 6-8, the
-text embeddings' 0.02).
+`--tokens` picks what the LLM reads before the question:
+- `cells` (the default): no tower, no compressor: each of the 3 x 3 cells is one token, the
+  sum of three learned embeddings (colour, kind, size; a fourth for an empty cell), and
+  "m = 1" is their mean, one token that still holds every count linearly;
+- `cells64`: the same cell tokens, each of the 8 x 8 patches showing its cell's;
+- `patches`: each 8 x 8 patch of the drawn scene as one token, a learned linear map of its
+  pixels;
+- `tower`: the real visual tokens: DATA/pretrained/clip's tower (frozen, or trained with
+  `--train_tower`), configs/tiny.gin's compressor (from `--compressor RUN`'s, or fresh with
+  `--local_init`).
+With 64 tokens, m is drawn per question from 1, 2, 4, ..., 64 (`--train_m` sets the list) and
+scored at 1, 4, 16 and 64. The LLM (configs/tiny.gin's shape, from scratch; `--llm RUN`
+starts it from a run's) sees the first m tokens, then a shapes-VQA question, and learns the
+answer (loss on the answer's tokens only; fresh scenes every step, none of any split). Every
+100 steps it prints exact-match accuracy per question type per scored m on 600 scenes it
+never trains on. `--visual_lr` scales the visual side's learning rate (0: frozen); `--scale`
+multiplies the cell tokens.
 
 What it tells: how many steps (of `--batch` questions) the 4-layer LLM needs to learn each
-kind of question when nothing is lost before it (cells), and whether the real pipeline's
-tokens are read in that budget when the data is endless and the conversation is bare (tower).
+kind of question from each kind of token, with endless data and a bare conversation.
 """
 
 from __future__ import annotations
@@ -219,6 +223,8 @@ def main():
                         help="tower: start the compressor from this run's (e.g. a stage 1)")
     parser.add_argument("--local_init", type=float, default=0.0,
                         help="tower: a fresh compressor's QueryTransformerConfig.local_init")
+    parser.add_argument("--visual_lr", type=float, default=1.0,
+                        help="the visual side's learning rate as a multiple of the LLM's (0: frozen)")
     parser.add_argument("--train_m", default="",
                         help="the m drawn in training, e.g. 64 or 1,64 (default: 1, 9 for cells; "
                              "1, 2, 4, ..., M otherwise)")
@@ -276,6 +282,8 @@ def main():
     def train_step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
+        updates = {k: u if k == "llm" else jax.tree.map(lambda x: args.visual_lr * x, u)
+                   for k, u in updates.items()}
         return optax.apply_updates(params, updates), opt_state, loss
 
     @jax.jit

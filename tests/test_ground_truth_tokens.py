@@ -98,3 +98,21 @@ def test_the_drawn_images_are_the_scenes(tmp_path):
         for cell, (colour, _, _) in enumerate(cells):
             r, c = divmod(cell, 3)
             np.testing.assert_allclose(image[16 * r + 8, 16 * c + 8], colours[colour], atol=1)
+
+
+def test_cells64_shows_each_patch_its_cell_and_patches_are_the_pixels(tmp_path):
+    batch = gt.make_batch(tokenizer(tmp_path), range(4), 64, image_size=64)
+    spread = gt.SpreadCells()
+    got = np.asarray(spread.tokens(spread.init, batch["cells"], batch["m"]))
+    table = np.asarray(spread.init["cells"])
+    for i, cells in enumerate(batch["cells"]):
+        for r, c in ((0, 0), (2, 5), (7, 7), (5, 2)):  # patch (r, c) lies in cell (3r // 8, 3c // 8)
+            cell = cells[(3 * r // 8) * 3 + 3 * c // 8]
+            want = table[0][cell[0]] + table[1][cell[1]] + table[2][cell[2]]
+            np.testing.assert_allclose(got[i, 8 * r + c], want, rtol=1e-6)
+    patches = gt.Patches()
+    got = np.asarray(patches.tokens(patches.init, batch["images"], batch["m"]))
+    w = np.asarray(patches.init["patches"])
+    for r, c in ((0, 0), (3, 6)):
+        pixels = batch["images"][:, 8 * r:8 * r + 8, 8 * c:8 * c + 8].reshape(4, -1)
+        np.testing.assert_allclose(got[:, 8 * r + c], pixels @ w, rtol=1e-4, atol=1e-5)
