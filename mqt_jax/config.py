@@ -53,8 +53,8 @@ def typed(cls):
             whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
             if kind == "int" and not whole:
                 raise ValueError(f"{cls.__name__}.{f.name}={value!r}: must be an integer")
-            if kind == "float" and not (whole or isinstance(value, numbers.Real)
-                                        and not isinstance(value, bool) and math.isfinite(value)):
+            real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if kind == "float" and not (whole or (real and math.isfinite(value))):
                 raise ValueError(f"{cls.__name__}.{f.name}={value!r}: must be a finite number")
         if own:
             own(self)
@@ -83,8 +83,7 @@ def check_m(m, num_queries: int) -> np.ndarray:
     values = np.asarray(m)
     if values.dtype == object and all(isinstance(v, int) and not isinstance(v, bool)
                                       for v in values.ravel()):  # Python ints beyond int64
-        values = np.array([v if 1 <= v <= num_queries else 0 for v in values.ravel()])
-        bad = [v for v in np.asarray(m).ravel().tolist() if not 1 <= v <= num_queries]
+        bad = [v for v in values.ravel().tolist() if not 1 <= v <= num_queries]
     elif not np.issubdtype(values.dtype, np.integer):
         raise ValueError(f"m must be integers, got dtype {values.dtype}")
     else:
