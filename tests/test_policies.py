@@ -108,8 +108,8 @@ def saved_router(tmp_path, **change):
 
 
 @pytest.mark.parametrize("change,culprit", [
-    ({"weights": [[float("nan"), 0.0]] * 3}, "its weights are not all finite"),
-    ({"scale": [1.0, 0.0, 1.0]}, "its scale .* must be > 0"),
+    ({"weights": [[float("nan"), 0.0]] * 3}, "the router's weights are not all finite"),
+    ({"scale": [1.0, 0.0, 1.0]}, "the router's scale .* must be > 0"),
     ({"slack": float("nan")}, "slack nan: a number >= 0"),
     ({"slack": -0.5}, "slack -0.5: a number >= 0"),
     ({"calibration": [1, 2]}, "calibration \\[1, 2\\]: expected an object"),

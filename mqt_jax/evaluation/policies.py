@@ -369,7 +369,8 @@ def evaluate_policies(model_config, params, config, mesh, out_dir: Path, run_dir
     for name, v in variants.items():
         variant = Escalate(policy.ladder, v["signal"], v["threshold"])
         # the saved one (the first variant equal to it): run for real and timed; others replayed
-        saved, marked = not marked and variant == policy, marked or variant == policy
+        saved = variant == policy and not marked
+        marked = marked or saved
         rows.append({"policy": f"escalate ({name}: {v['signal']} >= {v['threshold']:.3g}"
                      f"{'; saved, what m=auto uses' if saved else ''})",
                      **(replayed if saved else sweep.escalate(variant)).summary(),

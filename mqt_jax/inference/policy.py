@@ -101,12 +101,12 @@ class Router:
         f, r = self.weights.shape if self.weights.ndim == 2 else (0, 0)
         if (r != len(self.ladder) or self.bias.shape != (r,) or self.mean.shape != (f,)
                 or self.scale.shape != (f,)):
-            raise ValueError("its arrays' shapes disagree")
+            raise ValueError("the router's arrays' shapes disagree")
         for name in ("weights", "bias", "mean", "scale"):
             if not np.isfinite(getattr(self, name)).all():
-                raise ValueError(f"its {name} are not all finite numbers")
+                raise ValueError(f"the router's {name} are not all finite numbers")
         if not (self.scale > 0).all():
-            raise ValueError("its scale (the features' standard deviations) must be > 0")
+            raise ValueError("the router's scale (the features' standard deviations) must be > 0")
         if not 0 <= self.slack < np.inf:
             raise ValueError(f"slack {self.slack}: a number >= 0")
         if not isinstance(self.calibration, dict):

@@ -108,8 +108,7 @@ class BadRequest(Exception):
 
 def error(status: int, message: str, param: str | None = None, kind: str | None = None):
     kinds = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
-             429: "rate_limit_error",
-             503: "service_unavailable"}
+             429: "rate_limit_error", 503: "service_unavailable"}
     return JSONResponse({"error": {"message": message, "type": kind or kinds.get(status, "error"),
                                    "param": param, "code": None}}, status_code=status)
 
