@@ -39,7 +39,7 @@ def read_regular_file(path: str | os.PathLike) -> bytes:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
         os.set_blocking(fd, True)
-        with os.fdopen(os.dup(fd), "rb") as f:
+        with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read()
     finally:
         os.close(fd)

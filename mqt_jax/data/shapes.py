@@ -212,6 +212,9 @@ def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 
                          f"num_val={num_val} >= 0")
     if image_size < 16:
         raise ValueError(f"image_size={image_size}: the 3 x 3 grid of shapes needs at least 16 px")
+    if num_eval > VAL_INDEX - EVAL_INDEX or num_val > TRAIN_INDEX - VAL_INDEX:
+        raise ValueError(f"num_eval={num_eval} and num_val={num_val}: at most "
+                         f"{VAL_INDEX - EVAL_INDEX} and {TRAIN_INDEX - VAL_INDEX}")
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or choose another --out")
     tmp = out.with_name(out.name + ".partial")
@@ -227,9 +230,6 @@ def write_shapes(out: str | os.PathLike, num_train: int = 2000, num_eval: int = 
         # The system prompt opens every stage-2 example: weight it so it tokenises compactly.
         captions, qa, text_only, texts = [], [], [], [VICUNA_SYSTEM] * 200
         scored = {"eval": ([], []), "val": ([], []), "train": ([], [])}  # questions, answers
-        if num_eval > VAL_INDEX - EVAL_INDEX or num_val > TRAIN_INDEX - VAL_INDEX:
-            raise ValueError(f"num_eval={num_eval} and num_val={num_val}: at most "
-                             f"{VAL_INDEX - EVAL_INDEX} and {TRAIN_INDEX - VAL_INDEX}")
         images = [("train", k) for k in range(num_train)] + [("eval", k) for k in range(num_eval)] \
             + [("val", k) for k in range(num_val)]
         for split, number in tqdm(images, desc="shapes-vqa", unit="image"):

@@ -94,8 +94,8 @@ def absolute(eval_config) -> dict | None:
     if not isinstance(eval_config, dict):
         return None
     paths = {b.split(".")[1] for b in PATH_BINDINGS if b.startswith("EvalConfig.")}
-    return json.loads(json.dumps({k: os.path.abspath(v) if k in paths and v and "://" not in v
-                                  else v for k, v in eval_config.items()}))
+    return json.loads(json.dumps({k: os.path.abspath(v) if k in paths and isinstance(v, str) and v
+                                  and "://" not in v else v for k, v in eval_config.items()}))
 
 
 PRETRAIN_LLM = "pretrain_llm"  # the gin scope of stage 0's language-model pretraining
